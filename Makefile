@@ -1,0 +1,41 @@
+# prunelab: two commands from a fresh clone — `make demo` and `make test`.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+EXTRAS  ?= notebooks,test
+STAMP   := $(VENV)/.prunelab-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lab figures bench sysdeps clean-results
+
+$(STAMP): pyproject.toml constraints-cpu.txt tools/install.sh
+	bash tools/install.sh $(VENV) $(EXTRAS)
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian packages the full test suite uses (real Fashion-MNIST files, Chromium for browser tests).
+# Needs root and apt; skipped quietly elsewhere (those tests then skip with a message).
+sysdeps:
+	@bash tools/sysdeps.sh
+
+demo: install
+	$(PY) -m prunelab.zoo ensure mlp mnist1d --seed 0
+	$(PY) tools/run_notebooks.py notebooks/00_tour.ipynb
+	@echo
+	@echo "Figures written to figures/:"; ls figures | grep -v '^\.' | sed 's/^/  /'
+	@echo "Open the notebooks in JupyterLab with:  make lab"
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow and not e2e" $(PYTEST_ARGS)
+
+lab: install
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+figures: install
+	$(PY) tools/run_notebooks.py notebooks/*.ipynb
+
+bench: install
+	$(PY) -m benchmarks

@@ -1,0 +1,29 @@
+"""Every location prunelab reads or writes on disk. Torch-free.
+
+``ROOT`` is the project checkout when prunelab is installed from one (``pip install -e .``),
+else the current directory; ``PRUNELAB_ROOT`` overrides it and ``PRUNELAB_DATA`` moves ``data/``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _default_root() -> Path:
+    if os.environ.get("PRUNELAB_ROOT"):
+        return Path(os.environ["PRUNELAB_ROOT"]).expanduser().resolve()
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").exists():
+        return checkout
+    return Path.cwd()
+
+
+ROOT: Path = _default_root()
+DATA: Path = Path(os.environ.get("PRUNELAB_DATA", ROOT / "data")).expanduser()
+DATASETS: Path = DATA / "datasets"
+ZOO: Path = DATA / "zoo"
+RESULTS: Path = DATA / "results"
+FIGURES: Path = Path(os.environ.get("PRUNELAB_FIGURES", ROOT / "figures")).expanduser()
+
+# Where Debian's dataset packages put their files (e.g. dataset-fashion-mnist).
+SYSTEM_DATASETS: Path = Path("/usr/share/datasets")

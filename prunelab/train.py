@@ -1,0 +1,266 @@
+"""Training, fine-tuning and evaluation loops. They know nothing about pruning.
+
+Masks are attached to models as ``torch.nn.utils.parametrize`` parametrizations (see
+:mod:`prunelab.masks`), so the forward pass of a pruned model already multiplies by its mask and
+these loops need no special case for it. The recipes follow the papers' appendices: Adam without
+weight decay for the LAP paper (Park et al. 2020, App. A); SGD with momentum 0.9, weight decay
+5e-4, step schedules and early stopping on validation for the LM paper (App. B).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset, TensorDataset
+
+Batch = tuple[Tensor, Tensor]
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train: optimiser, schedule, stopping rule. Plain data, stored in the zoo manifest.
+
+    Attributes:
+        optimizer: "adam" or "sgd" (SGD uses ``momentum``).
+        lr: learning rate.
+        epochs: number of passes over the train split (an upper bound with early stopping).
+        batch_size: mini-batch size.
+        momentum: SGD momentum.
+        weight_decay: L2 penalty coefficient passed to the optimiser.
+        milestones: epochs after which the learning rate is multiplied by ``gamma``.
+        gamma: learning-rate factor at each milestone.
+        patience: early stopping: stop after this many epochs without a better validation loss
+            and restore the best weights; ``None`` trains all epochs and keeps the last weights.
+        max_steps: optional cap on optimiser steps (the LAP paper counts steps, not epochs).
+    """
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    epochs: int = 10
+    batch_size: int = 100
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    patience: int | None = None
+    max_steps: int | None = None
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name in ("lr", "batch_size", "epochs"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be None or >= 1, got {self.patience!r}")
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as JSON-friendly plain values."""
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(d["milestones"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown recipe fields {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "Recipe":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _tensors(data) -> Batch:
+    """(x, y) tensors from a (x, y) tuple, a TensorDataset or any map-style Dataset."""
+    if isinstance(data, tuple) and len(data) == 2:
+        return data
+    if isinstance(data, TensorDataset):
+        return data.tensors[0], data.tensors[1]
+    if isinstance(data, Dataset):
+        xs, ys = zip(*(data[i] for i in range(len(data))))
+        return torch.stack(xs), torch.as_tensor(ys)
+    raise TypeError(f"expected a (x, y) tuple or a torch Dataset, got {type(data).__name__}")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, *, batch_size: int = 1000) -> dict[str, float]:
+    """Mean cross-entropy loss, accuracy and error of ``model`` on ``data``.
+
+    Args:
+        model: any classifier returning logits; evaluated in eval mode and restored afterwards.
+        data: a (x, y) tuple of tensors or a torch Dataset.
+        batch_size: examples per forward pass.
+
+    Returns:
+        ``{"loss": float, "accuracy": float, "error": float, "n": int}``.
+    """
+    x, y = _tensors(data)
+    was_training = model.training
+    model.eval()
+    total, correct, n = 0.0, 0, len(y)
+    try:
+        for i in range(0, n, batch_size):
+            out = model(x[i:i + batch_size])
+            yb = y[i:i + batch_size]
+            total += float(F.cross_entropy(out, yb, reduction="sum"))
+            correct += int((out.argmax(1) == yb).sum())
+    finally:
+        model.train(was_training)
+    acc = correct / max(n, 1)
+    return {"loss": total / max(n, 1), "accuracy": acc, "error": 1.0 - acc, "n": n}
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """The recipe's optimiser over the model's trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
+                           weight_decay=recipe.weight_decay)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm  # notebook-aware bar in Jupyter, plain text elsewhere
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the trained model (the one passed in) and a tidy history."""
+
+    model: nn.Module
+    history: pd.DataFrame
+    best_epoch: int
+    stopped_early: bool = False
+    interrupted: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
+        progress: bool = True, step_callback: Callable[[nn.Module, int], None] | None = None,
+        desc: str = "train") -> FitResult:
+    """Train ``model`` in place with ``recipe``; one history row per epoch.
+
+    Deterministic on the CPU for a given ``seed``: the shuffling order comes from a generator
+    seeded with it, and the global RNG is not touched. A Jupyter Interrupt (KeyboardInterrupt)
+    stops training cleanly: the weights reached so far (or the best ones, with early stopping)
+    stay in the model and ``interrupted`` is set.
+
+    Args:
+        model: the network; trained in place (copy it first to keep the original).
+        train: (x, y) tensors or a Dataset to train on.
+        recipe: optimiser and schedule.
+        val: optional (x, y) or Dataset for per-epoch validation and early stopping.
+        seed: seed of the data order.
+        progress: show a progress bar over optimiser steps.
+        step_callback: called as ``fn(model, step)`` after every optimiser step.
+        desc: progress bar label.
+
+    Returns:
+        :class:`FitResult` with columns epoch, step, lr, train_loss, train_accuracy, val_loss,
+        val_accuracy, seconds.
+    """
+    x, y = _tensors(train)
+    n = len(y)
+    if val is not None:
+        val = _tensors(val)
+    if recipe.patience is not None and val is None:
+        raise ValueError("early stopping (recipe.patience) needs a validation set: pass val=")
+    gen = torch.Generator().manual_seed(seed)
+    opt = make_optimizer(model, recipe)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(recipe.milestones), recipe.gamma)
+    steps_per_epoch = math.ceil(n / recipe.batch_size)
+    total_steps = steps_per_epoch * recipe.epochs
+    if recipe.max_steps is not None:
+        total_steps = min(total_steps, recipe.max_steps)
+    rows, step, best, best_state, best_epoch, bad_epochs = [], 0, math.inf, None, 0, 0
+    stopped_early = interrupted = False
+    bar = _progress(total_steps, desc, progress)
+    t0 = time.perf_counter()
+    try:
+        model.train()
+        for epoch in range(1, recipe.epochs + 1):
+            order = torch.randperm(n, generator=gen)
+            run_loss, run_correct, seen = 0.0, 0, 0
+            for i in range(0, n, recipe.batch_size):
+                if step >= total_steps:
+                    break
+                idx = order[i:i + recipe.batch_size]
+                xb, yb = x[idx], y[idx]
+                opt.zero_grad(set_to_none=True)
+                out = model(xb)
+                loss = F.cross_entropy(out, yb)
+                loss.backward()
+                opt.step()
+                step += 1
+                if step_callback is not None:
+                    step_callback(model, step)
+                run_loss += float(loss) * len(yb)
+                run_correct += int((out.argmax(1) == yb).sum())
+                seen += len(yb)
+                bar.update(1)
+            sched.step()
+            row = {"epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"],
+                   "train_loss": run_loss / max(seen, 1),
+                   "train_accuracy": run_correct / max(seen, 1)}
+            if val is not None:
+                ev = evaluate(model, val)
+                row.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
+                model.train()
+                if ev["loss"] < best:
+                    best, best_epoch, bad_epochs = ev["loss"], epoch, 0
+                    if recipe.patience is not None:
+                        best_state = copy.deepcopy(model.state_dict())
+                else:
+                    bad_epochs += 1
+            row["seconds"] = time.perf_counter() - t0
+            rows.append(row)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}",
+                            val=f"{row.get('val_accuracy', float('nan')):.3f}")
+            if recipe.patience is not None and bad_epochs >= recipe.patience:
+                stopped_early = True
+                break
+            if step >= total_steps:
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+        model.eval()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = rows[-1]["epoch"] if rows else 0
+    return FitResult(model, pd.DataFrame(rows), best_epoch, stopped_early, interrupted)
+
+
+def finetune(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
+             progress: bool = True, inplace: bool = False, **kwargs) -> FitResult:
+    """Fine-tune a (possibly pruned) model; a copy unless ``inplace=True``.
+
+    Pruned weights stay exactly zero because the masks are parametrizations of the weights:
+    the optimiser updates ``original`` while forward always sees ``original * mask``.
+    """
+    target = model if inplace else copy.deepcopy(model)
+    return fit(target, train, recipe=recipe, val=val, seed=seed, progress=progress,
+               desc="fine-tune", **kwargs)
