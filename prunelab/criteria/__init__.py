@@ -1,0 +1,208 @@
+"""Pruning criteria: ``(model, batch) -> scores``, one registry, looked up by a short name.
+
+Every criterion is a function ``fn(model, *, batch, masks, seed, sparsity, scope, **options)``
+returning ``dict[name, Tensor]`` (higher = more important, kept) or a :class:`ScoreResult` when it
+also proposes a weight update for the kept weights (OBS). The model it receives is a plain module in
+eval mode whose pruned weights are already zero; it must not modify it (use
+``torch.autograd.grad``, never ``.backward()``). ``sparsity``/``scope`` are the target of the
+current pruning step, for the criteria that prune in an inner loop (iterative SynFlow, the ordered
+LAP variants); the others ignore them.
+
+:func:`score` validates the input, calls the criterion on a safe view of the caller's model, checks
+the scores and adds the step-size penalty λ/2·θ² (LM paper Sec. 3.2), so λ → ∞ recovers MP's
+order for any criterion.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from prunelab import graph as G
+
+Scores = G.Scores
+Masks = G.Masks
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Where a criterion lives and what it needs. ``needs_data``: it reads a (x, y) batch."""
+
+    module: str
+    function: str
+    needs_data: bool
+    summary: str
+    uses_target: bool = False
+
+
+@dataclass
+class ScoreResult:
+    """Scores plus an optional update of the kept weights once the mask is chosen (OBS).
+
+    ``update(masks) -> {name: new weight}`` returns full weight tensors for the layers it changes.
+    """
+
+    scores: Scores
+    update: Callable[[Masks], dict[str, Tensor]] | None = None
+    examples: int = 0
+    info: dict = field(default_factory=dict)
+
+
+# One literal registry (easy to grep); modules import lazily so `import prunelab` stays fast.
+CRITERIA: dict[str, Spec] = {
+    "random": Spec("basic", "random", False, "uniform random scores from `seed`"),
+    "mp": Spec("basic", "magnitude", False, "|θ| (Han et al. 2015)"),
+    "lap": Spec("lookahead", "lap", False, "lookahead distortion, Park et al. 2020 Eq. 5 (Eq. 8 with BN)"),
+    "lfp": Spec("lookahead", "lfp", False, "lookahead forward only (previous layer), Park et al. Sec. 2.3"),
+    "lbp": Spec("lookahead", "lbp", False, "lookahead backward only (next layer), Park et al. Sec. 2.3"),
+    "lap-forward": Spec("lookahead", "lap_forward", False, "LAP layer by layer from input to output", True),
+    "lap-backward": Spec("lookahead", "lap_backward", False, "LAP layer by layer from output to input", True),
+    "lap-forward-seq": Spec("lookahead", "lap_forward_seq", False, "sequential LAP-forward", True),
+    "lap-backward-seq": Spec("lookahead", "lap_backward_seq", False, "sequential LAP-backward", True),
+    "lap-act": Spec("lookahead", "lap_act", True, "LAP weighted by activation probabilities, Park et al. App. F"),
+    "lap-all": Spec("lookahead", "lap_all", False, "LAP over all layers of the block, Park et al. App. J"),
+    "obd+lap": Spec("lookahead", "obd_lap", True, "OBD saliency with lookahead neighbours, Park et al."),
+    "obd": Spec("loss_model", "obd", True, "½·G_kk·θ_k², GGN diagonal (LM paper Eq. 3, App. A)"),
+    "lm": Spec("loss_model", "lm", True, "linear model |g_k·θ_k| (LM paper Eq. 6)"),
+    "qm": Spec("loss_model", "qm", True, "quadratic model |−g_k·θ_k + ½G_kk·θ_k²| (LM paper Eq. 5)"),
+    "snip": Spec("gradient", "snip", True, "|g ⊙ θ|, Lee et al. 2019"),
+    "grasp": Spec("gradient", "grasp", True, "−θ ⊙ Hg, Wang et al. 2020"),
+    "synflow": Spec("gradient", "synflow", False, "iterative synaptic flow, Tanaka et al. 2020", True),
+    "taylor-fo": Spec("gradient", "taylor_fo", True, "(g·θ)², Molchanov et al. 2019"),
+    "grad-mag": Spec("gradient", "gradient_magnitude", True, "|g|, Blalock et al. 2020"),
+    "obs": Spec("obs", "obs", True, "Optimal Brain Surgeon, layerwise inverse Fisher, with weight update"),
+}
+
+
+def names() -> list[str]:
+    """Every registered criterion name."""
+    return list(CRITERIA)
+
+
+def spec(name: str) -> Spec:
+    """The registry entry of ``name``; unknown names raise ValueError listing the valid ones."""
+    if not isinstance(name, str) or name not in CRITERIA:
+        raise ValueError(f"unknown criterion {name!r}; valid names: {', '.join(CRITERIA)}")
+    return CRITERIA[name]
+
+
+def get(name: str) -> Callable:
+    """The criterion function registered as ``name``."""
+    s = spec(name)
+    return getattr(importlib.import_module(f"{__name__}.{s.module}"), s.function)
+
+
+def check_batch(batch, name: str) -> tuple[Tensor, Tensor]:
+    """``batch`` as (x, y) tensors, or ValueError saying what ``name`` needs."""
+    if batch is None:
+        raise ValueError(f"criterion {name!r} is data-dependent: pass batch=(x, y), e.g. "
+                         f"bundle.batch('train', n=1000, seed=0)")
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2
+            and all(isinstance(t, Tensor) for t in batch)):
+        raise ValueError(f"batch must be a (x, y) pair of tensors, got {type(batch).__name__}")
+    x, y = batch
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"batch x and y must have the same non-zero length, got {len(x)} and {len(y)}")
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        raise ValueError("batch inputs contain NaN or inf")
+    return x, y
+
+
+def check_lam(lam) -> float:
+    """λ as a float, or ValueError: it must be finite and >= 0."""
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam (the step-size penalty λ) must be a finite number >= 0, got {lam!r}")
+    return float(lam)
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """ValueError listing the prunable weights that hold NaN or inf."""
+    bad = [n for n, w in G.weights(model).items() if not torch.isfinite(w).all()]
+    if bad:
+        raise ValueError(f"weights contain NaN or inf in {bad}; refusing to rank them")
+
+
+def check_scores(scores: Scores, model: nn.Module, name: str) -> Scores:
+    """Scores keyed and shaped like the prunable weights, finite; ValueError otherwise."""
+    expected = G.prunable_names(model)
+    if set(scores) != set(expected):
+        raise ValueError(f"criterion {name!r} returned scores for {sorted(scores)}, expected {expected}")
+    out = {}
+    for n in expected:
+        s = scores[n]
+        w = G.weight(model, n)
+        if s.shape != w.shape:
+            raise ValueError(f"criterion {name!r}: scores of {n} have shape {tuple(s.shape)}, "
+                             f"weight has {tuple(w.shape)}")
+        s = s.detach().float()
+        if torch.isnan(s).any():
+            raise ValueError(f"criterion {name!r} produced NaN scores in {n}")
+        out[n] = s
+    return out
+
+
+def compute(model: nn.Module, name: str, *, batch=None, masks: Masks | None = None,
+            lam: float = 0.0, seed: int = 0, sparsity=None, scope: str = "global",
+            copy: bool = True, **options) -> ScoreResult:
+    """Like :func:`score` but returns the full :class:`ScoreResult` (scores, update, examples).
+
+    ``copy=False`` is for the pruning loop, which owns a plain working model already in eval
+    mode with its pruned weights zeroed: scoring it directly saves a deep copy per stage.
+    """
+    s = spec(name)
+    lam = check_lam(lam)
+    if s.needs_data:
+        batch = check_batch(batch, name)
+    elif batch is not None:
+        batch = check_batch(batch, name)
+    if masks:
+        unknown = set(masks) - set(G.prunable_names(model))
+        if unknown:
+            raise ValueError(f"masks name unknown layers {sorted(unknown)}; prunable weights: "
+                             f"{G.prunable_names(model)}")
+    check_finite_weights(model)
+    if copy:
+        work = G.plain_copy(model, masks)  # criteria never see (or touch) the caller's module
+        work.eval()
+        for p in work.parameters():
+            p.requires_grad_(True)
+    else:
+        work = model
+    out = get(name)(work, batch=batch, masks=masks, seed=seed, sparsity=sparsity, scope=scope,
+                    **options)
+    result = out if isinstance(out, ScoreResult) else ScoreResult(out)
+    result.scores = check_scores(result.scores, work, name)
+    if s.needs_data and not result.examples:
+        result.examples = len(batch[0])
+    if lam > 0:
+        # Step-size penalty λ/2·θ² (LM paper Sec. 3.2): large weights become costly to remove.
+        for n, sc in result.scores.items():
+            sc.add_(0.5 * lam * G.weight(work, n).detach().float() ** 2)
+    return result
+
+
+def score(model: nn.Module, name: str, *, batch=None, masks: Masks | None = None,
+          lam: float = 0.0, seed: int = 0, **options) -> Scores:
+    """Scores of every prunable weight of ``model`` under criterion ``name``.
+
+    Args:
+        model: any module made of Linear/Conv layers; never modified (masks attached as
+            parametrizations are honoured: pruned weights are zero while scoring).
+        name: a name from :func:`names`.
+        batch: (x, y) tensors; required by data-dependent criteria.
+        masks: extra masks (name -> bool, True = kept) applied before scoring.
+        lam: step-size penalty λ >= 0; adds λ/2·θ² to every score.
+        seed: seed of any sampling the criterion does.
+        **options: criterion-specific options (e.g. ``signed=True`` for lm/qm).
+
+    Returns:
+        ``{name: float tensor}`` shaped like each weight; higher = more important.
+
+    Raises:
+        ValueError: unknown name, missing batch, λ < 0, NaN weights or NaN scores.
+    """
+    return compute(model, name, batch=batch, masks=masks, lam=lam, seed=seed, **options).scores

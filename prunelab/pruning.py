@@ -1,0 +1,213 @@
+"""The pruning loop: stages, schedules, the step-size penalty λ and fine-tuning.
+
+Follows Algorithm 1 of *Revisiting Loss Modelling for Unstructured Pruning* (the LM paper): the
+target sparsity is reached in π stages (``schedule="linear"``: the same number of weights per stage;
+``"exponential"``: the same fraction of the remaining weights per stage); at every stage the
+criterion re-scores the *masked* model, the lowest scores are masked (pruned weights stay pruned),
+optionally the network is fine-tuned, and at the end it is fine-tuned once.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+
+from prunelab import criteria as C
+from prunelab import graph as G
+from prunelab import masks as M
+from prunelab.metrics import loss as batch_loss
+from prunelab.train import FitResult, Recipe, fit
+
+SCHEDULES = ("linear", "exponential")
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` returns.
+
+    Attributes:
+        model: the pruned model (a copy unless ``inplace``) with masks attached as parametrizations.
+        masks: name -> bool mask, True = kept.
+        history: one row per stage: stage, target_sparsity, sparsity, loss, delta_loss,
+            step_norm, seconds, examples (plus fine-tuning metrics when fine-tuned).
+        scores: the scores of the last stage.
+        config: the arguments of the call, as plain values.
+        finetune: the final fine-tuning's :class:`~prunelab.train.FitResult`, if any.
+        interrupted: True when a KeyboardInterrupt or the callback stopped it early.
+    """
+
+    model: nn.Module
+    masks: G.Masks
+    history: pd.DataFrame
+    scores: G.Scores
+    config: dict
+    finetune: FitResult | None = None
+    interrupted: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _check_stages(stages) -> int:
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"stages must be an integer >= 1, got {stages!r}")
+    return stages
+
+
+def _layer_targets(layer_sparsity: dict[str, float], stages: int, kind: str,
+                   start: dict[str, float]) -> list[dict[str, float]]:
+    per_layer = {n: M.schedule(s, stages, kind, start=min(start.get(n, 0.0), s))
+                 for n, s in layer_sparsity.items()}
+    return [{n: per_layer[n][i] for n in per_layer} for i in range(stages)]
+
+
+def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
+          scope: str = "global", stages: int = 1, schedule: str = "exponential",
+          lam: float = 0.0, batch=None, layer_sparsity: dict[str, float] | None = None,
+          finetune: Recipe | None = None, train_data=None, val_data=None,
+          finetune_stages: bool = False, seed: int = 0, inplace: bool = False,
+          obs_update: bool = True, progress: bool = False,
+          callback: Callable[[dict], bool | None] | None = None, **options) -> PruneResult:
+    """Prune ``model`` with ``criterion`` to ``sparsity`` in ``stages`` stages.
+
+    Args:
+        model: the network to prune; never modified unless ``inplace=True``. Masks already
+            attached are kept (what they prune stays pruned).
+        criterion: a name from :func:`prunelab.criteria.names`.
+        sparsity: final total fraction of prunable weights pruned, in [0, 1).
+        scope: "global", "layerwise" or "normalized" (see :func:`prunelab.masks.select`).
+        stages: number of pruning stages π >= 1, re-scoring the masked model at each.
+        schedule: "linear" or "exponential" (LM paper Algorithm 1).
+        lam: step-size penalty λ >= 0 added to every score as λ/2·θ² (LM paper Sec. 3.2).
+        batch: (x, y) used by data-dependent criteria and to record the loss per stage.
+        layer_sparsity: explicit per-layer final sparsities (overrides ``sparsity``/``scope``).
+        finetune: a training recipe; when given, the pruned model is fine-tuned at the end (and
+            between stages when ``finetune_stages``) on ``train_data`` (with ``val_data``).
+        seed: seed of stochastic criteria (stage i uses ``seed + i``) and of fine-tuning.
+        inplace: prune ``model`` itself instead of a copy.
+        obs_update: apply a criterion's weight update (OBS) after each mask choice.
+        progress: show a progress bar over stages.
+        callback: called with each stage's history row; returning True stops after that stage.
+        **options: passed to the criterion (e.g. ``signed=True``, ``mc_samples=1``).
+
+    Returns:
+        :class:`PruneResult`.
+
+    Raises:
+        ValueError: invalid sparsity, scope, stages, schedule, λ, unknown criterion or layer,
+            a data-dependent criterion without ``batch``, NaN weights; the model is untouched.
+    """
+    spec = C.spec(criterion)
+    lam = C.check_lam(lam)
+    stages = _check_stages(stages)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    M.check_scope(scope)
+    names = G.prunable_names(model)
+    if layer_sparsity is not None:
+        unknown = set(layer_sparsity) - set(names)
+        if unknown:
+            raise ValueError(f"layer_sparsity names unknown layers {sorted(unknown)}; prunable "
+                             f"weights: {names}")
+        for n, v in layer_sparsity.items():
+            M.check_sparsity(v, f"layer_sparsity[{n!r}]")
+    elif sparsity is None:
+        raise ValueError("pass sparsity= (a fraction in [0, 1)) or layer_sparsity= (per layer)")
+    else:
+        sparsity = M.check_sparsity(sparsity)
+    if spec.needs_data or batch is not None:
+        batch = C.check_batch(batch, criterion)
+    if finetune is not None:
+        if not isinstance(finetune, Recipe):
+            raise ValueError(f"finetune must be a prunelab.train.Recipe or None, got {finetune!r}")
+        if train_data is None:
+            raise ValueError("finetune needs train_data= (a Dataset or (x, y) tensors)")
+    C.check_finite_weights(model)
+
+    base_masks = M.current(model)
+    work = G.plain_copy(model)
+    work.eval()
+    for p in work.parameters():
+        p.requires_grad_(True)
+    cur = {n: base_masks.get(n, torch.ones_like(G.weight(work, n), dtype=torch.bool)) for n in names}
+    start = M.sparsity(cur)
+    if layer_sparsity is not None:
+        start_layer = {n: 1.0 - float(cur[n].float().mean()) for n in names}
+        targets = _layer_targets(layer_sparsity, stages, schedule, start_layer)
+        target_totals = [None] * stages
+    else:
+        if start > sparsity + 1e-12:
+            raise ValueError(f"the model already has sparsity {start:.4f} > the requested "
+                             f"{sparsity}; pruned weights cannot be revived")
+        target_totals = M.schedule(sparsity, stages, schedule, start=start)
+        targets = [None] * stages
+
+    config = {"criterion": criterion, "sparsity": sparsity, "scope": scope, "stages": stages,
+              "schedule": schedule, "lam": lam, "seed": seed,
+              "layer_sparsity": dict(layer_sparsity) if layer_sparsity else None,
+              "examples": len(batch[0]) if batch is not None else 0, **options}
+    loss0 = batch_loss(work, batch) if batch is not None else math.nan
+    rows, scores, interrupted, changed = [], {}, False, False
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=stages, desc=f"prune {criterion}", disable=not progress, leave=False)
+    try:
+        for i in range(stages):
+            t0 = time.perf_counter()
+            target = target_totals[i]
+            crit_target = targets[i] if layer_sparsity is not None else target
+            result = C.compute(work, criterion, batch=batch, lam=lam, seed=seed + i,
+                               sparsity=crit_target,
+                               scope="layerwise" if layer_sparsity is not None else scope,
+                               copy=False, **options)
+            scores = result.scores
+            new = M.select(scores, target, scope=scope, layer_sparsity=targets[i], previous=cur)
+            updates = result.update(new) if (obs_update and result.update is not None) else {}
+            step_sq = 0.0
+            with torch.no_grad():
+                for n in names:
+                    w = G.weight(work, n)
+                    w_new = updates[n].to(w.dtype) if n in updates else w
+                    w_new = w_new * new[n]
+                    step_sq += float(((w_new - w) ** 2).sum())
+                    w.copy_(w_new)
+            changed = changed or bool(updates)
+            cur = new
+            if finetune is not None and finetune_stages and i < stages - 1:
+                tuned = M.apply(work, cur)
+                fit(tuned, train_data, recipe=finetune, val=val_data, seed=seed, progress=False)
+                work = M.remove(tuned)
+                work.eval()
+                changed = True
+            stage_loss = batch_loss(work, batch) if batch is not None else math.nan
+            row = {"stage": i + 1, "target_sparsity": M.sparsity(cur) if target is None else target,
+                   "sparsity": M.sparsity(cur), "loss": stage_loss,
+                   "delta_loss": abs(stage_loss - loss0), "step_norm": math.sqrt(step_sq),
+                   "seconds": time.perf_counter() - t0, "examples": result.examples}
+            rows.append(row)
+            bar.update(1)
+            if callback is not None and callback(row):
+                interrupted = True
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+
+    target_model = model if inplace else copy.deepcopy(model)
+    if changed:
+        M.load_dense(target_model, {k: v for k, v in work.state_dict().items()})
+    M.apply(target_model, cur, inplace=True)
+    history = pd.DataFrame(rows, columns=["stage", "target_sparsity", "sparsity", "loss",
+                                          "delta_loss", "step_norm", "seconds", "examples"])
+    tuned = None
+    if finetune is not None and not interrupted:
+        tuned = fit(target_model, train_data, recipe=finetune, val=val_data, seed=seed,
+                    progress=progress, desc="fine-tune")
+    target_model.eval()
+    return PruneResult(target_model, {n: m.clone() for n, m in cur.items()}, history, scores,
+                       config, tuned, interrupted, {"loss0": loss0})

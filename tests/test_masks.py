@@ -1,0 +1,237 @@
+"""Masks: exact counts, scopes, schedules, interop, persistence, and enforcement in training."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.utils.prune as torch_prune
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from prunelab import masks as M
+from prunelab.train import Recipe, fit
+
+
+def tiny_mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8),
+                         nn.ReLU(), nn.Linear(8, 3))
+
+
+def tiny_conv(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 3))
+
+
+def mag(model):
+    return {f"{n}.weight": m.weight.detach().abs() for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+score_tensors = st.lists(
+    st.lists(st.sampled_from([0.0, 0.5, 1.0, -1.0, 2.0, 3.25]), min_size=1, max_size=20),
+    min_size=1, max_size=4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(layers=score_tensors, s=st.floats(0.0, 0.999))
+@example(layers=[[0.0, 0.0]], s=0.5)  # the tie case that breaks threshold pruners
+def test_global_prunes_exactly_floor(layers, s):
+    scores = {f"l{i}.weight": torch.tensor(v) for i, v in enumerate(layers)}
+    d = sum(len(v) for v in layers)
+    masks = M.select(scores, s, scope="global")
+    assert sum(int((~m).sum()) for m in masks.values()) == M.n_pruned(s, d)
+    assert M.n_pruned(s, d) in (math.floor(s * d), round(s * d))
+    kept = torch.cat([scores[n][m] for n, m in masks.items()])
+    pruned = torch.cat([scores[n][~m] for n, m in masks.items()])
+    if len(kept) and len(pruned):
+        assert kept.min() >= pruned.max()  # never keeps a lower score than one it prunes
+
+
+@settings(max_examples=100, deadline=None)
+@given(layers=score_tensors, s=st.floats(0.0, 0.999))
+def test_ranking_matches_select(layers, s):
+    scores = {f"l{i}.weight": torch.tensor(v) for i, v in enumerate(layers)}
+    for scope in ("global", "layerwise", "normalized"):
+        a = M.select(scores, s, scope=scope)
+        b = M.Ranking(scores, scope=scope).masks(s)
+        assert all(torch.equal(a[n], b[n]) for n in a), scope
+
+
+def test_floor_is_robust_to_float_roundoff():
+    assert M.n_pruned(0.29, 100) == 29
+    assert M.n_pruned(0.7, 10) == 7
+    assert M.n_pruned(0.999, 10) == 9
+
+
+def test_layerwise_and_explicit_layer_sparsity():
+    scores = mag(tiny_mlp())
+    masks = M.select(scores, 0.5, scope="layerwise")
+    for n, m in masks.items():
+        assert int((~m).sum()) == M.n_pruned(0.5, m.numel())
+    explicit = M.select(scores, layer_sparsity={"1.weight": 0.9})
+    assert int((~explicit["1.weight"]).sum()) == M.n_pruned(0.9, 12 * 16)
+    assert explicit["3.weight"].all() and explicit["5.weight"].all()
+    with pytest.raises(ValueError, match="nope.weight"):
+        M.select(scores, layer_sparsity={"nope.weight": 0.5})
+
+
+def test_normalized_scope_divides_by_frobenius_norm():
+    scores = {"a.weight": torch.tensor([1.0, 2.0, 3.0]), "b.weight": torch.tensor([10.0, 20.0, 40.0])}
+    m = M.select(scores, 0.5, scope="normalized")
+    # after normalisation: a = [.27,.53,.80], b = [.22,.44,.87]: prune b0, a0, b1
+    assert m["a.weight"].tolist() == [False, True, True]
+    assert m["b.weight"].tolist() == [False, False, True]
+
+
+def test_previous_masks_stay_pruned():
+    scores = {"a.weight": torch.tensor([5.0, 4.0, 3.0, 2.0])}
+    prev = {"a.weight": torch.tensor([False, True, True, True])}
+    m = M.select(scores, 0.5, previous=prev)
+    assert m["a.weight"].tolist() == [False, True, True, False]
+
+
+def test_global_magnitude_mask_equals_torch_global_unstructured():
+    model = tiny_conv()
+    ours = M.select(mag(model), 0.7, scope="global")
+    ref = copy.deepcopy(model)
+    params = [(ref[0], "weight"), (ref[4], "weight")]
+    # torch rounds a float amount, we floor: hand it our exact count as an int
+    k = M.n_pruned(0.7, sum(m.numel() for m in ours.values()))
+    torch_prune.global_unstructured(params, pruning_method=torch_prune.L1Unstructured, amount=k)
+    assert torch.equal(ours["0.weight"], ref[0].weight_mask.bool())
+    assert torch.equal(ours["4.weight"], ref[4].weight_mask.bool())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -0.1, 1.0, 1.5, True, "0.5", None, float("inf")])
+def test_bad_sparsity_is_rejected_with_its_value(bad):
+    with pytest.raises(ValueError, match="sparsity"):
+        M.select({"a.weight": torch.ones(4)}, bad)
+
+
+def test_nan_scores_are_rejected_by_name():
+    with pytest.raises(ValueError, match="b.weight"):
+        M.select({"a.weight": torch.ones(3), "b.weight": torch.tensor([1.0, math.nan])}, 0.5)
+
+
+def test_bad_scope_rejected():
+    with pytest.raises(ValueError, match="scope"):
+        M.select({"a.weight": torch.ones(4)}, 0.5, scope="layer")
+
+
+def test_exponential_schedule_keeps_same_fraction_each_stage():
+    targets = M.schedule(0.99, 7, "exponential")
+    density = [1.0] + [1 - t for t in targets]
+    ratios = [b / a for a, b in zip(density, density[1:])]
+    assert all(abs(r - ratios[0]) < 1e-9 for r in ratios)
+    assert targets[-1] == 0.99
+    lin = M.schedule(0.9, 3, "linear")
+    assert lin == pytest.approx([0.3, 0.6, 0.9])
+    with pytest.raises(ValueError, match="stages"):
+        M.schedule(0.9, 0)
+    with pytest.raises(ValueError, match="schedule"):
+        M.schedule(0.9, 3, "cosine")
+
+
+def test_lap_layer_sparsity_rule():
+    model = tiny_mlp()
+    rule = M.lap_layer_sparsity(model, tau=2, p=0.0, q=0.5)
+    assert rule["1.weight"] == pytest.approx(1 - 0.25)
+    assert rule["5.weight"] == pytest.approx(1 - 0.75 ** 2)
+
+
+def test_apply_is_a_copy_and_forward_is_masked():
+    model = tiny_mlp()
+    before = copy.deepcopy(model.state_dict())
+    masks = M.select(mag(model), 0.8)
+    pruned = M.apply(model, masks)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not M.current(model)
+    for n, m in masks.items():
+        w = pruned.get_submodule(n.rsplit(".", 1)[0]).weight
+        assert (w[~m] == 0).all()
+    assert M.sparsity(M.current(pruned)) == pytest.approx(M.sparsity(masks))
+
+
+def test_masks_survive_deepcopy_state_dict_and_files(tmp_path):
+    model = tiny_conv()
+    masks = M.select(mag(model), 0.6)
+    pruned = M.apply(model, masks)
+    x = torch.randn(5, 1, 6, 6)
+    pruned.eval()
+    expected = pruned(x)
+    clone = copy.deepcopy(pruned)
+    assert torch.equal(clone(x), expected)
+    # checkpoint = plain state dict + masks; rebuilt on an unmodified copy of the model
+    torch.save(M.dense_state_dict(pruned), tmp_path / "w.pt")
+    M.save(masks, tmp_path / "m.safetensors")
+    fresh = tiny_conv(seed=123)
+    M.load_dense(fresh, torch.load(tmp_path / "w.pt", weights_only=True))
+    rebuilt = M.apply(fresh, M.load(tmp_path / "m.safetensors")).eval()
+    assert torch.equal(rebuilt(x), expected)
+    # torch.save of the parametrized model's state_dict round-trips too
+    torch.save(pruned.state_dict(), tmp_path / "sd.pt")
+    other = M.apply(tiny_conv(seed=5), {n: torch.ones_like(m) for n, m in masks.items()})
+    other.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    assert torch.equal(other.eval()(x), expected)
+
+
+def test_torch_prune_interop_roundtrip():
+    model = tiny_mlp()
+    masks = M.select(mag(model), 0.5)
+    exported = M.to_torch_prune(M.apply(model, masks))
+    back = M.from_torch_prune(exported)
+    assert all(torch.equal(back[n], masks[n]) for n in masks)
+    x = torch.randn(4, 12)
+    assert torch.allclose(exported(x), M.apply(model, masks)(x))
+
+
+def test_masks_enforced_after_every_optimizer_step():
+    model = tiny_mlp()
+    masks = M.select(mag(model), 0.9)
+    pruned = M.apply(model, masks)
+    x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
+    violations = []
+
+    def check(m, step):
+        for n, mask in masks.items():
+            w = m.get_submodule(n.rsplit(".", 1)[0]).weight
+            if (w[~mask] != 0).any():
+                violations.append((step, n))
+
+    for opt in ("sgd", "adam"):
+        fit(pruned, (x, y), recipe=Recipe(optimizer=opt, lr=0.05, epochs=3, batch_size=16,
+                                          weight_decay=1e-3), step_callback=check, progress=False)
+    assert not violations
+    assert M.sparsity(M.current(pruned)) == pytest.approx(M.sparsity(masks))
+    baked = M.remove(pruned)
+    total = sum(baked.get_submodule(n.rsplit(".", 1)[0]).weight.numel() for n in masks)
+    zeros = sum(int((baked.get_submodule(n.rsplit(".", 1)[0]).weight == 0).sum()) for n in masks)
+    assert zeros / total >= M.sparsity(masks)
+
+
+def test_ablations():
+    model = tiny_mlp()
+    masks = M.select(mag(model), 0.5, scope="layerwise")
+    sh = M.shuffle(masks, seed=1)
+    for n in masks:
+        assert int(sh[n].sum()) == int(masks[n].sum())
+    assert any(not torch.equal(sh[n], masks[n]) for n in masks)
+    assert all(torch.equal(a, b) for a, b in zip(M.shuffle(masks, 1).values(), sh.values()))
+    inv = M.select(M.invert(mag(model)), 0.5, scope="layerwise")
+    for n in masks:
+        assert not (inv[n] & masks[n]).any()
+    pruned = M.apply(model, masks)
+    re = M.reinitialize(pruned, seed=3)
+    assert M.sparsity(M.current(re)) == M.sparsity(masks)
+    assert not torch.equal(re[1].weight, pruned[1].weight)
+    assert torch.equal(M.reinitialize(pruned, seed=3)[1].weight, re[1].weight)
+
+
+def test_density_frame():
+    masks = {"a.weight": torch.tensor([True, False]), "b.weight": torch.tensor([True, True])}
+    df = M.density(masks)
+    assert list(df.layer) == ["a.weight", "b.weight", "total"]
+    assert df.density.tolist() == [0.5, 1.0, 0.75]

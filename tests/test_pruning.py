@@ -1,0 +1,177 @@
+"""The pruning loop: stages, schedules, λ, validation, and never touching the caller's model."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import prunelab as pl
+from prunelab import masks as M
+from prunelab.train import Recipe
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 16), nn.Tanh(),
+                         nn.Linear(16, 4))
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 10, generator=g)
+    y = (x[:, :4].argmax(1)).long()
+    return x, y
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stages_history_and_exact_sparsity(data):
+    model = tiny()
+    before = state(model)
+    r = pl.prune(model, "mp", sparsity=0.9, stages=4, schedule="exponential", batch=data)
+    assert same(before, state(model))  # inplace=False by default
+    h = r.history
+    assert list(h.columns) == ["stage", "target_sparsity", "sparsity", "loss", "delta_loss",
+                               "step_norm", "seconds", "examples"]
+    assert list(h.stage) == [1, 2, 3, 4]
+    d = sum(m.numel() for m in r.masks.values())
+    for target, actual in zip(h.target_sparsity, h.sparsity):
+        assert actual == pytest.approx(M.n_pruned(target, d) / d)
+    assert h.sparsity.iloc[-1] == pytest.approx(M.n_pruned(0.9, d) / d)
+    assert (h.delta_loss >= 0).all() and (h.step_norm > 0).all()
+    assert M.sparsity(M.current(r.model)) == pytest.approx(h.sparsity.iloc[-1])
+    x, y = data
+    assert r.history.loss.iloc[-1] == pytest.approx(pl.metrics.loss(r.model, data), rel=1e-6)
+    assert pl.metrics.delta_loss(model, r.model, data) == pytest.approx(h.delta_loss.iloc[-1],
+                                                                       rel=1e-6)
+
+
+def test_pruned_stays_pruned_across_stages(data):
+    r1 = pl.prune(tiny(), "random", sparsity=0.5, stages=1, seed=1)
+    r2 = pl.prune(r1.model, "random", sparsity=0.8, stages=3, seed=2)
+    for n in r1.masks:
+        assert not (r2.masks[n] & ~r1.masks[n]).any()
+    with pytest.raises(ValueError, match="already has sparsity"):
+        pl.prune(r2.model, "mp", sparsity=0.5)
+
+
+def test_linear_schedule_prunes_equal_counts(data):
+    r = pl.prune(tiny(), "mp", sparsity=0.6, stages=3, schedule="linear")
+    d = sum(m.numel() for m in r.masks.values())
+    pruned = [round(s * d) for s in r.history.sparsity]
+    steps = [b - a for a, b in zip([0] + pruned, pruned)]
+    assert max(steps) - min(steps) <= 1
+
+
+def test_huge_lambda_gives_magnitude_mask(data):
+    model = tiny()
+    mp = pl.prune(model, "mp", sparsity=0.7, batch=data)
+    for crit in ("random",):
+        r = pl.prune(model, crit, sparsity=0.7, lam=1e12, batch=data)
+        assert all(torch.equal(r.masks[n], mp.masks[n]) for n in mp.masks)
+
+
+def test_lambda_adds_half_lambda_theta_squared(data):
+    model = tiny()
+    base = pl.score(model, "random", seed=3)
+    pen = pl.score(model, "random", seed=3, lam=0.5)
+    for n, w in pl.graph.weights(model).items():
+        assert torch.allclose(pen[n], base[n] + 0.25 * w.detach() ** 2)
+
+
+BAD = [
+    (dict(sparsity=1.0), "sparsity"),
+    (dict(sparsity=-0.1), "sparsity"),
+    (dict(sparsity=math.nan), "sparsity"),
+    (dict(sparsity=0.5, stages=0), "stages"),
+    (dict(sparsity=0.5, stages=2.5), "stages"),
+    (dict(sparsity=0.5, lam=-1.0), "lam"),
+    (dict(sparsity=0.5, lam=math.inf), "lam"),
+    (dict(sparsity=0.5, schedule="cosine"), "schedule"),
+    (dict(sparsity=0.5, scope="layer"), "scope"),
+    (dict(layer_sparsity={"nope.weight": 0.5}), "nope.weight"),
+    (dict(layer_sparsity={"1.weight": 1.5}), "1.weight"),
+    (dict(), "sparsity"),
+    (dict(sparsity=0.5, finetune=Recipe()), "train_data"),
+]
+
+
+@pytest.mark.parametrize("kwargs,word", BAD)
+def test_invalid_input_raises_and_leaves_model(kwargs, word, data):
+    model = tiny()
+    before = state(model)
+    with pytest.raises(ValueError, match=word):
+        pl.prune(model, "mp", batch=data, **kwargs)
+    assert same(before, state(model))
+
+
+def test_unknown_criterion_and_missing_batch(data):
+    model = tiny()
+    with pytest.raises(ValueError, match="valid names"):
+        pl.prune(model, "magnitude", sparsity=0.5)
+    with pytest.raises(ValueError, match="'snip'.*batch"):
+        pl.prune(model, "snip", sparsity=0.5)
+    with pytest.raises(ValueError, match="valid names"):
+        pl.score(model, "nope")
+
+
+def test_nan_weights_rejected_and_model_unchanged(data):
+    model = tiny()
+    with torch.no_grad():
+        model[3].weight[0, 0] = math.nan
+    before = state(model)
+    with pytest.raises(ValueError, match="3.weight"):
+        pl.prune(model, "mp", sparsity=0.5)
+    with pytest.raises(ValueError, match="3.weight"):
+        pl.score(model, "mp")
+    assert all(torch.equal(before[k], v) or torch.isnan(v).any() for k, v in state(model).items())
+
+
+def test_inplace_prunes_the_model_itself(data):
+    model = tiny()
+    r = pl.prune(model, "mp", sparsity=0.5, inplace=True)
+    assert r.model is model
+    assert M.sparsity(M.current(model)) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_finetune_keeps_exact_sparsity(data):
+    model = tiny()
+    recipe = Recipe(optimizer="sgd", lr=0.1, epochs=2, batch_size=50)
+    r = pl.prune(model, "mp", sparsity=0.8, stages=2, batch=data, finetune=recipe,
+                 train_data=data, finetune_stages=True)
+    assert r.finetune is not None and len(r.finetune.history) == 2
+    effective = pl.graph.weights(r.model)
+    for n, m in r.masks.items():
+        assert (effective[n][~m] == 0).all()
+    assert M.sparsity(r.masks) == pytest.approx(0.8, abs=1e-2)
+
+
+def test_callback_can_stop_early(data):
+    r = pl.prune(tiny(), "mp", sparsity=0.9, stages=10, callback=lambda row: row["stage"] == 3)
+    assert r.interrupted and len(r.history) == 3
+
+
+def test_score_honours_attached_masks_and_leaves_model(data):
+    model = tiny()
+    pruned = pl.prune(model, "mp", sparsity=0.5).model
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    s = pl.score(pruned, "mp")
+    for n, m in M.current(pruned).items():
+        assert (s[n][~m] == 0).all()
+    after = pruned.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    pruned(torch.randn(2, 10))  # still usable: scoring did not strip its masks
+
+
+def test_same_seed_same_masks(data):
+    a = pl.prune(tiny(), "random", sparsity=0.7, stages=3, seed=4)
+    b = pl.prune(tiny(), "random", sparsity=0.7, stages=3, seed=4)
+    assert all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
