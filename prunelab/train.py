@@ -215,7 +215,7 @@ def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
                 step += 1
                 if step_callback is not None:
                     step_callback(model, step)
-                run_loss += float(loss) * len(yb)
+                run_loss += loss.item() * len(yb)
                 run_correct += int((out.argmax(1) == yb).sum())
                 seen += len(yb)
                 bar.update(1)
