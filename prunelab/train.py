@@ -141,7 +141,7 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm  # notebook-aware bar in Jupyter, plain text elsewhere
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, mininterval=1.0)
 
 
 @dataclass

@@ -86,6 +86,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; checkpoints are ordinary files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

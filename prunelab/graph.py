@@ -1,0 +1,559 @@
+"""The prunable tensors of a model, addressed by name, and how its layers connect.
+
+Names are the parameter names of the *plain* model (``"features.0.weight"``), also when masks are
+attached as parametrizations (where ``named_parameters`` would say
+``features.0.parametrizations.weight.original``). By default the weights of ``nn.Linear`` and
+``nn.Conv1d/2d/3d`` are prunable; biases and normalisation parameters are not.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+Scores = dict[str, Tensor]  # name -> float tensor shaped like the weight; higher = keep
+Masks = dict[str, Tensor]   # name -> bool tensor shaped like the weight; True = kept
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``'features.0.weight'`` -> ``('features.0', 'weight')``."""
+    module_name, _, tensor_name = name.rpartition(".")
+    return module_name, tensor_name
+
+
+def prunable_names(model: nn.Module) -> list[str]:
+    """Names of the prunable weights (Linear/Conv ``weight``), in ``named_modules`` order."""
+    return [f"{name}.weight" if name else "weight"
+            for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)]
+
+
+def module_of(model: nn.Module, name: str) -> nn.Module:
+    """The module that owns the tensor ``name``."""
+    return model.get_submodule(split_name(name)[0])
+
+
+def weight(model: nn.Module, name: str) -> Tensor:
+    """The tensor the forward pass uses under ``name`` (already masked when a mask is attached)."""
+    module_name, tensor_name = split_name(name)
+    return getattr(model.get_submodule(module_name), tensor_name)
+
+
+def weights(model: nn.Module) -> dict[str, Tensor]:
+    """``{name: effective weight}`` for every prunable weight."""
+    return {n: weight(model, n) for n in prunable_names(model)}
+
+
+def is_parametrized(model: nn.Module) -> bool:
+    """True when any submodule carries a parametrization (e.g. a prunelab mask)."""
+    return any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+@torch.no_grad()
+def plain_copy(model: nn.Module, masks: Masks | None = None) -> nn.Module:
+    """A deep copy without parametrizations whose weights are the effective (masked) ones.
+
+    ``masks`` (name -> bool) are multiplied in as well, so the copy computes exactly what the
+    pruned model computes with ordinary parameters that autograd and hooks see directly.
+    """
+    from prunelab._parametrize import strip_all
+
+    # not parametrize.remove_parametrizations: it would break ``model``, whose class the copy shares
+    out = strip_all(copy.deepcopy(model))
+    for name, mask in (masks or {}).items():
+        weight(out, name).mul_(mask.to(weight(out, name).dtype))
+    return out
+
+
+# ============================================================================== layer graph
+# Which prunable layers feed which, read from the torch.fx graph (LAP paper, Sec. 2: the
+# lookahead neighbours of a layer are the layers next to it in the *network*, not in module
+# order, so residual networks get the right ones).
+
+INPUT = "<input>"        # the model input, as the producer of a layer's input
+OUTPUT = "<output>"      # the model output, as the consumer of a layer's output
+EXTERNAL = "<external>"  # an operation the graph cannot see through (cat, attention, ...)
+MARKERS = (INPUT, OUTPUT, EXTERNAL)
+
+
+@dataclass(frozen=True)
+class Edge:
+    """The output channels of ``src`` reach the input of ``dst`` without another prunable layer.
+
+    Attributes:
+        src: weight name of the producing layer, or :data:`INPUT` / :data:`EXTERNAL`.
+        dst: weight name of the consuming layer, or :data:`OUTPUT` / :data:`EXTERNAL`.
+        bns: module names of the BatchNorms on the way, in order (their eval-mode scales
+            multiply the signal channel-wise).
+        flatten: for a conv -> (pool) -> flatten -> Linear boundary, the number of Linear input
+            features each conv output channel becomes (channel-major, as ``nn.Flatten`` does);
+            ``None`` when the edge does not cross such a boundary.
+    """
+
+    src: str
+    dst: str
+    bns: tuple[str, ...] = ()
+    flatten: int | None = None
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One prunable weight and its neighbourhood.
+
+    Attributes:
+        name: the weight name (``"features.0.weight"``).
+        module: the module name (``"features.0"``).
+        kind: ``"linear"`` or ``"conv"``.
+        in_size, out_size: input/output features (Linear) or channels (conv).
+        groups: conv groups (1 for Linear).
+        inputs, outputs: the :class:`Edge` s into and out of this layer.
+        bn: the BatchNorm module directly after this layer (nothing but identities between).
+        act: the activation that gates this layer's output units (through BatchNorm, identities
+            and residual adds): an fx node name when traced, a module name otherwise.
+    """
+
+    name: str
+    module: str
+    kind: str
+    in_size: int
+    out_size: int
+    groups: int
+    inputs: tuple[Edge, ...]
+    outputs: tuple[Edge, ...]
+    bn: str | None = None
+    act: str | None = None
+
+    @property
+    def prev(self) -> tuple[str, ...]:
+        """Prunable layers whose outputs feed this layer's input."""
+        return tuple(e.src for e in self.inputs if e.src not in MARKERS)
+
+    @property
+    def next(self) -> tuple[str, ...]:
+        """Prunable layers that consume this layer's output."""
+        return tuple(e.dst for e in self.outputs if e.dst not in MARKERS)
+
+    @property
+    def flatten(self) -> int | None:
+        """Features per conv channel at a conv -> flatten -> Linear boundary on either side."""
+        sizes = [e.flatten for e in (*self.inputs, *self.outputs) if e.flatten is not None]
+        return sizes[0] if sizes else None
+
+    @property
+    def external_in(self) -> bool:
+        """Part of the input comes from the model input or from an opaque operation."""
+        return any(e.src in MARKERS for e in self.inputs)
+
+    @property
+    def external_out(self) -> bool:
+        """Part of the output reaches the model output or an opaque operation."""
+        return any(e.dst in MARKERS for e in self.outputs)
+
+
+@dataclass(frozen=True)
+class LayerGraph:
+    """The prunable layers of a model in execution order, with their neighbours.
+
+    ``traced`` is False when torch.fx could not trace the model and the layers were chained in
+    registration order instead (``reason`` says why).
+    """
+
+    layers: dict[str, Layer]
+    traced: bool
+    reason: str = ""
+    notes: tuple[str, ...] = ()
+
+    def __getitem__(self, name: str) -> Layer:
+        return self.layers[name]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __contains__(self, name) -> bool:
+        return name in self.layers
+
+    @property
+    def names(self) -> list[str]:
+        """Weight names in execution order."""
+        return list(self.layers)
+
+    @property
+    def edges(self) -> list[Edge]:
+        """Every edge once."""
+        seen: dict[tuple[str, str], Edge] = {}
+        for layer in self.layers.values():
+            for e in (*layer.inputs, *layer.outputs):
+                seen.setdefault((e.src, e.dst), e)
+        return list(seen.values())
+
+
+def _attrs(module, *names: str) -> tuple:
+    return tuple(getattr(module, n) for n in names if hasattr(module, n))
+
+
+_ACT_MODULES: tuple[type[nn.Module], ...] = _attrs(
+    nn, "ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "SELU", "CELU", "GELU", "SiLU",
+    "Mish", "Tanh", "Sigmoid", "Hardtanh", "Hardswish", "Hardsigmoid", "Softplus", "Softsign",
+    "LogSigmoid", "Tanhshrink", "Threshold")
+_PASS_MODULES: tuple[type[nn.Module], ...] = _attrs(
+    nn, "Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout",
+    "FeatureAlphaDropout")
+_BN_MODULES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
+# Channel-preserving but data-dependent scales: seen through, no fixed factor.
+_NORM_MODULES: tuple[type[nn.Module], ...] = (
+    nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+_POOL_MODULES: tuple[type[nn.Module], ...] = _attrs(
+    nn, "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
+    "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d",
+    "AdaptiveMaxPool2d", "AdaptiveMaxPool3d", "LPPool1d", "LPPool2d", "LPPool3d")
+
+_ACT_FUNCS = set(_attrs(
+    F, "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "prelu", "rrelu", "elu", "elu_",
+    "selu", "celu", "gelu", "silu", "mish", "tanh", "sigmoid", "hardtanh", "hardtanh_",
+    "hardswish", "hardsigmoid", "softplus", "softsign", "logsigmoid", "tanhshrink", "threshold"))
+_ACT_FUNCS |= set(_attrs(torch, "relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_"))
+_ACT_METHODS = {"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_"}
+_PASS_FUNCS = set(_attrs(F, "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+                         "feature_alpha_dropout")) | {torch.clone}
+_PASS_METHODS = {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type",
+                 "type_as", "detach", "requires_grad_"}
+_POOL_FUNCS = set(_attrs(
+    F, "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+    "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "lp_pool3d"))
+_POOL_FUNCS |= set(_attrs(torch, "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d",
+                          "adaptive_avg_pool1d", "adaptive_max_pool1d"))
+_ADD_FUNCS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
+_ADD_METHODS = {"add", "add_", "sub", "sub_"}
+_MUL_FUNCS = {operator.mul, operator.imul, operator.truediv, operator.itruediv, operator.neg,
+              torch.mul, torch.div, torch.neg}
+_MUL_METHODS = {"mul", "mul_", "div", "div_", "neg", "neg_"}
+_REDUCE_FUNCS = {torch.mean, torch.sum, torch.amax}
+_REDUCE_METHODS = {"mean", "sum", "amax"}
+_SHAPE_FUNCS = {torch.flatten, torch.reshape}
+_NONTENSOR_METHODS = {"size", "dim", "numel", "ndimension", "is_contiguous"}
+
+
+@dataclass(frozen=True)
+class _Path:
+    """How a producer's signal reached a node: BNs passed, flattened, still 'directly' the
+    layer output (identities only: for ``bn``), or still eligible for its gating activation."""
+
+    bns: tuple[str, ...] = ()
+    flat: bool = False
+    direct: bool = True
+    act_ok: bool = True
+
+
+class _Builder:
+    """Collects edges, BNs and activations while walking a graph."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers: dict[str, tuple[str, nn.Module]] = {}  # module name -> (weight, module)
+        for mname, m in model.named_modules():
+            if isinstance(m, PRUNABLE_TYPES):
+                self.layers[mname] = (f"{mname}.weight" if mname else "weight", m)
+        self.by_weight = {w: (mname, m) for mname, (w, m) in self.layers.items()}
+        self.inputs: dict[str, dict[str, Edge]] = {w: {} for w, _ in self.layers.values()}
+        self.outputs: dict[str, dict[str, Edge]] = {w: {} for w, _ in self.layers.values()}
+        self.bn: dict[str, str] = {}
+        self.act: dict[str, str] = {}
+        self.order: list[str] = []
+        self.notes: list[str] = []
+
+    @staticmethod
+    def sizes(m: nn.Module) -> tuple[str, int, int, int]:
+        if isinstance(m, nn.Linear):
+            return "linear", m.in_features, m.out_features, 1
+        return "conv", m.in_channels, m.out_channels, m.groups
+
+    def edge(self, src: str, dst: str, path: _Path) -> None:
+        """Record src -> dst (weight names or markers), checking that channels line up."""
+        flatten = None
+        if src not in MARKERS and dst not in MARKERS:
+            skind, _, sout, _ = self.sizes(self.by_weight[src][1])
+            dkind, din, _, _ = self.sizes(self.by_weight[dst][1])
+            ok = True
+            if skind == "conv" and dkind == "linear":
+                ok = path.flat and din % sout == 0
+                flatten = din // sout if ok else None
+            elif dkind == "conv":
+                ok = not path.flat and sout == din
+            else:
+                ok = sout == din
+            if not ok:
+                self.notes.append(f"cannot match the output channels of {src} to the input of "
+                                  f"{dst}; treating the connection as opaque")
+                self.outputs[src].setdefault(EXTERNAL, Edge(src, EXTERNAL, path.bns))
+                self.inputs[dst].setdefault(EXTERNAL, Edge(EXTERNAL, dst))
+                return
+        e = Edge(src, dst, path.bns, flatten)
+        if dst not in MARKERS:
+            self.inputs[dst].setdefault(src, e)
+        if src not in MARKERS:
+            self.outputs[src].setdefault(dst, e)
+
+    def enter(self, weight_name: str, state: dict[str, _Path] | None) -> dict[str, _Path]:
+        """A prunable layer consumes ``state``; its output starts a fresh path."""
+        if weight_name not in self.order:
+            self.order.append(weight_name)
+        for src, path in (state or {EXTERNAL: _Path()}).items():
+            self.edge(src, weight_name, path)
+        return {weight_name: _Path()}
+
+    def leave(self, state: dict[str, _Path] | None, dst: str) -> None:
+        """The signal in ``state`` reaches the model output or an opaque operation."""
+        for src, path in (state or {}).items():
+            if src not in MARKERS:
+                self.edge(src, dst, path)
+
+    def batchnorm(self, name: str, bn: nn.Module,
+                  state: dict[str, _Path] | None) -> dict[str, _Path] | None:
+        if not state:
+            return state
+        if len(state) == 1:
+            (src, path), = state.items()
+            if (src not in MARKERS and path.direct and not path.bns
+                    and bn.num_features == self.sizes(self.by_weight[src][1])[2]):
+                self.bn.setdefault(src, name)
+        return {s: replace(p, bns=p.bns + (name,), direct=False) for s, p in state.items()}
+
+    def activation(self, name: str, state: dict[str, _Path] | None) -> dict[str, _Path] | None:
+        if not state:
+            return state
+        for src, path in state.items():
+            if src not in MARKERS and path.act_ok:
+                self.act.setdefault(src, name)
+        return {s: replace(p, direct=False, act_ok=False) for s, p in state.items()}
+
+    def build(self, traced: bool, reason: str = "") -> LayerGraph:
+        order = self.order + [w for w, _ in self.layers.values() if w not in self.order]
+        out = {}
+        for w in order:
+            mname, m = self.by_weight[w]
+            kind, din, dout, groups = self.sizes(m)
+            ins, outs = self.inputs[w], self.outputs[w]
+            if not ins:  # never called in the traced forward (or unreachable): no neighbours
+                ins = {EXTERNAL: Edge(EXTERNAL, w)}
+            if not outs:
+                outs = {EXTERNAL: Edge(w, EXTERNAL)}
+            bn = self.bn.get(w)
+            if bn is not None and any(e.bns[:1] != (bn,) for e in outs.values()):
+                bn = None  # a branch bypasses the BN (pre-activation shortcut): not this layer's
+            out[w] = Layer(w, mname, kind, din, dout, groups, tuple(ins.values()),
+                           tuple(outs.values()), bn, self.act.get(w))
+        return LayerGraph(out, traced, reason, tuple(dict.fromkeys(self.notes)))
+
+
+def _shape_args(node) -> tuple:
+    """The shape of a view/reshape call, whether passed unpacked or as one sequence."""
+    args = node.args[1:] if node.op == "call_method" or node.target is torch.reshape else ()
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        return tuple(args[0])
+    if "shape" in node.kwargs:
+        return tuple(node.kwargs["shape"])
+    return tuple(args)
+
+
+def _flatten_dims(node) -> tuple:
+    args = list(node.args[1:])
+    start = args[0] if args else node.kwargs.get("start_dim", 0)
+    end = args[1] if len(args) > 1 else node.kwargs.get("end_dim", -1)
+    return start, end
+
+
+def _reduce_spatial(node) -> bool:
+    """True for mean/sum/amax over spatial axes only (a global pool)."""
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    return bool(dims) and all(isinstance(d, int) and d >= 2 for d in dims)
+
+
+def _trace_graph(model: nn.Module) -> LayerGraph:
+    gm = torch.fx.symbolic_trace(model)
+    b = _Builder(model)
+    states: dict = {}
+
+    def st(a):
+        return states.get(a) if isinstance(a, torch.fx.Node) else None
+
+    def main(node) -> dict[str, _Path] | None:
+        for a in (*node.args, *node.kwargs.values()):
+            s = st(a)
+            if s:
+                return s
+        return None
+
+    def union(node) -> dict[str, _Path] | None:
+        merged: dict[str, _Path] = {}
+        for a in node.all_input_nodes:
+            for src, path in (states.get(a) or {}).items():
+                merged.setdefault(src, path)
+        return merged or None
+
+    def opaque(node) -> dict[str, _Path] | None:
+        merged = union(node)
+        if merged is None:  # constants and sizes only: no signal involved
+            return None
+        b.leave(merged, EXTERNAL)
+        return {EXTERNAL: _Path()}
+
+    def update(s, **kw):
+        return {k: replace(p, **kw) for k, p in s.items()} if s else s
+
+    for node in gm.graph.nodes:
+        op, target = node.op, node.target
+        if op == "placeholder":
+            states[node] = {INPUT: _Path()}
+        elif op == "get_attr":
+            states[node] = None
+        elif op == "output":
+            b.leave(union(node), OUTPUT)
+        elif op == "call_module":
+            m = gm.get_submodule(target)
+            s = main(node)
+            if isinstance(m, PRUNABLE_TYPES):
+                states[node] = b.enter(b.layers[target][0], s)
+            elif isinstance(m, _BN_MODULES):
+                states[node] = b.batchnorm(target, m, s)
+            elif isinstance(m, _ACT_MODULES):
+                states[node] = b.activation(node.name, s)
+            elif isinstance(m, _PASS_MODULES):
+                states[node] = s
+            elif isinstance(m, _POOL_MODULES + _NORM_MODULES):
+                states[node] = update(s, direct=False, act_ok=False)
+            elif isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
+                states[node] = update(s, flat=True, direct=False, act_ok=False)
+            else:
+                states[node] = opaque(node)
+        else:  # call_function / call_method
+            method = target if op == "call_method" else None
+            s = main(node)
+            if s is None and op == "call_function" and target is not getattr:
+                states[node] = union(node)  # arithmetic on sizes/constants
+                if states[node] is not None:
+                    states[node] = opaque(node)
+            elif method in _NONTENSOR_METHODS or target is getattr:
+                states[node] = None
+            elif target in _ACT_FUNCS or method in _ACT_METHODS:
+                states[node] = b.activation(node.name, s)
+            elif target in _PASS_FUNCS or method in _PASS_METHODS:
+                states[node] = s
+            elif target in _POOL_FUNCS:
+                states[node] = update(s, direct=False, act_ok=False)
+            elif target in _ADD_FUNCS or method in _ADD_METHODS:
+                states[node] = update(union(node), direct=False)
+            elif target in _MUL_FUNCS or method in _MUL_METHODS:
+                states[node] = update(union(node), direct=False, act_ok=False)
+            elif (target in _REDUCE_FUNCS or method in _REDUCE_METHODS) and _reduce_spatial(node):
+                states[node] = update(s, direct=False, act_ok=False)
+            elif (target is torch.flatten or method == "flatten") and _flatten_dims(node) == (1, -1):
+                states[node] = update(s, flat=True, direct=False, act_ok=False)
+            elif (target is torch.reshape or method in ("view", "reshape")) \
+                    and len(_shape_args(node)) == 2:
+                states[node] = update(s, flat=True, direct=False, act_ok=False)
+            else:
+                states[node] = opaque(node)
+    return b.build(traced=True)
+
+
+def _chain_graph(model: nn.Module, reason: str) -> LayerGraph:
+    """Fallback: prunable layers as a chain in registration order, BNs/activations between."""
+    b = _Builder(model)
+    leaves = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, PRUNABLE_TYPES) or not any(True for _ in m.children())]
+    state: dict[str, _Path] | None = {INPUT: _Path()}
+    for name, m in leaves:
+        if isinstance(m, PRUNABLE_TYPES):
+            state = b.enter(b.layers[name][0], state)
+        elif isinstance(m, _BN_MODULES):
+            state = b.batchnorm(name, m, state)
+        elif isinstance(m, _ACT_MODULES):
+            state = b.activation(name, state)
+        elif isinstance(m, _PASS_MODULES):
+            pass
+        elif isinstance(m, nn.Flatten):
+            state = {k: replace(p, flat=True, direct=False, act_ok=False) for k, p in state.items()}
+        else:
+            state = {k: replace(p, direct=False, act_ok=False) for k, p in state.items()}
+    b.leave(state, OUTPUT)
+    return b.build(traced=False, reason=reason)
+
+
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+_PLAIN = (bool, int, float, str, type(None), tuple)
+
+
+def structure_key(model: nn.Module) -> tuple:
+    """A cheap hashable key of everything the traced graph can depend on.
+
+    Module names and types, their plain attributes (sizes, and flags like ``stride`` or a
+    block's ``preactivated_shortcut`` that steer ``forward``) and any instance-level ``forward``:
+    two models with the same key trace to the same graph, whatever their weights.
+    """
+    key = []
+    for name, m in model.named_modules():
+        d = m.__dict__
+        attrs = tuple((k, v) for k, v in d.items()
+                      if k not in _MODULE_INTERNALS and k[0] != "_" and isinstance(v, _PLAIN))
+        fwd = d.get("forward")
+        key.append((name, type(m), attrs, None if fwd is None else id(fwd)))
+    return tuple(key)
+
+
+_GRAPHS: OrderedDict[tuple, LayerGraph] = OrderedDict()
+_GRAPHS_MAX = 64
+
+
+def _build_graph(model: nn.Module) -> LayerGraph:
+    plain = plain_copy(model) if is_parametrized(model) else model
+    try:
+        graph = _trace_graph(plain)
+    except Exception as err:  # noqa: BLE001 - any tracing failure means: fall back
+        graph = _chain_graph(plain, f"{type(err).__name__}: {err}".split("\n")[0][:300])
+    for note in graph.notes:
+        warnings.warn(f"prunelab.graph: {note}", stacklevel=3)
+    return graph
+
+
+def layer_graph(model: nn.Module) -> LayerGraph:
+    """How the prunable layers of ``model`` connect, from ``torch.fx.symbolic_trace``.
+
+    For every prunable weight: the prunable layers whose outputs feed its input (``prev``:
+    through activations, BatchNorm, pooling, dropout, flatten/view, identities and residual
+    adds, where several producers can meet) and those that consume its output (``next``), the
+    BatchNorm directly after it (``bn``), the features per channel at a conv -> flatten -> Linear
+    boundary (``flatten``) and the activation gating its outputs (``act``). A model with
+    parametrizations (masks) is traced through a plain copy. A model torch.fx cannot trace (data-
+    dependent control flow) falls back to a chain in registration order, with a warning, and
+    ``traced=False``.
+
+    Graphs are cached by :func:`structure_key`, so repeated calls on (copies of) the same
+    architecture cost a key computation, not a trace.
+    """
+    key = structure_key(model)
+    graph = _GRAPHS.get(key)
+    if graph is None:
+        graph = _build_graph(model)
+        _GRAPHS[key] = graph
+        while len(_GRAPHS) > _GRAPHS_MAX:
+            _GRAPHS.popitem(last=False)
+    else:
+        _GRAPHS.move_to_end(key)
+    if not graph.traced:
+        warnings.warn(f"prunelab.graph: torch.fx cannot trace {type(model).__name__} "
+                      f"({graph.reason}); treating its prunable layers as a chain in "
+                      f"registration order, so neighbour-based criteria (the LAP family) may pick "
+                      f"the wrong neighbours in branching models", stacklevel=2)
+    return graph

@@ -1,0 +1,84 @@
+"""Training loops: determinism, early stopping, evaluation, recipes."""
+import pytest
+import torch
+from torch import nn
+
+from prunelab.train import Recipe, evaluate, finetune, fit
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 8, generator=g)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+
+
+def test_same_seed_same_weights_bit_for_bit(data):
+    rec = Recipe(optimizer="sgd", lr=0.05, epochs=3, batch_size=32, weight_decay=1e-4)
+    a, b = model(), model()
+    fit(a, data, recipe=rec, seed=7, progress=False)
+    fit(b, data, recipe=rec, seed=7, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    c = model()
+    fit(c, data, recipe=rec, seed=8, progress=False)
+    assert not torch.equal(a[1].weight, c[1].weight)
+
+
+def test_fit_learns_and_history_is_tidy(data):
+    m = model()
+    before = evaluate(m, data)["loss"]
+    res = fit(m, data, recipe=Recipe(lr=1e-2, epochs=5, batch_size=32), val=data, progress=False)
+    assert list(res.history.columns) == ["epoch", "step", "lr", "train_loss", "train_accuracy",
+                                         "val_loss", "val_accuracy", "seconds"]
+    assert len(res.history) == 5 and evaluate(m, data)["loss"] < before
+
+
+def test_early_stopping_restores_best(data):
+    m = model()
+    x, y = data
+    noisy_val = (x[:50], torch.randint(0, 3, (50,), generator=torch.Generator().manual_seed(0)))
+    res = fit(m, data, recipe=Recipe(lr=0.05, epochs=40, batch_size=16, patience=2),
+              val=noisy_val, progress=False)
+    assert res.stopped_early
+    best = res.history.val_loss.min()
+    assert evaluate(m, noisy_val)["loss"] == pytest.approx(best, rel=1e-5)
+
+
+def test_step_schedule_and_max_steps(data):
+    m = model()
+    res = fit(m, data, recipe=Recipe(optimizer="sgd", lr=0.1, epochs=4, batch_size=100,
+                                     milestones=(2,), gamma=0.1), progress=False)
+    assert res.history.lr.tolist() == pytest.approx([0.1, 0.01, 0.01, 0.01])
+    res = fit(model(), data, recipe=Recipe(epochs=10, batch_size=100, max_steps=5), progress=False)
+    assert res.history.step.iloc[-1] == 5
+
+
+def test_finetune_copies_by_default(data):
+    m = model()
+    w = m[1].weight.clone()
+    res = finetune(m, data, recipe=Recipe(epochs=1), progress=False)
+    assert torch.equal(m[1].weight, w) and res.model is not m
+
+
+@pytest.mark.parametrize("bad", [dict(optimizer="rmsprop"), dict(lr=0), dict(lr=float("nan")),
+                                 dict(weight_decay=-1), dict(patience=0), dict(epochs=0)])
+def test_bad_recipes(bad):
+    with pytest.raises(ValueError, match=list(bad)[0]):
+        Recipe(**bad)
+
+
+def test_recipe_roundtrip():
+    r = Recipe(optimizer="sgd", milestones=(3, 6))
+    assert Recipe.from_dict(r.to_dict()) == r
+    with pytest.raises(ValueError, match="unknown recipe fields"):
+        Recipe.from_dict({"lr": 1, "nope": 2})
+
+
+def test_early_stopping_needs_val(data):
+    with pytest.raises(ValueError, match="validation"):
+        fit(model(), data, recipe=Recipe(patience=2), progress=False)

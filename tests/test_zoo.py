@@ -1,0 +1,76 @@
+"""The pretrained zoo: cached, verified, never unpickling code."""
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+import prunelab as pl
+from prunelab import zoo
+from prunelab.train import Recipe
+
+FAST = Recipe(optimizer="adam", lr=1e-2, epochs=2, batch_size=100)
+
+
+def test_committed_default_model_loads_with_manifest_metrics():
+    model, bundle = pl.zoo.load("mlp", "mnist1d", seed=0, train_if_missing=False)
+    entry = json.loads((pl.paths.ZOO / "mlp-mnist1d-s0.json").read_text())
+    assert entry["metrics"]["val_accuracy"] > 0.5
+    acc = pl.train.evaluate(model, bundle.test)["accuracy"]
+    assert acc == pytest.approx(entry["metrics"]["test_accuracy"], abs=1e-6)
+    assert not model.training
+
+
+def test_train_save_load_roundtrip(tmp_zoo):
+    entry = zoo.train_and_save("mlp", "digits", seed=1, root=tmp_zoo, recipe=FAST, progress=False)
+    assert set(entry) >= {"arch", "dataset", "seed", "recipe", "metrics", "sha256"}
+    model, bundle = zoo.load("mlp", "digits", seed=1, root=tmp_zoo, train_if_missing=False)
+    acc = pl.train.evaluate(model, bundle.test)["accuracy"]
+    assert acc == pytest.approx(entry["metrics"]["test_accuracy"])
+    frame = zoo.manifest(tmp_zoo)
+    assert frame.loc[0, "arch"] == "mlp" and bool(frame.loc[0, "present"])
+
+
+def test_training_is_deterministic(tmp_path):
+    a = zoo.train_and_save("mlp", "digits", seed=3, root=tmp_path / "a", recipe=FAST, progress=False)
+    b = zoo.train_and_save("mlp", "digits", seed=3, root=tmp_path / "b", recipe=FAST, progress=False)
+    assert a["sha256"] == b["sha256"]  # same weights, bit for bit
+
+
+def test_corrupted_checkpoint_is_refused(tmp_zoo):
+    zoo.train_and_save("mlp", "digits", seed=0, root=tmp_zoo, recipe=FAST, progress=False)
+    path = tmp_zoo / "mlp-digits-s0.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(zoo.ChecksumError, match="sha256"):
+        zoo.load("mlp", "digits", seed=0, root=tmp_zoo, train_if_missing=False)
+
+
+def test_missing_checkpoint_error_says_how(tmp_zoo):
+    with pytest.raises(FileNotFoundError, match="train_if_missing=True"):
+        zoo.load("mlp", "digits", seed=9, root=tmp_zoo, train_if_missing=False)
+
+
+class Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_pickle_carrying_code_is_refused(tmp_path):
+    evil = tmp_path / "evil.pt"
+    marker = tmp_path / "pwned"
+    with open(evil, "wb") as f:
+        pickle.dump({"w": Payload(marker)}, f)
+    with pytest.raises(ValueError, match="refused"):
+        zoo.read_state_dict(evil)
+    assert not marker.exists()
+
+
+def test_plain_tensor_pt_checkpoint_is_read(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    assert torch.equal(zoo.read_state_dict(tmp_path / "ok.pt")["w"], torch.ones(2))
