@@ -1,7 +1,8 @@
 """Every location prunelab reads or writes on disk. Torch-free.
 
 ``ROOT`` is the project checkout when prunelab is installed from one (``pip install -e .``),
-else the current directory; ``PRUNELAB_ROOT`` overrides it and ``PRUNELAB_DATA`` moves ``data/``.
+else the current directory; ``PRUNELAB_ROOT`` overrides it, ``PRUNELAB_DATA`` moves ``data/``,
+``PRUNELAB_RESULTS`` moves the result stores and ``PRUNELAB_FIGURES`` the figures.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ ROOT: Path = _default_root()
 DATA: Path = Path(os.environ.get("PRUNELAB_DATA", ROOT / "data")).expanduser()
 DATASETS: Path = DATA / "datasets"
 ZOO: Path = DATA / "zoo"
-RESULTS: Path = DATA / "results"
+RESULTS: Path = Path(os.environ.get("PRUNELAB_RESULTS", DATA / "results")).expanduser()
 FIGURES: Path = Path(os.environ.get("PRUNELAB_FIGURES", ROOT / "figures")).expanduser()
 
 # Where Debian's dataset packages put their files (e.g. dataset-fashion-mnist).
