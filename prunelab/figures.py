@@ -1,14 +1,18 @@
 """Static paper figures (seaborn/matplotlib) and the only writer to ``figures/``.
 
-Axes-level functions take a tidy frame and an optional ``ax`` and return the ``Axes``;
+Axes-level functions take a tidy frame and an optional ``ax`` and return the ``Axes``; the two
+multi-panel paper figures (:func:`delta_loss_vs_lambda`, LM Fig. 1, and
+:func:`stage_trajectories`, LM Fig. 2) take optional ``axes`` and return the ``Figure``.
 :func:`save` writes PDF and PNG with settings that make the files byte-identical across runs.
-Torch-free.
+Torch-free: matplotlib, seaborn and ``prunelab.metrics`` are imported when a figure is drawn.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from prunelab import paths
@@ -37,6 +41,32 @@ def new_axes(width: float = 5.0, height: float = 3.5):
     return fig, ax
 
 
+def _axes_row(n: int, width: float, height: float, *, sharey: bool = False):
+    """A fresh figure with ``n`` axes side by side in the paper style."""
+    plt = _plt()
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="paper", rc=_RC)
+    fig, axes = plt.subplots(1, n, figsize=(width, height), sharey=sharey, squeeze=False)
+    return fig, list(axes[0])
+
+
+def _require(frame: pd.DataFrame, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"frame lacks columns {missing}; it has {list(frame.columns)}")
+
+
+def _levels(series: pd.Series) -> list:
+    """Sorted levels for numbers, order of first appearance otherwise."""
+    levels = pd.unique(series.dropna())
+    return sorted(levels) if pd.api.types.is_numeric_dtype(series) else list(levels)
+
+
+def _label(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def accuracy_vs_density(frame: pd.DataFrame, *, x: str = "density", y: str = "accuracy",
                         hue: str = "criterion", ax=None):
     """Accuracy vs fraction remaining, log-x (reversed), mean ± std band over seeds (LAP Fig. 3)."""
@@ -56,6 +86,197 @@ def accuracy_vs_density(frame: pd.DataFrame, *, x: str = "density", y: str = "ac
     ax.invert_xaxis()
     ax.set_xlabel("fraction of weights remaining")
     ax.set_ylabel(y.replace("_", " "))
+    return ax
+
+
+# ----------------------------------------------------------------------------- LM paper Fig. 1
+def delta_loss_vs_lambda(frame: pd.DataFrame, *, criterion_col: str = "criterion",
+                         x: str = "lam", y: str = "delta_loss", line: str = "stages",
+                         reference: str | None = "mp", zero_decades: float = 1.0, axes=None):
+    """ΔL vs λ, one axes per criterion, one line per π, MP dashed black (LM paper Fig. 1).
+
+    Mean over seeds with ± std error bars; log-log axes, y shared. λ = 0 is drawn
+    ``zero_decades`` decades left of the smallest positive λ with its tick labelled "0".
+    The ``reference`` criterion (MP, invariant to λ and π) is the mean ΔL of all its runs,
+    drawn as a dashed black horizontal line in every axes.
+
+    Args:
+        frame: one row per run (one sparsity, schedule and architecture).
+        criterion_col: one axes per value (the reference excepted).
+        x: the λ column; y: the measurement; line: one line per value (π).
+        reference: criterion drawn as the dashed reference, or None.
+        zero_decades: how far left of the smallest positive λ the λ = 0 points sit.
+        axes: one Axes per criterion to draw on (default: a new row of axes).
+
+    Returns:
+        The matplotlib Figure (several axes, so not an Axes: this is the one figure-level
+        function besides :func:`stage_trajectories`).
+    """
+    _require(frame, [criterion_col, x, y, line])
+    is_ref = (frame[criterion_col].astype(str).str.lower() == str(reference).lower()
+              if reference is not None else pd.Series(False, index=frame.index))
+    ref, rest = frame[is_ref], frame[~is_ref]
+    if rest.empty:
+        raise ValueError(f"no criterion other than the reference {reference!r} in the frame")
+    lam = rest[x].to_numpy(dtype=float)
+    positive = lam[lam > 0]
+    zero_at = positive.min() / 10.0 ** zero_decades if positive.size else 1.0
+    rest = rest.assign(_x=np.where(lam == 0, zero_at, lam),
+                       _y=rest[y].replace([np.inf, -np.inf], np.nan))
+    criteria = _levels(rest[criterion_col])
+    if axes is None:
+        fig, axes = _axes_row(len(criteria), 2.6 * len(criteria) + 0.6, 2.6, sharey=True)
+    elif len(axes) != len(criteria):
+        raise ValueError(f"need {len(criteria)} axes (one per criterion), got {len(axes)}")
+    fig = axes[0].figure
+    import seaborn as sns
+
+    levels = _levels(rest[line])
+    palette = sns.color_palette(n_colors=len(levels))
+    for ax, crit in zip(axes, criteria):
+        part = rest[rest[criterion_col] == crit]
+        agg = part.groupby([line, "_x"])["_y"].agg(["mean", "std"]).reset_index()
+        agg["std"] = agg["std"].fillna(0.0)
+        for color, level in zip(palette, levels):
+            g = agg[agg[line] == level]
+            if g.empty:
+                continue
+            name = f"π = {_label(level)}" if line == "stages" else f"{line} = {_label(level)}"
+            ax.errorbar(g["_x"], g["mean"], yerr=g["std"], color=color, marker="o",
+                        markersize=3, capsize=2, linewidth=1.2, label=name)
+        if reference is not None and not ref.empty:
+            values = ref[y].replace([np.inf, -np.inf], np.nan)
+            ax.axhline(values.mean(), color="black", linestyle="--", linewidth=1.2,
+                       label=str(reference).upper())
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ticks, text = [], []
+        if (lam == 0).any():
+            ticks.append(zero_at)
+            text.append("$0$")  # mathtext, on the baseline of the 10^k labels
+        if positive.size:
+            lo = math.floor(math.log10(positive.min()))
+            hi = math.ceil(math.log10(positive.max()))
+            step = max(1, math.ceil((hi - lo + 1) / 6))
+            for k in range(lo, hi + 1, step):
+                ticks.append(10.0 ** k)
+                text.append(f"$10^{{{k}}}$")
+        from matplotlib.ticker import FixedLocator, NullLocator
+
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels(text)
+        ax.set_title(str(crit))
+        ax.set_xlabel("λ")
+    axes[0].set_ylabel("ΔL(θ, Δθ)" if y == "delta_loss" else y.replace("_", " "))
+    axes[-1].legend(frameon=False, fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
+    return fig
+
+
+# ----------------------------------------------------------------------------- LM paper Fig. 2
+def stage_trajectories(history: pd.DataFrame, *, x: str = "sparsity",
+                       hue: str | Sequence[str] | None = None, log_y: bool = True, axes=None):
+    """ΔL after each stage (against ``x``) and ‖Δθ‖ of each stage (LM paper Fig. 2, left and
+    middle), one line per level of ``hue``, mean ± std band over seeds.
+
+    Args:
+        history: concatenated ``PruneResult.history`` frames with the columns telling them
+            apart (schedule, criterion, seed …).
+        x: x of the left axes (``"sparsity"`` or ``"stage"``).
+        hue: column(s) giving one line each; default: those of arch, criterion, schedule,
+            stages, lam that vary.
+        log_y: log scale for ΔL.
+        axes: two Axes to draw on (default: a new pair).
+
+    Returns:
+        The matplotlib Figure holding the two axes.
+    """
+    import seaborn as sns
+
+    _require(history, ["stage", "delta_loss", "step_norm", x])
+    if hue is None:
+        hues = [c for c in ("arch", "criterion", "schedule", "stages", "lam")
+                if c in history.columns and history[c].nunique(dropna=False) > 1]
+    else:
+        hues = [hue] if isinstance(hue, str) else list(hue)
+        _require(history, hues)
+    data = history.assign(_line=history[hues].astype(str).agg(" · ".join, axis=1)
+                          if hues else "history")
+    if axes is None:
+        fig, axes = _axes_row(2, 6.4, 2.6)
+    elif len(axes) != 2:
+        raise ValueError(f"need 2 axes, got {len(axes)}")
+    fig = axes[0].figure
+    for ax, (xcol, ycol, label) in zip(axes, ((x, "delta_loss", "ΔL(θ, Δθ)"),
+                                              ("stage", "step_norm", "‖Δθ‖ of the stage"))):
+        sns.lineplot(data=data, x=xcol, y=ycol, hue="_line", marker="o", markersize=4,
+                     errorbar="sd", ax=ax, legend=ax is axes[0])
+        ax.set_xlabel(xcol.replace("_", " "))
+        ax.set_ylabel(label)
+    if log_y:
+        axes[0].set_yscale("log")
+    legend = axes[0].get_legend()
+    if legend is not None:
+        legend.set_title(" · ".join(hues) or None)
+        legend.set_frame_on(False)
+    return fig
+
+
+# ----------------------------------------------------------------------------- LM paper Fig. 3
+def delta_loss_scatter(frame: pd.DataFrame, *, x: str = "delta_loss",
+                       y: str = "val_error_gap_ft", hue: str | None = "criterion",
+                       ci: float = 0.95, n_boot: int = 2000, seed: int = 0, ax=None):
+    """One point per run, ``y`` against ΔL on a log x axis, Spearman's ρ with its bootstrap
+    interval in the title (LM paper Fig. 3; :func:`prunelab.metrics.spearman`).
+
+    ρ uses every run; runs with ΔL ≤ 0 or infinite cannot sit on the log axis. Error gaps
+    missing from the frame are derived by :func:`prunelab.metrics.error_gaps`.
+    """
+    import seaborn as sns
+
+    from prunelab import metrics
+
+    if y not in frame.columns and y.startswith(("val_error_gap", "test_error_gap")):
+        frame = metrics.error_gaps(frame)
+    _require(frame, [x, y] + ([hue] if hue else []))
+    stat = metrics.spearman(frame, x, y, ci=ci, n_boot=n_boot, seed=seed)
+    if ax is None:
+        _, ax = new_axes(3.6, 2.8)
+    values = frame[x].to_numpy(dtype=float)
+    shown = frame[np.isfinite(values) & (values > 0)]
+    sns.scatterplot(data=shown, x=x, y=y, hue=hue, style=hue, s=22, alpha=0.8, ax=ax)
+    ax.set_xscale("log")
+    ax.set_xlabel("ΔL(θ, Δθ)" if x == "delta_loss" else x.replace("_", " "))
+    ax.set_ylabel({"val_error_gap_ft": "val. error gap after fine-tuning",
+                   "val_error_gap": "val. error gap before fine-tuning"}.get(
+                       y, y.replace("_", " ")))
+    ax.set_title(f"ρ = {stat['rho']:.2f}  [{stat['low']:.2f}, {stat['high']:.2f}]",
+                 fontsize="medium")
+    if ax.get_legend() is not None:
+        ax.get_legend().set_frame_on(False)
+    return ax
+
+
+# ----------------------------------------------------------------------------- MRP Sec. 4.3
+def performance_profile(profile: pd.DataFrame, *, method: str = "method", tau: str = "tau",
+                        fraction: str = "fraction", ax=None):
+    """Performance profiles as right-continuous steps over τ ∈ [0, 1] (MRP paper Fig. 5), from
+    :func:`prunelab.metrics.performance_profile`; higher curves are better."""
+    import seaborn as sns
+
+    _require(profile, [method, tau, fraction])
+    if ax is None:
+        _, ax = new_axes(4.0, 2.8)
+    names = list(pd.unique(profile[method]))
+    for color, name in zip(sns.color_palette(n_colors=len(names)), names):
+        part = profile[profile[method] == name].sort_values(tau)
+        ax.step(part[tau], part[fraction], where="post", color=color, linewidth=1.4,
+                label=str(name))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("τ")
+    ax.set_ylabel("fraction below threshold")
+    ax.legend(frameon=False, fontsize="small")
     return ax
 
 

@@ -1,23 +1,41 @@
-"""Measurements on models and tidy results: losses, ΔL, and (later) rank statistics."""
+"""Measurements on models (losses, ΔL) and statistics on tidy result frames.
+
+Model measurements (:func:`loss`, :func:`delta_loss`, :func:`evaluate`) follow the LM paper
+(Sec. 4, "Performance Metrics"). Frame statistics (:func:`spearman`, :func:`seed_table`,
+:func:`best_over`, :func:`error_gaps`, :func:`performance_profile`) reproduce the papers' tables
+and rank statistics from a sweep's one-row-per-run frame.
+
+torch is imported only inside the model functions, so ``prunelab.plots`` can use the frame
+statistics without loading torch (a plotting notebook never loads a model).
+"""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Literal
 
-from prunelab.train import evaluate
+import numpy as np
+import pandas as pd
 
-__all__ = ["loss", "delta_loss", "evaluate"]
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["loss", "delta_loss", "evaluate", "spearman", "seed_table", "best_over", "error_gaps",
+           "performance_profile"]
 
 
-@torch.no_grad()
+# ----------------------------------------------------------------------------- models
 def loss(model: nn.Module, batch) -> float:
     """Mean cross-entropy of ``model`` (eval mode, restored afterwards) on a (x, y) batch."""
+    import torch
+    import torch.nn.functional as F
+
     x, y = batch
     was = model.training
     model.eval()
     try:
-        return float(F.cross_entropy(model(x), y))
+        with torch.no_grad():
+            return float(F.cross_entropy(model(x), y))
     finally:
         model.train(was)
 
@@ -26,3 +44,342 @@ def delta_loss(model: nn.Module, pruned: nn.Module, batch) -> float:
     """ΔL(θ, Δθ) = |L(θ + Δθ) − L(θ)| on ``batch`` (LM paper Sec. 4, the quantity criteria
     try to minimise), with ``model`` at θ and ``pruned`` at θ + Δθ."""
     return abs(loss(pruned, batch) - loss(model, batch))
+
+
+def __getattr__(name: str):
+    # ``evaluate`` is train.evaluate, re-exported lazily so importing metrics stays torch-free.
+    if name == "evaluate":
+        from prunelab.train import evaluate
+
+        return evaluate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ----------------------------------------------------------------------------- frame checks
+_CONFIG = ("arch", "dataset", "seed", "criterion", "sparsity", "stages", "lam", "schedule",
+           "scope", "examples", "finetune")
+
+
+def _names(columns: str | Iterable[str] | None) -> list[str]:
+    if columns is None:
+        return []
+    return [columns] if isinstance(columns, str) else list(columns)
+
+
+def _require(frame: pd.DataFrame, columns: Iterable[str]) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"frame lacks columns {missing}; it has {list(frame.columns)}")
+
+
+def _describe(keys: pd.DataFrame, limit: int = 5) -> str:
+    """A short human-readable list of key rows, e.g. "criterion=lm, seed=1; ..."."""
+    rows = ["(" + ", ".join(f"{c}={v}" for c, v in row.items()) + ")"
+            for _, row in keys.head(limit).iterrows()]
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return "; ".join(rows) + more
+
+
+def _no_nan(frame: pd.DataFrame, value: str, keys: Sequence[str]) -> None:
+    bad = frame[value].isna()
+    if bad.any():
+        raise ValueError(f"{value!r} is NaN in {int(bad.sum())} rows: "
+                         f"{_describe(frame.loc[bad, list(keys)])}; drop or fill them first")
+
+
+def _unique(frame: pd.DataFrame, keys: Sequence[str], what: str) -> None:
+    """Raise if several rows share ``keys``: averaging them would silently mix settings."""
+    dup = frame.duplicated(list(keys), keep=False)
+    if dup.any():
+        varying = [c for c in frame.columns if c not in keys
+                   and frame.loc[dup, c].nunique(dropna=False) > 1]
+        # Name the configuration columns first: they are what the caller should filter on.
+        config = [c for c in varying if c in _CONFIG]
+        varying = config or varying
+        raise ValueError(f"several rows per {what} {list(keys)}, e.g. "
+                         f"{_describe(frame.loc[dup, list(keys)].drop_duplicates(), 3)}; "
+                         f"columns that vary among them: {varying[:8]}; filter the frame first")
+
+
+def _ordered(frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """String keys become categoricals in order of first appearance, so grouped output keeps the
+    caller's order (e.g. MP, LM, QM, OBD) while numbers sort ascending."""
+    out = frame.copy()
+    for k in keys:
+        if not pd.api.types.is_numeric_dtype(out[k]):
+            out[k] = pd.Categorical(out[k], categories=pd.unique(out[k].dropna()), ordered=True)
+    return out
+
+
+def _plain(index: pd.Index) -> pd.Index:
+    if isinstance(index, pd.MultiIndex):
+        return pd.MultiIndex.from_tuples(list(index), names=index.names)
+    return pd.Index(list(index), name=index.name)
+
+
+# ----------------------------------------------------------------------------- rank statistics
+def spearman(frame: pd.DataFrame, x: str = "delta_loss", y: str = "val_error_gap_ft", *,
+             ci: float = 0.95, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Spearman's ρ between two columns with a percentile bootstrap interval (LM paper Fig. 3).
+
+    The interval resamples runs (rows) with replacement, ``n_boot`` times, from
+    ``numpy.random.default_rng(seed)``; resamples in which a column is constant have no ρ and
+    are skipped. Infinite values are allowed (they only enter through their ranks).
+
+    Args:
+        frame: one row per run.
+        x, y: the two columns (by default ΔL and the validation error gap after fine-tuning).
+        ci: coverage of the interval, in (0, 1).
+        n_boot: bootstrap resamples.
+        seed: seed of the resampling.
+
+    Returns:
+        ``{"rho", "low", "high", "n", "pvalue"}``; ``pvalue`` is scipy's (t-distribution) test
+        of ρ = 0.
+
+    Raises:
+        ValueError: a column is missing, holds NaN, or there are fewer than 3 runs.
+    """
+    from scipy import stats
+
+    _require(frame, [x, y])
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    for col in (x, y):
+        bad = frame[col].isna()
+        if bad.any():
+            raise ValueError(f"column {col!r} is NaN in {int(bad.sum())} of {len(frame)} rows "
+                             f"(index {list(frame.index[bad][:5])}); drop them first")
+    a = frame[x].to_numpy(dtype=float)
+    b = frame[y].to_numpy(dtype=float)
+    n = len(a)
+    if n < 3:
+        raise ValueError(f"Spearman's rho needs at least 3 runs, got {n}")
+    res = stats.spearmanr(a, b)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    # Spearman's ρ is Pearson's r of the (average) ranks; rank every resample at once.
+    ra = stats.rankdata(a[idx], axis=1)
+    rb = stats.rankdata(b[idx], axis=1)
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    den = np.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boot = (ra * rb).sum(axis=1) / den
+    boot = boot[np.isfinite(boot)]
+    alpha = (1.0 - ci) / 2
+    low, high = (np.quantile(boot, [alpha, 1 - alpha]) if len(boot) else (np.nan, np.nan))
+    return {"rho": float(res.statistic), "low": float(low), "high": float(high), "n": n,
+            "pvalue": float(res.pvalue)}
+
+
+# ----------------------------------------------------------------------------- tables
+def _summary(frame: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:
+    """mean, std (ddof=1; 0 for one seed) and n of ``value`` per ``keys``."""
+    g = frame.groupby(keys, sort=True, observed=True, dropna=False)[value]
+    out = g.agg(mean="mean", std="std", n="count").reset_index()
+    out["n"] = out["n"].astype(int)
+    # std is 0 for one seed; it stays NaN where an infinite value (a diverged run) makes it so.
+    out.loc[out["n"] == 1, "std"] = 0.0
+    return out
+
+
+def seed_table(frame: pd.DataFrame, *, rows: str | Sequence[str] = "criterion",
+               cols: str | Sequence[str] | None = "sparsity", value: str = "val_error_gap_ft",
+               seeds: str | None = "seed", fmt: str = "{:.2f} ± {:.2f}",
+               numeric: bool = False) -> pd.DataFrame:
+    """Mean ± std over seeds in the papers' table layout (LM paper Tables 1–3).
+
+    Each (rows, cols) cell must hold exactly one run per seed: if other configuration columns
+    (λ, π, schedule …) vary inside a cell this raises instead of averaging across them; choose
+    a setting first (filter, or :func:`best_over`).
+
+    Args:
+        frame: one row per run.
+        rows: column(s) for the table rows.
+        cols: column(s) for the table columns, or None for a single column named ``value``.
+        value: the measured column.
+        seeds: the seed column (None: every row is one sample, no uniqueness check).
+        fmt: format of a cell, given mean and std.
+        numeric: return numbers instead of strings: columns are a MultiIndex whose first level
+            is ``mean``, ``std`` (ddof=1, 0 for one seed) or ``n``.
+
+    Returns:
+        Index = ``rows``; strings ``fmt.format(mean, std)`` (or numbers, see ``numeric``).
+        String rows keep their order of first appearance; numbers sort ascending.
+    """
+    rows_, cols_ = _names(rows), _names(cols)
+    keys = rows_ + cols_
+    _require(frame, keys + [value] + _names(seeds))
+    _no_nan(frame, value, keys + _names(seeds))
+    if seeds is not None:
+        _unique(frame, keys + [seeds], "cell and seed")
+    summary = _summary(_ordered(frame, keys), keys, value)
+    if not cols_:
+        summary = summary.set_index(rows_)
+        table = pd.concat({stat: summary[[stat]].rename(columns={stat: value})
+                           for stat in ("mean", "std", "n")}, axis=1)
+    else:
+        table = summary.set_index(keys)[["mean", "std", "n"]].unstack(cols_)
+    table.index = _plain(table.index)
+    table.columns = _plain(table.columns)
+    if numeric:
+        return table
+    mean, std = table["mean"], table["std"]
+    text = pd.DataFrame(
+        [[fmt.format(m, s) if pd.notna(m) else "" for m, s in zip(mr, sr)]
+         for mr, sr in zip(mean.to_numpy(), std.to_numpy())],
+        index=mean.index, columns=mean.columns)
+    return text
+
+
+def best_over(frame: pd.DataFrame, *, over: str | Sequence[str] = ("lam", "stages"),
+              by: str | Sequence[str] = ("criterion",), value: str = "delta_loss",
+              seeds: str | None = "seed", minimize: bool = True) -> pd.DataFrame:
+    """For each ``by`` group, the hyper-parameters ``over`` with the best mean over seeds
+    (LM paper Tables 1–3: "best ΔL across values of λ and π" per criterion).
+
+    Ties in the mean go to the first setting in sorted order of ``over`` (so the smallest λ,
+    then the fewest stages, with the defaults).
+
+    Args:
+        frame: one row per run.
+        over: hyper-parameter columns to choose (NaN, e.g. λ of MP, is a value of its own).
+        by: columns identifying what is compared (criterion, arch …).
+        value: the measured column.
+        seeds: the seed column; one row per (by, over, seed) is required.
+        minimize: lower ``value`` is better (ΔL, error gaps).
+
+    Returns:
+        One row per ``by`` group: the ``by`` and ``over`` columns, then ``mean``, ``std``
+        (ddof=1, 0 for one seed) and ``n`` of ``value`` at the chosen setting.
+    """
+    over_, by_ = _names(over), _names(by)
+    keys = by_ + over_
+    _require(frame, keys + [value] + _names(seeds))
+    _no_nan(frame, value, keys + _names(seeds))
+    if seeds is not None:
+        _unique(frame, keys + [seeds], "setting and seed")
+    summary = _summary(_ordered(frame, keys), keys, value)
+    # A stable sort on the mean keeps the sorted order of ``over`` among ties.
+    summary = summary.sort_values("mean", ascending=minimize, kind="mergesort")
+    best = summary.groupby(by_, sort=True, observed=True, dropna=False).head(1)
+    best = best.sort_values(by_, kind="mergesort").reset_index(drop=True)
+    for k in keys:
+        if isinstance(best[k].dtype, pd.CategoricalDtype):
+            best[k] = best[k].astype(object)
+    return best
+
+
+_GAPS = {  # gap column: (pruned error, dense error)
+    "val_error_gap": ("val_error", "val_error_dense"),
+    "val_error_gap_ft": ("val_error_ft", "val_error_dense"),
+    "test_error_gap": ("test_error", "test_error_dense"),
+    "test_error_gap_ft": ("test_error_ft", "test_error_dense"),
+}
+
+
+def error_gaps(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` with the error gaps before and after fine-tuning (LM paper Sec. 4:
+    "validation error gap before/after fine-tuning", pruned minus dense).
+
+    A gap column already present is kept, its NaN entries filled where the errors are known;
+    a missing one is derived when both error columns exist (``val_error_gap = val_error −
+    val_error_dense``, ``val_error_gap_ft = val_error_ft − val_error_dense``, and the same for
+    ``test_`` when ``test_error_dense`` exists).
+
+    Raises:
+        ValueError: no validation gap is present or derivable (naming the columns needed).
+    """
+    out = frame.copy()
+    for gap, (pruned, dense) in _GAPS.items():
+        if pruned in out.columns and dense in out.columns:
+            derived = out[pruned] - out[dense]
+            out[gap] = out[gap].fillna(derived) if gap in out.columns else derived
+    if "val_error_gap" not in out.columns and "val_error_gap_ft" not in out.columns:
+        raise ValueError("cannot derive a validation error gap: need 'val_error_dense' and "
+                         "'val_error' or 'val_error_ft'; frame has " + str(list(frame.columns)))
+    return out
+
+
+# ----------------------------------------------------------------------------- profiles
+def performance_profile(frame: pd.DataFrame, method: str = "method", value: str = "penalty",
+                        by: str | Sequence[str] = ("measurement",),
+                        taus: Iterable[float] | None = None, *,
+                        missing: Literal["raise", "drop"] = "raise") -> pd.DataFrame:
+    """Performance profiles of methods over measurements (MRP paper Sec. 4.3, after Dolan & Moré).
+
+    For measurement j with penalties d_i(j) of methods i (lower is better), the threshold is
+    t_j(τ) = τ·min_i d_i(j) + (1 − τ)·max_i d_i(j) and p_i(τ) = (1/N) Σ_j 1[d_i(j) < t_j(τ)],
+    with the paper's strict "<". Hence, exactly:
+
+    - τ = 1: t_j is the best penalty and nobody is strictly below it, so every p_i(1) = 0;
+    - τ = 0: t_j is the worst penalty, so p_i(0) is the fraction of measurements in which
+      method i is not (tied for) the worst;
+    - a method tied with t_j does not count, and a measurement where all methods tie counts
+      for nobody at any τ.
+
+    t_j is clipped to [min_j, max_j] so these hold exactly in floating point.
+
+    Args:
+        frame: one row per (method, measurement) with the penalty in ``value``.
+        method: column naming the method (one profile each).
+        value: the penalty column; lower is better; must be finite.
+        by: column(s) identifying a measurement j.
+        taus: interpolation constants in [0, 1]; default 101 evenly spaced points.
+        missing: measurements lacking some method's penalty make d(j) incomplete:
+            ``"raise"`` (default) raises ValueError naming them; ``"drop"`` drops those
+            measurements with a warning (N counts complete measurements only).
+
+    Returns:
+        Tidy frame with columns method, tau, fraction (methods in order of first appearance,
+        tau ascending).
+
+    Raises:
+        ValueError: a column is missing; a value is NaN or infinite; a (method, measurement)
+            pair repeats; measurements are incomplete (``missing="raise"``); a τ is outside [0, 1].
+    """
+    by_ = _names(by)
+    _require(frame, [method, value] + by_)
+    tau = np.linspace(0.0, 1.0, 101) if taus is None else np.asarray(list(taus), dtype=float)
+    if tau.ndim != 1 or not np.all((tau >= 0) & (tau <= 1)):
+        raise ValueError(f"taus must lie in [0, 1], got {tau}")
+    if missing not in ("raise", "drop"):
+        raise ValueError(f"missing must be 'raise' or 'drop', got {missing!r}")
+    _no_nan(frame, value, [method] + by_)
+    inf = ~np.isfinite(frame[value].to_numpy(dtype=float))
+    if inf.any():
+        raise ValueError(f"{value!r} is infinite in {int(inf.sum())} rows: "
+                         f"{_describe(frame.loc[inf, [method] + by_])}; "
+                         "replace by a finite penalty or drop them")
+    _unique(frame, [method] + by_, "method and measurement")
+
+    methods = list(pd.unique(frame[method]))
+    d = frame.pivot_table(index=by_, columns=method, values=value, aggfunc="first",
+                          observed=True, sort=True)
+    d = d.reindex(columns=methods)
+    # pivot_table drops measurements whose keys are NaN; nothing else goes missing here.
+    incomplete = d.isna().any(axis=1)
+    if incomplete.any():
+        lacking = {j: [m for m in methods if pd.isna(d.loc[j, m])] for j in d.index[incomplete]}
+        shown = "; ".join(f"{j}: {ms}" for j, ms in list(lacking.items())[:5])
+        more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
+        msg = (f"{int(incomplete.sum())} of {len(d)} measurements {by_} lack some method's "
+               f"{value!r}: {shown}{more}")
+        if missing == "raise":
+            raise ValueError(msg + "; pass missing='drop' to drop them")
+        warnings.warn(msg + "; dropped", stacklevel=2)
+        d = d[~incomplete]
+    if d.empty:
+        raise ValueError("no complete measurement to profile")
+
+    v = d.to_numpy(dtype=float)                      # (J, I)
+    lo, hi = v.min(axis=1), v.max(axis=1)            # (J,)
+    t = tau[:, None] * lo + (1.0 - tau[:, None]) * hi  # (T, J)
+    t = np.clip(t, lo, hi)
+    frac = (v[None, :, :] < t[:, :, None]).mean(axis=1)  # (T, I)
+    return pd.DataFrame({
+        "method": np.repeat(np.asarray(methods, dtype=object), len(tau)),
+        "tau": np.tile(tau, len(methods)),
+        "fraction": frac.T.reshape(-1),
+    })

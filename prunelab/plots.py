@@ -1,15 +1,29 @@
 """Interactive plotly views of tidy result frames. Frames in, ``go.Figure`` out; never shown.
 
-Torch-free: a plotting notebook never loads a model.
+Every point's hover text lists its configuration (:func:`hover_columns`). Torch-free: a plotting
+notebook never loads a model; plotly (and the statistics in ``prunelab.metrics``) are imported
+when a figure is built.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
 CONFIG_COLUMNS = ("arch", "dataset", "seed", "criterion", "sparsity", "stages", "lam",
                   "schedule", "scope")
+
+# Colours by position, so a level keeps its colour across the panels of one figure.
+_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf")
+# Line dashes for a second grouping; "dash" itself is kept for the MP reference line.
+_DASHES = ("solid", "dot", "dashdot", "longdash", "longdashdot")
+_LABELS = {"delta_loss": "ΔL(θ, Δθ)", "lam": "λ", "stages": "π", "step_norm": "‖Δθ‖",
+           "val_error_gap": "validation error gap before fine-tuning",
+           "val_error_gap_ft": "validation error gap after fine-tuning",
+           "test_error_gap_ft": "test error gap after fine-tuning"}
 
 
 def _go():
@@ -18,11 +32,73 @@ def _go():
     return go
 
 
+def _subplots(**kwargs):
+    from plotly.subplots import make_subplots
+
+    return make_subplots(**kwargs)
+
+
+def _label(col: str) -> str:
+    return _LABELS.get(col, col.replace("_", " "))
+
+
+def _require(frame: pd.DataFrame, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"frame lacks columns {missing}; it has {list(frame.columns)}")
+
+
+def _check_unique(frame: pd.DataFrame, keys: Sequence[str]) -> None:
+    """Raise if several rows share ``keys``: averaging them would mix settings silently."""
+    dup = frame.duplicated(list(keys), keep=False)
+    if dup.any():
+        varying = [c for c in frame.columns if c not in keys and c in CONFIG_COLUMNS
+                   and frame.loc[dup, c].nunique(dropna=False) > 1]
+        raise ValueError(f"several rows per {list(keys)}; configuration columns that vary "
+                         f"among them: {varying}; filter the frame first")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _hover(frame: pd.DataFrame, columns: Sequence[str], lines: Sequence[str] = ()):
+    """``customdata`` (values as strings) and a hovertemplate listing ``columns``, then
+    ``lines`` (plotly template snippets such as ``"ΔL=%{y:.3g}"``)."""
+    columns = list(columns)
+    data = (np.array([[_fmt(v) for v in frame[c]] for c in columns], dtype=object).T
+            if columns else None)
+    parts = [f"{c}=%{{customdata[{i}]}}" for i, c in enumerate(columns)] + list(lines)
+    return data, "<br>".join(parts) + "<extra></extra>"
+
+
 def _aggregate(frame: pd.DataFrame, x: str, y: str, group: str) -> pd.DataFrame:
     """mean ± std of ``y`` per (group, x); std is 0 for a single seed."""
     agg = frame.groupby([group, x], sort=True)[y].agg(["mean", "std", "count"]).reset_index()
     agg["std"] = agg["std"].fillna(0.0)
     return agg
+
+
+def _summary(frame: pd.DataFrame, keys: list[str], values: Sequence[str]) -> pd.DataFrame:
+    """mean, std (ddof=1; 0 for one seed) and n per ``keys`` for each of ``values``; infinite
+    values (diverged runs) become NaN so they leave a gap instead of breaking the axis."""
+    data = frame[keys + list(values)].replace([np.inf, -np.inf], np.nan)
+    g = data.groupby(keys, sort=False, dropna=False)
+    out = g[list(values)].agg(["mean", "std"])
+    out.columns = [f"{v}_{s}" for v, s in out.columns]
+    out["n"] = g.size()
+    out = out.reset_index()
+    for v in values:
+        out[f"{v}_std"] = out[f"{v}_std"].fillna(0.0)
+    return out
+
+
+def _levels(series: pd.Series) -> list:
+    """Sorted levels for numbers, order of first appearance otherwise."""
+    levels = pd.unique(series.dropna())
+    return sorted(levels) if pd.api.types.is_numeric_dtype(series) else list(levels)
 
 
 def accuracy_vs_density(frame: pd.DataFrame, *, x: str = "density", y: str = "accuracy",
@@ -59,3 +135,311 @@ def accuracy_vs_density(frame: pd.DataFrame, *, x: str = "density", y: str = "ac
 def hover_columns(frame: pd.DataFrame, extra: Sequence[str] = ()) -> list[str]:
     """The configuration columns present in ``frame`` (for hover text)."""
     return [c for c in (*CONFIG_COLUMNS, *extra) if c in frame.columns]
+
+
+# ----------------------------------------------------------------------------- LM paper Fig. 1
+def lambda_positions(lam: pd.Series | np.ndarray, *, zero_decades: float = 1.0) -> np.ndarray:
+    """Where each λ is drawn on a log axis: λ > 0 at itself, λ = 0 ``zero_decades`` decades
+    left of the smallest positive λ (at 1 if there is none), labelled "0" as in LM Fig. 1."""
+    lam = np.asarray(lam, dtype=float)
+    positive = lam[lam > 0]
+    zero_at = positive.min() / 10.0 ** zero_decades if positive.size else 1.0
+    return np.where(lam == 0, zero_at, lam)
+
+
+def _lambda_ticks(lam: np.ndarray, zero_decades: float) -> tuple[list[float], list[str]]:
+    positive = lam[lam > 0]
+    vals: list[float] = []
+    text: list[str] = []
+    if (lam == 0).any():
+        vals.append(float(lambda_positions(np.r_[0.0, positive], zero_decades=zero_decades)[0]))
+        text.append("0")
+    if positive.size:
+        lo, hi = math.floor(math.log10(positive.min())), math.ceil(math.log10(positive.max()))
+        step = max(1, math.ceil((hi - lo + 1) / 10))  # at most ~10 decade ticks
+        for k in range(lo, hi + 1, step):
+            vals.append(10.0 ** k)
+            text.append(f"10<sup>{k}</sup>")
+    return vals, text
+
+
+def delta_loss_vs_lambda(frame: pd.DataFrame, *, criterion_col: str = "criterion",
+                         x: str = "lam", y: str = "delta_loss", line: str = "stages",
+                         dash: str | None = None, reference: str | None = "mp",
+                         zero_decades: float = 1.0, title: str | None = None):
+    """ΔL vs the step-size penalty λ, one panel per criterion, one line per π (LM paper Fig. 1).
+
+    Lines are the mean over seeds with ± std error bars; the y axes (ΔL) are log-scaled and
+    shared. The x axis is log-scaled; λ = 0 is drawn ``zero_decades`` decades left of the
+    smallest positive λ and its tick is labelled "0" (the hover text shows the true λ).
+    The ``reference`` criterion (MP, invariant to λ and π) is not given a panel: its mean ΔL
+    over all its runs is a dashed black horizontal line in every panel. Diverged runs (NaN or
+    infinite ΔL) leave a gap.
+
+    Args:
+        frame: one row per run (a sweep at one sparsity, schedule, architecture).
+        criterion_col: one panel per value.
+        x: the λ column.
+        y: the plotted measurement.
+        line: one line per value (π by default).
+        dash: optional second grouping drawn with line dashes (e.g. ``"schedule"``, LM Fig. 2
+            right: exponential solid, linear dotted).
+        reference: the criterion drawn as the dashed reference, or None.
+        zero_decades: how far left of the smallest positive λ the λ = 0 points sit.
+        title: figure title.
+
+    Raises:
+        ValueError: a column is missing, no criterion besides ``reference`` is present, or
+            several runs share a (criterion, line, dash, λ, seed) setting.
+    """
+    go = _go()
+    groups = [line] + ([dash] if dash else [])
+    _require(frame, [criterion_col, x, y, *groups])
+    if "seed" in frame.columns:
+        _check_unique(frame, [criterion_col, *groups, x, "seed"])
+    is_ref = (frame[criterion_col].astype(str).str.lower() == str(reference).lower()
+              if reference is not None else pd.Series(False, index=frame.index))
+    ref, rest = frame[is_ref], frame[~is_ref]
+    if rest.empty:
+        raise ValueError(f"no criterion other than the reference {reference!r} in the frame")
+
+    lam = rest[x].to_numpy(dtype=float)
+    rest = rest.assign(_x=lambda_positions(lam, zero_decades=zero_decades))
+    criteria = _levels(rest[criterion_col])
+    fig = _subplots(rows=1, cols=len(criteria), shared_yaxes=True, horizontal_spacing=0.03,
+                    subplot_titles=[str(c) for c in criteria])
+    colors = {v: _COLORS[i % len(_COLORS)] for i, v in enumerate(_levels(rest[line]))}
+    dashes = ({v: _DASHES[i % len(_DASHES)] for i, v in enumerate(_levels(rest[dash]))}
+              if dash else {})
+    shown: set[str] = set()
+    for col, crit in enumerate(criteria, start=1):
+        part = rest[rest[criterion_col] == crit]
+        agg = _summary(part, [*groups, x, "_x"], [y]).sort_values([*groups, "_x"])
+        for key, g in agg.groupby(groups, sort=False):
+            key = key if isinstance(key, tuple) else (key,)
+            name = ", ".join(f"{'π' if c == 'stages' else c}={_fmt(v)}"
+                             for c, v in zip(groups, key))
+            data, template = _hover(g.assign(**{criterion_col: crit, "std": g[f"{y}_std"]}),
+                                    [criterion_col, *groups, x, "n", "std"],
+                                    [f"mean {y}=%{{y:.4g}}"])
+            fig.add_trace(go.Scatter(
+                x=g["_x"], y=g[f"{y}_mean"], name=name, legendgroup=name,
+                showlegend=name not in shown, mode="lines+markers",
+                line=dict(color=colors[key[0]], dash=dashes.get(key[-1], "solid") if dash
+                          else "solid"),
+                error_y=dict(type="data", array=g[f"{y}_std"],
+                             visible=bool((g[f"{y}_std"] > 0).any())),
+                customdata=data, hovertemplate=template), row=1, col=col)
+            shown.add(name)
+
+    if reference is not None and not ref.empty:
+        values = ref[y].replace([np.inf, -np.inf], np.nan)
+        mean, std, n = values.mean(), values.std(), int(values.notna().sum())
+        std = 0.0 if pd.isna(std) else std
+        span = [rest["_x"].min() / 10 ** 0.25, rest["_x"].max() * 10 ** 0.25]
+        for col in range(1, len(criteria) + 1):
+            fig.add_trace(go.Scatter(
+                x=span, y=[mean, mean], mode="lines", name=str(reference), legendgroup="ref",
+                showlegend=col == 1, line=dict(color="black", dash="dash", width=1.5),
+                hovertemplate=(f"{reference} (invariant to λ and π)<br>{y}={mean:.4g} ± "
+                               f"{std:.2g}<br>runs={n}<extra></extra>")), row=1, col=col)
+
+    tickvals, ticktext = _lambda_ticks(lam, zero_decades)
+    fig.update_xaxes(type="log", tickvals=tickvals, ticktext=ticktext, title_text=_label(x))
+    fig.update_yaxes(type="log")
+    fig.update_yaxes(title_text=_label(y), row=1, col=1)
+    fig.update_layout(title=title or f"{_label(y)} vs {_label(x)}, one line per {_label(line)}",
+                      template="plotly_white", legend_title_text="")
+    return fig
+
+
+# ----------------------------------------------------------------------------- LM paper Fig. 2
+def _group_columns(frame: pd.DataFrame, color: str | Sequence[str] | None) -> list[str]:
+    if color is None:  # whatever distinguishes the histories that were concatenated
+        return [c for c in ("arch", "criterion", "schedule", "stages", "lam")
+                if c in frame.columns and frame[c].nunique(dropna=False) > 1]
+    cols = [color] if isinstance(color, str) else list(color)
+    _require(frame, cols)
+    return cols
+
+
+def stage_trajectories(history: pd.DataFrame, *, x: str = "sparsity",
+                       color: str | Sequence[str] | None = None, log_y: bool = True,
+                       title: str | None = None):
+    """ΔL so far and ‖Δθ‖ at each pruning stage (LM paper Fig. 2, left and middle).
+
+    Left panel: ``delta_loss`` (ΔL of the model after that stage vs the dense one) against
+    ``x`` (``"sparsity"`` or ``"stage"``), markers at the stages. Right panel: ``step_norm``
+    (‖Δθ‖ of that stage's step) against the stage. One line per level of ``color``; several
+    seeds are averaged (mean ± std).
+
+    Args:
+        history: ``PruneResult.history`` frames, concatenated with the columns that tell them
+            apart (schedule, criterion, seed …).
+        x: x of the left panel.
+        color: column(s) giving one line each; default: those of arch, criterion, schedule,
+            stages, lam that vary in ``history``.
+        log_y: log scale for ΔL.
+        title: figure title.
+    """
+    go = _go()
+    _require(history, ["stage", "delta_loss", "step_norm", x])
+    groups = _group_columns(history, color)
+    if "seed" in history.columns:
+        _check_unique(history, [*groups, "stage", "seed"])
+    elif history.duplicated([*groups, "stage"]).any():
+        raise ValueError(f"several rows per {[*groups, 'stage']}: pass color= to tell the "
+                         "histories apart (e.g. color='schedule')")
+    frame = history if groups else history.assign(_all="history")
+    keys = groups or ["_all"]
+    values = ["delta_loss", "step_norm"] + ([x] if x != "stage" else [])
+    agg = _summary(frame, [*keys, "stage"], values).sort_values([*keys, "stage"])
+    fig = _subplots(rows=1, cols=2, horizontal_spacing=0.1,
+                    subplot_titles=["ΔL(θ, Δθ) after each stage", "‖Δθ‖ of each stage"])
+    for i, (key, g) in enumerate(agg.groupby(keys, sort=False)):
+        key = key if isinstance(key, tuple) else (key,)
+        name = " · ".join(_fmt(v) for v in key)
+        color_ = _COLORS[i % len(_COLORS)]
+        xs = g["stage"] if x == "stage" else g[f"{x}_mean"]
+        cols = [c for c in keys if c != "_all"] + ["stage", "n"]
+        g = g.assign(**({x: g[f"{x}_mean"]} if x != "stage" else {}))
+        data, template = _hover(g, cols + ([x] if x != "stage" else []),
+                                ["%{meta}=%{y:.4g}"])
+        for col, value in ((1, "delta_loss"), (2, "step_norm")):
+            std = g[f"{value}_std"]
+            fig.add_trace(go.Scatter(
+                x=xs if col == 1 else g["stage"], y=g[f"{value}_mean"], name=name,
+                legendgroup=name, showlegend=col == 1, mode="lines+markers", meta=_label(value),
+                line=dict(color=color_), marker=dict(size=5),
+                error_y=dict(type="data", array=std, visible=bool((std > 0).any())),
+                customdata=data, hovertemplate=template), row=1, col=col)
+    fig.update_xaxes(title_text=_label(x), row=1, col=1)
+    fig.update_xaxes(title_text="stage", row=1, col=2)
+    fig.update_yaxes(title_text=_label("delta_loss"), type="log" if log_y else "linear",
+                     row=1, col=1)
+    fig.update_yaxes(title_text=_label("step_norm"), row=1, col=2)
+    fig.update_layout(title=title or "Pruning trajectory per stage", template="plotly_white",
+                      legend_title_text=" · ".join(groups))
+    return fig
+
+
+# ----------------------------------------------------------------------------- LM paper Fig. 3
+def delta_loss_scatter(frame: pd.DataFrame, x: str = "delta_loss", y: str = "val_error_gap_ft",
+                       color: str | None = "criterion", *, ci: float = 0.95, n_boot: int = 2000,
+                       seed: int = 0, title: str | None = None):
+    """One point per run: ``y`` (validation error gap after fine-tuning) against ΔL on a log
+    x axis, with Spearman's ρ over all runs and its bootstrap interval in the title
+    (LM paper Fig. 3; :func:`prunelab.metrics.spearman`).
+
+    Error gaps missing from the frame are derived by :func:`prunelab.metrics.error_gaps`.
+    ρ uses every run; runs with ΔL ≤ 0 or infinite cannot sit on the log axis and are counted
+    in the title instead.
+
+    Args:
+        frame: one row per run (a sweep's results).
+        x, y: the columns to correlate.
+        color: one trace (colour) per value, or None.
+        ci, n_boot, seed: of the bootstrap interval of ρ.
+        title: put above the ρ line.
+
+    Raises:
+        ValueError: a column is missing or holds NaN (from ``metrics.spearman``).
+    """
+    from prunelab import metrics
+
+    go = _go()
+    if y not in frame.columns and y in ("val_error_gap", "val_error_gap_ft", "test_error_gap",
+                                        "test_error_gap_ft"):
+        frame = metrics.error_gaps(frame)
+    _require(frame, [x, y] + ([color] if color else []))
+    stat = metrics.spearman(frame, x, y, ci=ci, n_boot=n_boot, seed=seed)
+    values = frame[x].to_numpy(dtype=float)
+    hidden = int((~(np.isfinite(values) & (values > 0))).sum())
+    columns = hover_columns(frame, extra=[c for c in ("schedule", "finetune", "key")
+                                          if c not in CONFIG_COLUMNS])
+    fig = go.Figure()
+    parts = frame.groupby(color, sort=False) if color else [("runs", frame)]
+    for i, (name, part) in enumerate(parts):
+        name = name[0] if isinstance(name, tuple) else name
+        data, template = _hover(part, columns, [f"{x}=%{{x:.4g}}", f"{y}=%{{y:.4g}}"])
+        fig.add_trace(go.Scatter(x=part[x], y=part[y], mode="markers", name=str(name),
+                                 marker=dict(size=8, opacity=0.8, color=_COLORS[i % len(_COLORS)]),
+                                 customdata=data,
+                                 hovertemplate=template))
+    rho = (f"Spearman ρ = {stat['rho']:.2f} ({ci:.0%} CI [{stat['low']:.2f}, "
+           f"{stat['high']:.2f}], n = {stat['n']})")
+    if hidden:
+        rho += f"; {hidden} runs with {_label(x)} ≤ 0 or ∞ not drawn"
+    fig.update_xaxes(type="log", title_text=_label(x))
+    fig.update_yaxes(title_text=_label(y))
+    fig.update_layout(title=f"{title}<br><sup>{rho}</sup>" if title else rho,
+                      template="plotly_white", legend_title_text=color or "")
+    return fig
+
+
+# ----------------------------------------------------------------------------- MRP Sec. 4.3
+def performance_profile(profile: pd.DataFrame, *, method: str = "method", tau: str = "tau",
+                        fraction: str = "fraction", title: str | None = None):
+    """Performance profiles as step lines over τ ∈ [0, 1] (MRP paper Fig. 5), from
+    :func:`prunelab.metrics.performance_profile`.
+
+    y is the fraction of measurements in which a method's penalty is strictly below
+    τ·best + (1 − τ)·worst; higher curves are better. The steps are drawn "hv": each value
+    holds until the next τ, matching the right-continuous steps of the strict inequality.
+    """
+    go = _go()
+    _require(profile, [method, tau, fraction])
+    fig = go.Figure()
+    for i, (name, part) in enumerate(profile.groupby(method, sort=False)):
+        part = part.sort_values(tau)
+        fig.add_trace(go.Scatter(
+            x=part[tau], y=part[fraction], name=str(name), mode="lines", line_shape="hv",
+            line=dict(color=_COLORS[i % len(_COLORS)]),
+            hovertemplate=f"{method}={name}<br>τ=%{{x:.3g}}<br>fraction=%{{y:.3f}}<extra></extra>"))
+    fig.update_xaxes(title_text="τ", range=[0, 1])
+    fig.update_yaxes(title_text="fraction of measurements below the threshold",
+                     range=[-0.02, 1.02])
+    fig.update_layout(title=title or "Performance profile", template="plotly_white",
+                      legend_title_text=method)
+    return fig
+
+
+# ----------------------------------------------------------------------------- masks
+def layer_density(density_frame: pd.DataFrame, *, layer: str = "layer",
+                  density: str = "density", color: str | None = None,
+                  title: str | None = None):
+    """Fraction of weights kept per layer as bars (a ``pl.masks.density`` frame).
+
+    The ``total`` row is not a layer: it is drawn as a dashed horizontal line instead.
+
+    Args:
+        density_frame: rows layer, numel, kept, density (and ``color`` if given).
+        layer: the layer-name column.
+        density: the fraction-kept column.
+        color: one bar group per value (e.g. criterion), or None.
+        title: figure title.
+    """
+    go = _go()
+    _require(density_frame, [layer, density] + ([color] if color else []))
+    total = density_frame[density_frame[layer] == "total"]
+    rows = density_frame[density_frame[layer] != "total"]
+    fig = go.Figure()
+    columns = [c for c in (layer, "numel", "kept") if c in rows.columns]
+    parts = rows.groupby(color, sort=False) if color else [(None, rows)]
+    for i, (name, part) in enumerate(parts):
+        name = name[0] if isinstance(name, tuple) else name
+        data, template = _hover(part, ([color] if color else []) + columns,
+                                ["density=%{y:.4f}"])
+        fig.add_trace(go.Bar(x=part[layer], y=part[density],
+                             name=str(name) if color else density,
+                             marker_color=_COLORS[i % len(_COLORS)], customdata=data,
+                             hovertemplate=template))
+    if len(total) == 1:
+        value = float(total[density].iloc[0])
+        fig.add_hline(y=value, line_dash="dash", line_color="black",
+                      annotation_text=f"total {value:.3g}", annotation_position="top left")
+    fig.update_xaxes(title_text=layer, type="category")
+    fig.update_yaxes(title_text="fraction of weights kept", range=[0, 1.05])
+    fig.update_layout(title=title or "Density per layer", template="plotly_white",
+                      barmode="group", showlegend=bool(color), legend_title_text=color or "")
+    return fig

@@ -1,0 +1,221 @@
+"""Interactive (plotly) and static (seaborn) figures on small synthetic frames: traces, axis
+types, titles, hover text, deterministic files, and no torch import."""
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from prunelab import figures, metrics, plots
+
+pytest.importorskip("plotly")
+go = pytest.importorskip("plotly.graph_objects")
+
+
+def sweep(seeds: int = 2) -> pd.DataFrame:
+    """A tiny LM-paper sweep: mp once per seed; lm and qm over λ ∈ {0, 1e-3, 1e-1}, π ∈ {1, 14}."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for crit, base in [("mp", 3.0), ("lm", 2.0), ("qm", 1.0)]:
+        lams = [0.0] if crit == "mp" else [0.0, 1e-3, 1e-1]
+        stages = [1] if crit == "mp" else [1, 14]
+        for lam in lams:
+            for st in stages:
+                for s in range(seeds):
+                    dl = base / st * (1 + 0.2 * rng.random())
+                    rows.append({"arch": "mlp", "dataset": "mnist1d", "seed": s,
+                                 "criterion": crit, "sparsity": 0.9, "stages": st, "lam": lam,
+                                 "schedule": "exponential", "scope": "global",
+                                 "delta_loss": dl, "val_error": 0.2 + dl / 10,
+                                 "val_error_dense": 0.1, "val_error_ft": 0.11 + dl / 100
+                                 + 0.002 * rng.standard_normal(), "key": f"{crit}{lam}{st}{s}"})
+    return pd.DataFrame(rows)
+
+
+def history(seeds: int = 2) -> pd.DataFrame:
+    rows = []
+    for sched in ("linear", "exponential"):
+        for s in range(seeds):
+            for st in range(1, 6):
+                sp = 0.9 * st / 5 if sched == "linear" else 1 - 0.1 ** (st / 5)
+                rows.append({"schedule": sched, "criterion": "qm", "seed": s, "stage": st,
+                             "target_sparsity": sp, "sparsity": sp, "loss": 0.1 + sp,
+                             "delta_loss": sp ** 3 * (1 + 0.1 * s), "step_norm": 1.0 + s / st,
+                             "seconds": 0.0, "examples": 100})
+    return pd.DataFrame(rows)
+
+
+def profile() -> pd.DataFrame:
+    f = pd.DataFrame({"method": list("abc") * 3, "measurement": np.repeat([1, 2, 3], 3),
+                      "penalty": [1.0, 2, 3, 2, 1, 3, 1, 1, 2]})
+    return metrics.performance_profile(f, taus=np.linspace(0, 1, 11))
+
+
+def density() -> pd.DataFrame:
+    return pd.DataFrame({"layer": ["0.weight", "2.weight", "total"], "numel": [100, 50, 150],
+                         "kept": [10, 20, 30], "density": [0.1, 0.4, 0.2]})
+
+
+def hover(trace) -> str:
+    """All hover text of a trace: the template plus every customdata string."""
+    data = "" if trace.customdata is None else " ".join(map(str, np.ravel(trace.customdata)))
+    return f"{trace.hovertemplate} {data}"
+
+
+# ----------------------------------------------------------------------------- LM Fig. 1
+def test_delta_loss_vs_lambda_panels_lines_reference_and_zero_tick():
+    f = sweep()
+    fig = plots.delta_loss_vs_lambda(f)
+    assert isinstance(fig, go.Figure)
+    lines = [t for t in fig.data if t.name.startswith("π")]
+    refs = [t for t in fig.data if t.name == "mp"]
+    assert len(fig.data) == 2 * 2 + 2                  # (lm, qm) x π ∈ {1, 14}, mp in each panel
+    assert len(lines) == 4 and len(refs) == 2
+    mp_mean = f[f.criterion == "mp"].delta_loss.mean()
+    for r in refs:                                     # dashed black, at MP's mean ΔL
+        assert r.line.dash == "dash" and r.line.color == "black"
+        assert list(r.y) == pytest.approx([mp_mean, mp_mean])
+    assert sum(bool(t.showlegend) for t in refs) == 1
+    assert fig.layout.xaxis.type == fig.layout.xaxis2.type == "log"
+    assert fig.layout.yaxis.type == fig.layout.yaxis2.type == "log"
+    assert fig.layout.yaxis2.matches == "y"            # shared ΔL axis
+    # λ = 0 sits one decade left of the smallest positive λ, labelled "0"
+    assert fig.layout.xaxis.ticktext[0] == "0"
+    assert fig.layout.xaxis.tickvals[0] == pytest.approx(1e-4)
+    lm1 = next(t for t in lines if t.name == "π=1" and t.xaxis == "x")
+    assert list(lm1.x) == pytest.approx([1e-4, 1e-3, 1e-1])
+    ref = f[(f.criterion == "lm") & (f.stages == 1) & (f.lam == 0)].delta_loss
+    assert lm1.y[0] == pytest.approx(ref.mean())
+    assert lm1.error_y.array[0] == pytest.approx(ref.std())
+    text = hover(lm1)
+    assert "lam=" in text and "stages=" in text and "criterion=" in text
+    assert "0.001" in text and "lm" in text
+
+
+def test_delta_loss_vs_lambda_dash_grouping_and_errors():
+    f = pd.concat([sweep().assign(schedule="exponential"), sweep().assign(schedule="linear")])
+    with pytest.raises(ValueError, match="schedule"):
+        plots.delta_loss_vs_lambda(f)                  # two schedules would be averaged
+    fig = plots.delta_loss_vs_lambda(f, dash="schedule")
+    dashes = {t.line.dash for t in fig.data if t.name != "mp"}
+    assert dashes == {"solid", "dot"}
+    with pytest.raises(ValueError, match="stages"):
+        plots.delta_loss_vs_lambda(f.drop(columns="stages"))
+
+
+# ----------------------------------------------------------------------------- LM Fig. 2
+def test_stage_trajectories_two_panels_one_line_per_schedule():
+    fig = plots.stage_trajectories(history())
+    assert isinstance(fig, go.Figure)
+    assert len(fig.data) == 2 * 2                      # (ΔL, ‖Δθ‖) x (linear, exponential)
+    assert {t.name for t in fig.data} == {"linear", "exponential"}
+    assert fig.layout.yaxis.type == "log"
+    assert fig.layout.xaxis.title.text == "sparsity" and fig.layout.xaxis2.title.text == "stage"
+    step = next(t for t in fig.data if t.xaxis == "x2" and t.name == "linear")
+    assert step.y[0] == pytest.approx(1.5)             # mean of 1 + s/1 over s ∈ {0, 1}
+    assert step.error_y.visible
+    assert "schedule=" in hover(step) and "linear" in hover(step)
+    single = plots.stage_trajectories(history(seeds=1)[lambda d: d.schedule == "linear"],
+                                      x="stage")
+    assert len(single.data) == 2 and single.layout.xaxis.title.text == "stage"
+
+
+# ----------------------------------------------------------------------------- LM Fig. 3
+def test_delta_loss_scatter_rho_in_title_log_x_and_run_hover():
+    f = sweep()
+    fig = plots.delta_loss_scatter(f, n_boot=300)     # val_error_gap_ft derived from the errors
+    assert isinstance(fig, go.Figure)
+    assert len(fig.data) == 3                          # one trace per criterion
+    assert sum(len(t.x) for t in fig.data) == len(f)   # one point per run
+    assert fig.layout.xaxis.type == "log"
+    s = metrics.spearman(metrics.error_gaps(f), n_boot=300)
+    title = fig.layout.title.text
+    assert f"ρ = {s['rho']:.2f}" in title and f"[{s['low']:.2f}, {s['high']:.2f}]" in title
+    text = hover(next(t for t in fig.data if t.name == "qm"))
+    for key in ("criterion=", "seed=", "stages=", "lam=", "schedule=", "qm", "exponential"):
+        assert key in text
+    with pytest.raises(ValueError, match="nope"):
+        plots.delta_loss_scatter(f, y="nope")
+
+
+# ----------------------------------------------------------------------------- others
+def test_performance_profile_plot_step_lines():
+    fig = plots.performance_profile(profile())
+    assert len(fig.data) == 3
+    assert all(t.line.shape == "hv" for t in fig.data)
+    assert all(0 <= y <= 1 for t in fig.data for y in t.y)
+    assert tuple(fig.layout.xaxis.range) == (0, 1)
+
+
+def test_layer_density_bars_skip_total():
+    fig = plots.layer_density(density())
+    assert len(fig.data) == 1 and fig.data[0].type == "bar"
+    assert list(fig.data[0].x) == ["0.weight", "2.weight"]
+    assert len(fig.layout.shapes) == 1 and fig.layout.shapes[0].y0 == pytest.approx(0.2)
+    assert "numel=" in hover(fig.data[0])
+
+
+def test_accuracy_vs_density_averages_seeds():
+    f = pd.DataFrame({"criterion": ["mp"] * 4 + ["lap"] * 4, "seed": [0, 1] * 4,
+                      "density": [1.0, 1.0, 0.1, 0.1] * 2,
+                      "accuracy": [0.9, 0.9, 0.5, 0.7, 0.9, 0.9, 0.6, 0.8]})
+    fig = plots.accuracy_vs_density(f)
+    assert len(fig.data) == 2 and fig.layout.xaxis.type == "log"
+    mp = next(t for t in fig.data if t.name == "mp")
+    assert list(mp.y) == pytest.approx([0.6, 0.9])    # density sorted ascending: 0.1, 1.0
+    assert mp.error_y.array[0] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+
+
+# ----------------------------------------------------------------------------- static figures
+STATIC = {
+    "lambda": lambda: figures.delta_loss_vs_lambda(sweep()),
+    "stages": lambda: figures.stage_trajectories(history()),
+    "scatter": lambda: figures.delta_loss_scatter(sweep(), n_boot=200),
+    "profile": lambda: figures.performance_profile(profile()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATIC))
+def test_static_figures_save_deterministic_pdf_and_png(name, tmp_path):
+    first = figures.save(STATIC[name](), name, folder=tmp_path / "a")
+    (second,) = figures.save(STATIC[name](), name, folder=tmp_path / "b", formats=("png",))
+    assert [p.suffix for p in first] == [".pdf", ".png"]
+    assert all(p.stat().st_size > 1000 for p in first)
+    assert first[0].read_bytes().startswith(b"%PDF")
+    assert first[1].read_bytes() == second.read_bytes()
+
+
+def test_static_figure_contents():
+    fig = figures.delta_loss_vs_lambda(sweep())
+    assert len(fig.axes) == 2
+    ax = fig.axes[0]
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()][0] == "$0$"
+    dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_color() == "black"
+    ax = figures.delta_loss_scatter(sweep(), n_boot=200)
+    s = metrics.spearman(metrics.error_gaps(sweep()), n_boot=200)
+    assert f"ρ = {s['rho']:.2f}" in ax.get_title() and ax.get_xscale() == "log"
+    assert len(figures.stage_trajectories(history()).axes) == 2
+    ax = figures.performance_profile(profile())
+    assert len(ax.get_lines()) == 3 and ax.get_xlim() == (0, 1)
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+# ----------------------------------------------------------------------------- torch-free
+@pytest.mark.parametrize("module", ["plots", "figures"])
+def test_plotting_modules_do_not_import_torch(module):
+    code = f"import sys, prunelab.{module}; assert 'torch' not in sys.modules, 'torch loaded'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_building_the_scatter_does_not_import_torch():
+    code = ("import sys, pandas as pd, prunelab.plots as p\n"
+            "f = pd.DataFrame({'delta_loss': [1, 2, 3, 4.0], 'val_error_gap_ft': [0, 1, 1, 2.0],"
+            " 'criterion': list('aabb')})\n"
+            "p.delta_loss_scatter(f, n_boot=50)\n"
+            "assert 'torch' not in sys.modules, 'torch loaded'")
+    subprocess.run([sys.executable, "-c", code], check=True)
