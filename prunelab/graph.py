@@ -8,10 +8,13 @@ attached as parametrizations (where ``named_parameters`` would say
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 import warnings
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +169,7 @@ class LayerGraph:
     registration order instead (``reason`` says why).
     """
 
-    layers: dict[str, Layer]
+    layers: Mapping[str, Layer]  # read-only: graphs are cached and shared
     traced: bool
     reason: str = ""
     notes: tuple[str, ...] = ()
@@ -188,7 +191,7 @@ class LayerGraph:
         """Weight names in execution order."""
         return list(self.layers)
 
-    @property
+    @functools.cached_property
     def edges(self) -> list[Edge]:
         """Every edge once."""
         seen: dict[tuple[str, str], Edge] = {}
@@ -353,7 +356,7 @@ class _Builder:
                 bn = None  # a branch bypasses the BN (pre-activation shortcut): not this layer's
             out[w] = Layer(w, mname, kind, din, dout, groups, tuple(ins.values()),
                            tuple(outs.values()), bn, self.act.get(w))
-        return LayerGraph(out, traced, reason, tuple(dict.fromkeys(self.notes)))
+        return LayerGraph(MappingProxyType(out), traced, reason, tuple(dict.fromkeys(self.notes)))
 
 
 def _shape_args(node) -> tuple:
@@ -457,8 +460,11 @@ def _trace_graph(model: nn.Module) -> LayerGraph:
             elif target in _MUL_FUNCS or method in _MUL_METHODS:
                 states[node] = update(union(node), direct=False, act_ok=False)
             elif (target in _REDUCE_FUNCS or method in _REDUCE_METHODS) and _reduce_spatial(node):
-                states[node] = update(s, direct=False, act_ok=False)
-            elif (target is torch.flatten or method == "flatten") and _flatten_dims(node) == (1, -1):
+                # a global pool; without keepdim it leaves (N, C): features = channels
+                keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+                states[node] = update(s, direct=False, act_ok=False, flat=not keep)
+            elif (target is torch.flatten or method == "flatten") \
+                    and _flatten_dims(node) == (1, -1):
                 states[node] = update(s, flat=True, direct=False, act_ok=False)
             elif (target is torch.reshape or method in ("view", "reshape")) \
                     and len(_shape_args(node)) == 2:
