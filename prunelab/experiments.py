@@ -1,15 +1,48 @@
-"""Experiments: drive the whole pipeline and return tidy frames (sweeps come with issue 4)."""
+"""Experiments: drive the whole pipeline and return tidy frames.
+
+:func:`accuracy_curve` prunes one model at several sparsities. :class:`Sweep` runs the LM paper's
+workflow (Algorithm 1 and Sec. 4 of *Revisiting Loss Modelling for Unstructured Pruning*) over a
+grid: load the pretrained zoo model, prune it, measure ΔL(θ, Δθ) = |L(θ+Δθ) − L(θ)| on the pruning
+batch and the train / val / test loss and error, fine-tune with the original training recipe
+(App. B), measure again, and commit one row per run to a :class:`prunelab.store.Store`.
+
+Runs execute inline, in local worker processes (``executor="local"``) or on a Dask cluster
+(``executor="dask"`` or a ``dask.distributed.Client``). Workers only compute: the process that
+calls :meth:`Sweep.run` commits each result as it arrives, so a cluster needs no shared database,
+and an interrupted or killed sweep resumes where it stopped when run again.
+"""
 from __future__ import annotations
 
+import itertools
+import json
+import numbers
+import os
+import sys
+import threading
 import time
-from collections.abc import Iterable, Sequence
+import traceback
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import torch
 from torch import nn
 
+from prunelab import criteria as C
+from prunelab import data as D
 from prunelab import masks as M
-from prunelab.pruning import prune
-from prunelab.train import evaluate
+from prunelab import models as models_
+from prunelab import paths, zoo
+from prunelab.metrics import loss as batch_loss
+from prunelab.pruning import SCHEDULES, prune
+from prunelab.store import Store, canonical_json, config_key
+from prunelab.train import Recipe, evaluate, finetune as finetune_model
+
+__all__ = ["accuracy_curve", "Sweep", "SweepError", "run_one", "normalize_config",
+           "finetune_recipe", "FIELDS", "DEFAULTS", "MEASURED", "TIMINGS"]
 
 
 def accuracy_curve(model: nn.Module, bundle, *, criteria: Sequence[str] = ("mp",),
@@ -38,3 +71,663 @@ def accuracy_curve(model: nn.Module, bundle, *, criteria: Sequence[str] = ("mp",
             rows.append({"criterion": crit, "sparsity": actual, "density": 1.0 - actual, **ev,
                          "split": split, "seconds": time.perf_counter() - t0})
     return pd.DataFrame(rows)
+
+
+# ============================================================================ sweeps
+# The grid's fields, in column order, with their defaults (the LM paper's MLP setting).
+DEFAULTS: dict[str, Any] = {
+    "arch": "mlp", "dataset": "mnist1d", "seed": 0, "criterion": "mp", "sparsity": 0.9,
+    "stages": 1, "lam": 0.0, "schedule": "exponential", "scope": "global",
+    "finetune": "recipe", "examples": 1000,
+}
+FIELDS: tuple[str, ...] = tuple(DEFAULTS)
+
+_SPLIT_METRICS = ("train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_error")
+#: Measured columns of a run, in order (see :func:`run_one`).
+MEASURED: tuple[str, ...] = (
+    "sparsity_actual", "loss_dense", "loss_pruned", "delta_loss", "loss_ft",
+    *(f"{m}_dense" for m in _SPLIT_METRICS), *_SPLIT_METRICS, *(f"{m}_ft" for m in _SPLIT_METRICS),
+    "val_error_gap", "val_error_gap_ft", "finetune_recipe", "finetune_epochs",
+    "finetune_best_epoch", "prune_seconds", "finetune_seconds", "seconds", "torch_version",
+)
+#: Wall-clock columns: the only measured values that differ between identical runs.
+TIMINGS: tuple[str, ...] = ("prune_seconds", "finetune_seconds", "seconds")
+
+DEFAULT_STORE = "sweeps.sqlite"
+
+
+class SweepError(RuntimeError):
+    """Some runs of a sweep raised; the others are committed. ``failures`` holds
+    ``(config, traceback text)`` pairs."""
+
+    def __init__(self, message: str, failures: list[tuple[dict, str]]):
+        super().__init__(message)
+        self.failures = failures
+
+
+# ---------------------------------------------------------------------------- configs
+def _int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _real(value):
+    """Numbers (numpy ones too) as Python floats, so the library's checks accept them."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _normalize_finetune(value) -> str:
+    """The canonical spelling of a fine-tuning spec: "recipe", "none" or 'recipe{json}'."""
+    if value is None or value == "none":
+        return "none"
+    if isinstance(value, str):
+        if value == "recipe":
+            return "recipe"
+        if value.startswith("recipe{"):
+            try:
+                value = json.loads(value[len("recipe"):])
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"finetune {value!r}: bad JSON after 'recipe' ({exc})") from None
+        else:
+            raise ValueError(f"finetune must be 'recipe', None, a dict of Recipe fields or a "
+                             f"prunelab.train.Recipe, got {value!r}")
+    if isinstance(value, Recipe):
+        value = value.to_dict()
+    if not isinstance(value, Mapping):
+        raise ValueError(f"finetune must be 'recipe', None, a dict of Recipe fields or a "
+                         f"prunelab.train.Recipe, got {value!r}")
+    overrides = dict(value)
+    if "milestones" in overrides:
+        overrides["milestones"] = [int(m) for m in overrides["milestones"]]
+    # Validates names and values (Recipe checks them) before anything runs.
+    Recipe.from_dict({**Recipe().to_dict(), **overrides})
+    return "recipe" + canonical_json(overrides) if overrides else "recipe"
+
+
+def normalize_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """One run's configuration, validated, with defaults filled in and canonical types.
+
+    Args:
+        config: any subset of :data:`FIELDS` (missing fields take :data:`DEFAULTS`).
+
+    Returns:
+        A dict with exactly :data:`FIELDS`, in that order; ``finetune`` is the canonical string
+        ``"recipe"``, ``"none"`` or ``'recipe{"epochs":1}'`` (overrides as sorted JSON).
+
+    Raises:
+        ValueError: an unknown field or a bad value, naming it.
+    """
+    unknown = set(config) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"unknown sweep field(s) {sorted(unknown)}; fields: {list(FIELDS)}")
+    c = {**DEFAULTS, **config}
+    out: dict[str, Any] = {}
+    if c["arch"] not in models_.names():
+        raise ValueError(f"unknown arch {c['arch']!r}; valid names: {', '.join(models_.names())}")
+    out["arch"] = c["arch"]
+    dataset = str(c["dataset"]).strip().lower().replace("_", "-")
+    if dataset not in D.names():
+        raise ValueError(f"unknown dataset {c['dataset']!r}; valid names: {', '.join(D.names())}")
+    out["dataset"] = dataset
+    out["seed"] = _int(c["seed"], "seed", 0)
+    C.spec(c["criterion"])  # ValueError listing the valid names
+    out["criterion"] = c["criterion"]
+    out["sparsity"] = M.check_sparsity(_real(c["sparsity"]))
+    out["stages"] = _int(c["stages"], "stages (π)", 1)
+    out["lam"] = C.check_lam(_real(c["lam"]))
+    if c["schedule"] not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {c['schedule']!r}")
+    out["schedule"] = c["schedule"]
+    out["scope"] = M.check_scope(c["scope"])
+    out["finetune"] = _normalize_finetune(c["finetune"])
+    out["examples"] = _int(c["examples"], "examples", 1)
+    return out
+
+
+def _as_values(value) -> list:
+    """A grid field's values: a scalar (str, dict, Recipe, None, number) or an iterable of them."""
+    if value is None or isinstance(value, (str, bytes, Mapping, Recipe, numbers.Number)):
+        return [value]
+    if isinstance(value, Iterable):
+        return list(value)
+    return [value]
+
+
+def _original_recipe(arch: str, dataset: str, seed: int, root: Path | None) -> Recipe:
+    """The recipe that trained the zoo checkpoint (its manifest), else the zoo's default."""
+    meta = (Path(root) if root is not None else paths.ZOO) / f"{zoo.key(arch, dataset, seed)}.json"
+    if meta.exists():
+        recorded = json.loads(meta.read_text()).get("recipe")
+        if recorded:
+            return Recipe.from_dict(recorded)
+    return zoo.recipe_for(arch, dataset)
+
+
+def finetune_recipe(config: Mapping[str, Any], *, zoo_root: str | os.PathLike | None = None
+                    ) -> Recipe | None:
+    """The fine-tuning recipe of a run: None for ``finetune="none"``; otherwise the recipe
+    recorded with the zoo checkpoint (LM paper Sec. 4: fine-tune with the original training
+    hyper-parameters) with the config's overrides applied."""
+    cfg = normalize_config(config)
+    spec = cfg["finetune"]
+    if spec == "none":
+        return None
+    base = _original_recipe(cfg["arch"], cfg["dataset"], cfg["seed"],
+                            Path(zoo_root) if zoo_root is not None else None)
+    overrides = json.loads(spec[len("recipe"):]) if spec != "recipe" else {}
+    return Recipe.from_dict({**base.to_dict(), **overrides})
+
+
+# ---------------------------------------------------------------------------- one run
+@contextmanager
+def _one_thread():
+    """One intra-op thread, so numbers do not depend on the executor (restored afterwards)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _splits(model: nn.Module, bundle, suffix: str) -> dict[str, float]:
+    out = {}
+    for split in ("train", "val", "test"):
+        ev = evaluate(model, bundle.split(split))
+        out[f"{split}_loss{suffix}"] = ev["loss"]
+        out[f"{split}_error{suffix}"] = ev["error"]
+    return out
+
+
+def _measure(config: Mapping[str, Any], zoo_root: str | None = None,
+             progress: bool = False) -> dict[str, Any]:
+    """The measured values of one run (see :func:`run_one`)."""
+    t_start = time.perf_counter()
+    cfg = normalize_config(config)
+    root = Path(zoo_root) if zoo_root is not None else None
+    seed = cfg["seed"]
+    with _one_thread(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # for any code that draws from the global generator
+        model, bundle = zoo.load(cfg["arch"], cfg["dataset"], seed, root=root, progress=progress)
+        recipe = finetune_recipe(cfg, zoo_root=root)
+        if cfg["examples"] > len(bundle.train):
+            raise ValueError(f"examples={cfg['examples']} exceeds the {len(bundle.train)} "
+                             f"training examples of {cfg['dataset']}")
+        batch = bundle.batch("train", n=cfg["examples"], seed=seed)
+        loss_dense = batch_loss(model, batch)
+        dense = _splits(model, bundle, "_dense")
+
+        t0 = time.perf_counter()
+        result = prune(model, cfg["criterion"], sparsity=cfg["sparsity"], scope=cfg["scope"],
+                       stages=cfg["stages"], schedule=cfg["schedule"], lam=cfg["lam"],
+                       batch=batch, seed=seed, progress=progress)
+        prune_seconds = time.perf_counter() - t0
+        if result.interrupted:  # prune() swallows the interrupt; a sweep must stop
+            raise KeyboardInterrupt("pruning was interrupted")
+        pruned = result.model
+        loss_pruned = batch_loss(pruned, batch)
+        before = _splits(pruned, bundle, "")
+
+        nan = float("nan")
+        after = {f"{m}_ft": nan for m in _SPLIT_METRICS}
+        loss_ft, ft_epochs, ft_best, ft_seconds = nan, 0, 0, 0.0
+        if recipe is not None:
+            t0 = time.perf_counter()
+            val = bundle.val if len(bundle.val) else None
+            tuned = finetune_model(pruned, bundle.train, recipe=recipe, val=val, seed=seed,
+                                   progress=progress)
+            ft_seconds = time.perf_counter() - t0
+            if tuned.interrupted:
+                raise KeyboardInterrupt("fine-tuning was interrupted")
+            loss_ft = batch_loss(tuned.model, batch)
+            after = _splits(tuned.model, bundle, "_ft")
+            ft_epochs, ft_best = int(len(tuned.history)), int(tuned.best_epoch)
+
+    return {
+        "sparsity_actual": M.sparsity(result.masks),
+        "loss_dense": loss_dense, "loss_pruned": loss_pruned,
+        "delta_loss": abs(loss_pruned - loss_dense), "loss_ft": loss_ft,
+        **dense, **before, **after,
+        "val_error_gap": before["val_error"] - dense["val_error_dense"],
+        "val_error_gap_ft": after["val_error_ft"] - dense["val_error_dense"],
+        "finetune_recipe": (json.dumps(recipe.to_dict(), sort_keys=True)
+                            if recipe is not None else None),
+        "finetune_epochs": ft_epochs, "finetune_best_epoch": ft_best,
+        "prune_seconds": prune_seconds, "finetune_seconds": ft_seconds,
+        "seconds": time.perf_counter() - t_start, "torch_version": torch.__version__,
+    }
+
+
+def run_one(config: Mapping[str, Any], *, zoo_root: str | os.PathLike | None = None,
+            progress: bool = False) -> dict[str, Any]:
+    """One run of the LM paper's workflow (Algorithm 1, Sec. 4), a pure function of ``config``.
+
+    Loads the zoo model of (arch, dataset, seed) (trained with its recorded recipe if missing),
+    scores on ``bundle.batch("train", n=examples, seed=seed)``, prunes with (criterion,
+    sparsity, stages π, λ, schedule, scope), measures, fine-tunes as ``finetune`` says, measures
+    again. Runs with one torch thread and the seed set from the config, so the numbers are
+    bit-identical in any process or executor on the CPU; the caller's RNG state and thread
+    count are restored.
+
+    Args:
+        config: fields of :data:`FIELDS` (see :class:`Sweep`); missing ones take defaults.
+        zoo_root: zoo folder (default ``paths.ZOO``).
+        progress: show the pruning / fine-tuning progress bars.
+
+    Returns:
+        ``{"key": config_key, **normalized config, **measurements}``: ``sparsity_actual``;
+        ``loss_dense``, ``loss_pruned``, ``delta_loss`` = |loss_pruned − loss_dense| and
+        ``loss_ft`` on the pruning batch; ``{train,val,test}_{loss,error}`` of the pruned model
+        before fine-tuning, with suffix ``_dense`` for the unpruned model and ``_ft`` after
+        fine-tuning (NaN when not fine-tuned); ``val_error_gap`` (pruned − dense) and
+        ``val_error_gap_ft``; ``finetune_recipe`` (JSON of the recipe used, or None),
+        ``finetune_epochs``, ``finetune_best_epoch``; ``prune_seconds``, ``finetune_seconds``,
+        ``seconds``; ``torch_version``.
+
+    Raises:
+        KeyboardInterrupt: interrupted while pruning or fine-tuning (nothing is returned).
+    """
+    cfg = normalize_config(config)
+    return {"key": config_key(cfg), **cfg,
+            **_measure(cfg, None if zoo_root is None else str(zoo_root), progress)}
+
+
+# ---------------------------------------------------------------------------- executors
+def _task(config: dict, zoo_root: str | None) -> dict[str, Any]:
+    """What a worker runs: the measurements only (the parent holds the config)."""
+    return _measure(config, zoo_root)
+
+
+def _ensure_zoo(arch: str, dataset: str, seed: int, zoo_root: str | None) -> str:
+    """Worker task: train and save a missing zoo checkpoint (one thread, deterministic)."""
+    with _one_thread():
+        zoo.load(arch, dataset, seed, root=None if zoo_root is None else Path(zoo_root),
+                 progress=False)
+    return zoo.key(arch, dataset, seed)
+
+
+def _init_worker(parent_pid: int) -> None:
+    """Local worker set-up: one torch thread, and exit if the sweep's process dies (kill -9)."""
+    torch.set_num_threads(1)
+    from tqdm import tqdm
+
+    # tqdm's default lock is a multiprocessing semaphore; a worker stopped on Ctrl-C would leak
+    # it (a resource_tracker warning). Workers show no bars, so a thread lock does.
+    tqdm.set_lock(threading.RLock())
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)  # orphaned: nobody would commit our results
+
+    threading.Thread(target=watch, daemon=True, name="prunelab-parent-watch").start()
+
+
+# An outcome: (index into the submitted list, ok, result or traceback text).
+_Outcome = tuple[int, bool, Any]
+
+
+def _error_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+class _Inline:
+    """Runs tasks one after the other in this process (``workers`` 0 or 1)."""
+
+    name = "inline"
+
+    def unordered(self, fn: Callable, calls: list[tuple]) -> Iterator[_Outcome]:
+        for i, args in enumerate(calls):
+            try:
+                value = fn(*args)
+            except Exception as exc:  # a failed run must not stop the others
+                yield i, False, _error_text(exc)
+            else:
+                yield i, True, value
+
+    def close(self, cancel: bool = False) -> None:
+        pass
+
+
+class _Local:
+    """A ``ProcessPoolExecutor`` of ``workers`` spawned processes."""
+
+    def __init__(self, workers: int):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.name = f"local ({workers} processes)"
+        # spawn: forking a process whose torch thread pools already started is unsafe.
+        self.pool = ProcessPoolExecutor(max_workers=workers,
+                                        mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_init_worker, initargs=(os.getpid(),))
+
+    def unordered(self, fn: Callable, calls: list[tuple]) -> Iterator[_Outcome]:
+        from concurrent.futures import as_completed
+
+        index = {}
+        for i, args in enumerate(calls):
+            index[self.pool.submit(fn, *args)] = i
+        for fut in as_completed(index):
+            exc = fut.exception()
+            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C in a terminal reaches workers too
+                raise KeyboardInterrupt
+            yield (index[fut], True, fut.result()) if exc is None else \
+                (index[fut], False, _error_text(exc))
+
+    def close(self, cancel: bool = False) -> None:
+        if not cancel:
+            self.pool.shutdown(wait=True)
+            return
+        # Runs in flight would finish unseen (nobody commits them): stop them now. Python < 3.14
+        # has no public call for this, hence the private mapping of worker processes. Pending
+        # work is cancelled by shutdown() first: cancelling futures one by one races with the
+        # pool's own clean-up of a broken pool (InvalidStateError in its thread on 3.11).
+        procs = list((getattr(self.pool, "_processes", None) or {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.join(timeout=10)
+        self.pool.shutdown(wait=True)
+
+
+class _Dask:
+    """A ``dask.distributed.Client``: ours on a fresh ``LocalCluster``, or the user's."""
+
+    def __init__(self, client=None, workers: int = 2):
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError as exc:
+            raise ImportError("executor='dask' needs dask.distributed: pip install "
+                              "'dask[distributed]>=2024.1'") from exc
+        self.cluster = None
+        if client is None:
+            import logging
+
+            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                        dashboard_address=None, silence_logs=logging.ERROR)
+            client = Client(self.cluster)
+        self.client = client
+        if self.cluster is not None:
+            self.name = f"dask LocalCluster ({workers} workers)"
+        else:
+            self.name = f"dask client ({len(client.scheduler_info().get('workers', {}))} workers)"
+        self.futures: list = []
+
+    def unordered(self, fn: Callable, calls: list[tuple]) -> Iterator[_Outcome]:
+        from distributed import as_completed
+
+        token = uuid.uuid4().hex[:8]  # never reuse another sweep's cached task on a shared client
+        keys = [f"prunelab-{fn.__name__.strip('_')}-{token}-{i}" for i in range(len(calls))]
+        futs = self.client.map(fn, *zip(*calls), key=keys, pure=False) if calls else []
+        self.futures.extend(futs)
+        index = {f.key: i for i, f in enumerate(futs)}
+        for fut in as_completed(futs):
+            try:
+                value = fut.result()
+            except Exception as exc:
+                yield index[fut.key], False, _error_text(exc)
+            else:
+                yield index[fut.key], True, value
+            finally:
+                fut.release()
+
+    def close(self, cancel: bool = False) -> None:
+        if cancel and self.futures:
+            try:
+                self.client.cancel(self.futures)
+            except Exception:  # the cluster may already be going down
+                pass
+        if self.cluster is not None:  # a user's client stays open
+            self.client.close()
+            self.cluster.close()
+
+
+def _check_executor(executor, workers) -> None:
+    """ValueError for a bad ``executor`` or ``workers``, before anything starts."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 0):
+        raise ValueError(f"workers must be None or an integer >= 0, got {workers!r}")
+    if isinstance(executor, str):
+        if executor not in ("local", "dask"):
+            raise ValueError(f"executor must be 'local', 'dask' or a dask.distributed.Client, "
+                             f"got {executor!r}")
+        return
+    try:
+        from distributed import Client
+    except ImportError:
+        Client = None
+    if Client is None or not isinstance(executor, Client):
+        raise ValueError(f"executor must be 'local', 'dask' or a dask.distributed.Client, "
+                         f"got {type(executor).__name__}")
+
+
+def _executor(executor, workers: int | None, n_tasks: int):
+    """The runner for a checked ``executor`` and ``workers``; one worker per core by default."""
+    n = workers if workers is not None else max(1, min(os.cpu_count() or 1, n_tasks))
+    if executor == "local":
+        return _Inline() if n <= 1 else _Local(n)
+    if executor == "dask":
+        return _Dask(None, max(1, n))
+    return _Dask(executor)
+
+
+def _store(store: Store | str | os.PathLike | None) -> Store:
+    return store if isinstance(store, Store) else Store(_store_path(store))
+
+
+def _store_path(store: str | os.PathLike | None) -> Path:
+    """None -> ``data/results/sweeps.sqlite``; a bare file name -> under ``data/results``."""
+    if store is None:
+        return paths.RESULTS / DEFAULT_STORE
+    text = os.fspath(store)
+    if os.sep not in text and "/" not in text:
+        return paths.RESULTS / text
+    return Path(text).expanduser()
+
+
+# ---------------------------------------------------------------------------- the sweep
+class Sweep:
+    """A grid of runs of the LM paper's pruning workflow; each field is a value or a list.
+
+    The runs are the cartesian product of the fields' values (duplicates dropped). Every field
+    is validated here, so a bad grid fails before anything runs.
+
+    Args:
+        arch: architecture name(s) (:func:`prunelab.models.names`).
+        dataset: dataset name(s) (:func:`prunelab.data.names`).
+        seed: seed(s): the zoo model ``pl.zoo.load(arch, dataset, seed)``, the pruning batch,
+            stochastic criteria and fine-tuning's data order.
+        criterion: criterion name(s) (:func:`prunelab.criteria.names`).
+        sparsity: final fraction(s) of prunable weights removed, in [0, 1).
+        stages: number(s) of pruning stages π >= 1.
+        lam: step-size penalty(ies) λ >= 0.
+        schedule: "exponential" and/or "linear".
+        scope: "global", "layerwise" and/or "normalized".
+        finetune: ``"recipe"`` (default): fine-tune once at the end with the recipe recorded
+            with the zoo checkpoint, i.e. the original training hyper-parameters (LM paper
+            Sec. 4, App. B); ``None``: no fine-tuning (the ``*_ft`` columns are NaN); a dict of
+            :class:`~prunelab.train.Recipe` fields: overrides applied to the original recipe
+            (``{"epochs": 1}``); a ``Recipe``: used as is (stored as the override of every
+            field). To sweep over several, pass a list. The frame shows the canonical string:
+            ``"recipe"``, ``"none"`` or ``'recipe{"epochs":1}'``.
+        examples: size(s) of the pruning / scoring batch ``bundle.batch("train", n, seed)``.
+
+    Raises:
+        ValueError: an unknown field or a bad value (naming it), or an empty list.
+    """
+
+    def __init__(self, *, arch="mlp", dataset="mnist1d", seed=0, criterion="mp", sparsity=0.9,
+                 stages=1, lam=0.0, schedule="exponential", scope="global", finetune="recipe",
+                 examples=1000, **unknown):
+        if unknown:
+            raise ValueError(f"unknown sweep field(s) {sorted(unknown)}; fields: {list(FIELDS)}")
+        given = dict(arch=arch, dataset=dataset, seed=seed, criterion=criterion,
+                     sparsity=sparsity, stages=stages, lam=lam, schedule=schedule, scope=scope,
+                     finetune=finetune, examples=examples)
+        self.grid: dict[str, list] = {}
+        for name in FIELDS:
+            values = _as_values(given[name])
+            if not values:
+                raise ValueError(f"sweep field {name!r} has no values")
+            checked = []
+            for v in values:
+                try:
+                    checked.append(normalize_config({name: v})[name])
+                except (ValueError, TypeError) as exc:
+                    raise ValueError(f"sweep field {name!r}: {exc}") from None
+            self.grid[name] = list(dict.fromkeys(checked))  # drop duplicates, keep order
+        self._configs = list({config_key(c): c for c in (
+            dict(zip(FIELDS, combo)) for combo in itertools.product(*self.grid.values()))
+        }.values())
+
+    def __repr__(self) -> str:
+        varied = {k: v for k, v in self.grid.items() if len(v) > 1}
+        fixed = {k: v[0] for k, v in self.grid.items() if len(v) == 1}
+        return f"Sweep({len(self)} runs; varied={varied}, fixed={fixed})"
+
+    def __len__(self) -> int:
+        return len(self._configs)
+
+    def configs(self) -> list[dict[str, Any]]:
+        """The runs: one plain dict per grid point, fields in :data:`FIELDS` order."""
+        return [dict(c) for c in self._configs]
+
+    def keys(self) -> list[str]:
+        """The runs' :func:`prunelab.store.config_key`, in :meth:`configs` order."""
+        return [config_key(c) for c in self._configs]
+
+    def frame(self, store: Store | str | os.PathLike | None = None) -> pd.DataFrame:
+        """The runs of this sweep found in ``store``, in grid order, one tidy row each.
+
+        Columns: the :data:`FIELDS`, the :data:`MEASURED` values, ``key`` and ``created`` (UTC
+        commit time). A store that does not exist gives an empty frame (and is not created).
+        """
+        if not isinstance(store, Store) and not _store_path(store).exists():
+            return pd.DataFrame(columns=[*FIELDS, *MEASURED, "key", "created"])
+        frame = _store(store).frame(self.keys())
+        if frame.empty:
+            return pd.DataFrame(columns=[*FIELDS, *MEASURED, "key", "created"])
+        first = [c for c in (*FIELDS, *MEASURED) if c in frame.columns]
+        rest = [c for c in frame.columns if c not in first and c not in ("key", "status",
+                                                                             "created")]
+        return frame[[*first, *rest, "key", "created"]].reset_index(drop=True)
+
+    def run(self, store: Store | str | os.PathLike | None = None, *,
+            executor: Any = "local", workers: int | None = None, progress: bool = True,
+            zoo_root: str | os.PathLike | None = None) -> pd.DataFrame:
+        """Run every run not yet in ``store``, committing each result as it arrives.
+
+        Finished runs (their key is in the store) are skipped, so running the same sweep again
+        resumes it. Zoo models that are missing are trained first, once each. Workers only
+        compute; this process writes the store.
+
+        Args:
+            store: a :class:`~prunelab.store.Store` or its path; a bare file name goes under
+                ``data/results/``; default ``data/results/sweeps.sqlite``.
+            executor: ``"local"`` (worker processes on this machine), ``"dask"`` (a fresh
+                ``LocalCluster(n_workers=workers, threads_per_worker=1, processes=True)``,
+                closed afterwards) or a ``dask.distributed.Client`` (left open; its workers
+                must see ``zoo_root``, or they train their own identical copies; use one
+                thread per worker: torch's thread count is per process, and bit-identical
+                numbers need one thread per run).
+            workers: processes; default one per CPU core (at most one per run). With
+                ``"local"``, 0 or 1 runs inline in this process (handy in notebooks).
+            progress: show a progress bar over runs and say how many were skipped.
+            zoo_root: zoo folder (default ``paths.ZOO``), resolved here and passed to workers.
+
+        Returns:
+            :meth:`frame`: every run of this sweep in the store. ``frame.attrs`` holds
+            ``ran``, ``skipped``, ``failed`` (counts) and ``interrupted``. On Ctrl-C / Jupyter's
+            Interrupt the pending runs are cancelled and the workers stopped; what was committed
+            stays, and the *partial* frame is returned with ``attrs["interrupted"] = True``
+            (no exception, like :func:`prunelab.pruning.prune`); run again to resume.
+
+        Raises:
+            ValueError: bad ``executor``/``workers``, a store path that is not a store, or
+                ``examples`` larger than a dataset's training split (before anything runs).
+            SweepError: some runs raised; the others are committed.
+        """
+        _check_executor(executor, workers)
+        st = _store(store)
+        configs, keys = self.configs(), self.keys()
+        done = set(st.keys())
+        pending = [(k, c) for k, c in zip(keys, configs) if k not in done]
+        for dataset in sorted({c["dataset"] for _, c in pending}):
+            n_train = len(D.load(dataset).train)
+            too_big = sorted({c["examples"] for _, c in pending
+                              if c["dataset"] == dataset and c["examples"] > n_train})
+            if too_big:
+                raise ValueError(f"examples={too_big} exceeds the {n_train} training examples "
+                                 f"of {dataset}")
+        root = Path(zoo_root).expanduser() if zoo_root is not None else paths.ZOO
+
+        def say(msg: str) -> None:
+            if progress:
+                print(msg, file=sys.stderr, flush=True)
+
+        say(f"sweep: {len(configs)} runs; {len(configs) - len(pending)} already in "
+            f"{st.path} (skipped); {len(pending)} to run")
+
+        from tqdm.auto import tqdm
+
+        ran, failures, interrupted, finished = 0, [], False, False
+        runner, bar = _Inline(), None
+        try:
+            if pending:
+                runner = _executor(executor, workers, len(pending))
+                say(f"sweep: running on {runner.name}")
+            self._ensure_zoo(runner, pending, root, progress)
+            bar = tqdm(total=len(pending), desc="sweep", unit="run", disable=not progress)
+            calls = [(c, str(root)) for _, c in pending]
+            for i, ok, value in runner.unordered(_task, calls):
+                key, config = pending[i]
+                if ok:
+                    st.put(key, config, value)  # committed now: a crash later loses nothing
+                    ran += 1
+                else:
+                    failures.append((config, value))
+                    bar.set_postfix(failed=len(failures))
+                bar.update(1)
+            finished = True
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            if bar is not None:
+                bar.close()
+            # Any early exit (Ctrl-C, or an error such as a full disk) cancels the rest at once.
+            runner.close(cancel=not finished)
+        if interrupted:
+            say(f"sweep interrupted: {ran} of {len(pending)} runs committed to {st.path}; "
+                f"run the same sweep again to resume")
+        frame = self.frame(st)
+        frame.attrs.update(ran=ran, skipped=len(configs) - len(pending), failed=len(failures),
+                           interrupted=interrupted)
+        if failures:
+            raise SweepError(f"{len(failures)} of {len(pending)} runs failed ({ran} committed, "
+                             f"see .failures); first failure: {failures[0][0]}\n"
+                             f"{failures[0][1]}", failures)
+        return frame
+
+    @staticmethod
+    def _ensure_zoo(runner, pending: list[tuple[str, dict]], root: Path, progress: bool) -> None:
+        """Train the missing zoo models once each (in parallel) before the runs need them."""
+        wanted = sorted({(c["arch"], c["dataset"], c["seed"]) for _, c in pending})
+        missing = [m for m in wanted
+                   if not ((root / f"{zoo.key(*m)}.json").exists()
+                           and (root / f"{zoo.key(*m)}.safetensors").exists())]
+        if not missing:
+            return
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(missing), desc="train zoo models", unit="model",
+                  disable=not progress) as bar:
+            for i, ok, value in runner.unordered(_ensure_zoo, [(*m, str(root)) for m in missing]):
+                if not ok:
+                    raise RuntimeError(f"training zoo model {zoo.key(*missing[i])} failed:\n"
+                                       f"{value}")
+                bar.update(1)

@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 def lap_vs_mp():
     model, bundle = pl.zoo.load("fcn", "fashion-mnist", seed=0)
     rows = []
-    for tau in range(4, 10):
+    for tau in range(1, 8):
         layer_sparsity = pl.masks.lap_layer_sparsity(model, tau, p=0.0, q=0.5)
         for crit in ("mp", "lap"):
             r = pl.prune(model, crit, layer_sparsity=layer_sparsity)
