@@ -11,7 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "paths", "data", "models", "train", "metrics", "zoo", "graph", "criteria", "masks",
+    "paths", "store", "data", "models", "train", "metrics", "zoo", "graph", "criteria", "masks",
     "pruning", "units", "connectivity", "collapse", "lottery", "experiments", "plots",
     "figures", "widgets",
 )

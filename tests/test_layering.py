@@ -11,12 +11,12 @@ PKG = Path(__file__).resolve().parent.parent / "prunelab"
 # DESIGN.md: data < models < train < metrics < zoo < graph < criteria < masks < prune
 #            < units, connectivity, collapse, lottery < experiments < plots, figures < widgets
 LAYERS = [
-    {"paths", "_parametrize"}, {"data"}, {"models"}, {"train"}, {"metrics"}, {"zoo"}, {"graph"},
+    {"paths", "_parametrize", "store"}, {"data"}, {"models"}, {"train"}, {"metrics"}, {"zoo"}, {"graph"},
     {"criteria"}, {"masks"}, {"pruning"}, {"units", "connectivity", "collapse", "lottery"},
     {"experiments"}, {"plots", "figures"}, {"widgets"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
-TORCH_FREE = {"paths", "plots", "figures"}
+TORCH_FREE = {"paths", "store", "plots", "figures"}
 
 
 def module_files():
