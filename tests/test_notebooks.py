@@ -16,6 +16,7 @@ def test_notebook_runs_fast(path, tmp_path, monkeypatch):
     from run_notebooks import run
 
     monkeypatch.setenv("PRUNELAB_FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setenv("PRUNELAB_RESULTS", str(tmp_path / "results"))
     out = run(path, {"FAST": 1}, tmp_path, timeout=600)
     nb = nbformat.read(out, as_version=4)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
