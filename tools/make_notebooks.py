@@ -24,6 +24,8 @@ def code(src, tags=()):
 def write(name, cells):
     nb = nbformat.v4.new_notebook()
     nb.cells = cells
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i:02d}"  # stable ids: regenerating gives no diff
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     nbformat.write(nb, NB / name)
