@@ -37,13 +37,13 @@ def qm_stages():
     batch = bundle.batch("train", n=1000, seed=0)
     rows = []
     for sparsity in (0.9, 0.98):
-        for stages in (1, 14):
-            r = pl.prune(model, "qm", sparsity=sparsity, stages=stages, schedule="exponential",
+        for crit, stages in (("mp", 1), ("qm", 1), ("qm", 14)):
+            r = pl.prune(model, crit, sparsity=sparsity, stages=stages, schedule="exponential",
                          batch=batch)
-            rows.append({"sparsity": sparsity, "stages": stages,
+            rows.append({"criterion": crit, "sparsity": sparsity, "stages": stages,
                          "delta_loss": r.history.delta_loss.iloc[-1],
                          "test_accuracy": pl.train.evaluate(r.model, bundle.test)["accuracy"]})
-    print("FCN / Fashion-MNIST, QM, global, exponential schedule, 1000-example batch")
+    print("FCN / Fashion-MNIST, MP and QM, global, exponential schedule, 1000-example batch")
     print(pd.DataFrame(rows).round(4).to_string(index=False))
 
 
