@@ -5,7 +5,7 @@ EXTRAS  ?= notebooks,test
 STAMP   := $(VENV)/.prunelab-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lab figures bench sysdeps clean-results
+.PHONY: install demo test test-fast lab figures bench sysdeps present
 
 $(STAMP): pyproject.toml constraints-cpu.txt tools/install.sh
 	bash tools/install.sh $(VENV) $(EXTRAS)
@@ -36,6 +36,14 @@ lab: install
 
 figures: install
 	$(PY) tools/run_notebooks.py notebooks/*.ipynb
+
+NB   ?= notebooks/01_loss_modelling.ipynb
+PORT ?= 8866
+FAST ?= 0
+# Lecture mode: NB as a Voilà dashboard on 127.0.0.1 only (code hidden, widgets live). Voilà runs
+# the whole notebook before the first page appears: use FAST=1 unless the sweep store is filled.
+present: install
+	PRUNELAB_FAST=$(FAST) $(VENV)/bin/voila $(NB) --Voila.ip=127.0.0.1 --port=$(PORT) --token
 
 bench: install
 	$(PY) -m benchmarks

@@ -668,7 +668,7 @@ class Sweep:
 
         def say(msg: str) -> None:
             if progress:
-                print(msg, file=sys.stderr, flush=True)
+                print(msg, flush=True)  # information, not an error: stdout
 
         say(f"sweep: {len(configs)} runs; {len(configs) - len(pending)} already in "
             f"{st.path} (skipped); {len(pending)} to run")

@@ -1,0 +1,364 @@
+"""PruningExplorer: what a user sees after moving a control, asserted on widget traits.
+
+Plain pytest, no kernel (ECOSYSTEM.md §1.2: observers run synchronously when a trait is set, so
+assert on ``slider.value``, ``html.value``, ``fig.data[i].y``; never on Output widgets). One test at
+the end runs a small notebook in a real kernel with nbclient.
+"""
+import math
+import re
+import threading
+import time
+
+import pytest
+import torch
+
+import prunelab as pl
+from prunelab import criteria as C
+from prunelab import masks as M
+from prunelab.train import evaluate
+
+pytest.importorskip("ipywidgets")
+pytest.importorskip("anywidget")  # plotly >= 6 FigureWidget needs it
+
+NUMBER = r"([0-9]+\.[0-9]+)"
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    """The committed pretrained MLP on MNIST-1D (< 2 s); an untrained one if it is missing."""
+    try:
+        return pl.zoo.load("mlp", "mnist1d", seed=0, train_if_missing=False)
+    except FileNotFoundError:
+        bundle = pl.data.load("mnist1d")
+        return pl.models.build("mlp", bundle, seed=0).eval(), bundle
+
+
+@pytest.fixture
+def model(pretrained):
+    return pretrained[0]
+
+
+@pytest.fixture
+def bundle(pretrained):
+    return pretrained[1]
+
+
+@pytest.fixture
+def explorer(model, bundle):
+    return pl.widgets.PruningExplorer(model, bundle, criteria=["mp", "lap", "snip", "random",
+                                                               "synflow", "lap-forward"])
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def accuracy_after(readout: str) -> float:
+    m = re.search(rf"accuracy {NUMBER} → {NUMBER}", readout)
+    assert m, readout
+    return float(m.group(2))
+
+
+def shown_sparsity(readout: str) -> float:
+    m = re.search(rf"sparsity {NUMBER}", readout)
+    assert m, readout
+    return float(m.group(1))
+
+
+def bars(explorer):
+    return list(explorer.layers_fig.data[0].y)
+
+
+def kept_fraction(masks):
+    return [float(m.float().mean()) for m in masks.values()]
+
+
+# ---------------------------------------------------------------------------- structure
+def test_is_returned_not_displayed_and_has_the_controls(explorer):
+    import ipywidgets as W
+    import plotly.graph_objects as go
+
+    assert isinstance(explorer.widget, W.VBox)
+    assert "prunelab-explorer" in explorer.widget._dom_classes
+    assert isinstance(explorer.density, W.FloatLogSlider)
+    assert explorer.density.min == pytest.approx(-3) and explorer.density.max == pytest.approx(0)
+    assert explorer.lam.description == "λ"
+    assert explorer.lam.options[0] == ("0", 0.0)  # λ = 0 is a position of the slider
+    assert [v for _, v in explorer.stages.options] == [1, 2, 5, 14, 50, 140]
+    assert list(explorer.scope.options) == list(M.SCOPES)
+    assert isinstance(explorer.layers_fig, go.FigureWidget)
+    assert isinstance(explorer.trajectory_fig, go.FigureWidget)
+    bundle = explorer._repr_mimebundle_()
+    view = bundle["application/vnd.jupyter.widget-view+json"]
+    assert view["model_id"] == explorer.widget.model_id
+
+
+def test_initial_state_is_complete_before_display(explorer, model):
+    assert explorer.density.value == pytest.approx(0.3, abs=0.003)  # 0.3 on the log grid
+    assert shown_sparsity(explorer.readout.value) == pytest.approx(1 - explorer.density.value,
+                                                                   abs=5e-4)
+    assert explorer.metrics["accuracy_before"] == evaluate(model, explorer._eval_batch)["accuracy"]
+    assert bars(explorer) == pytest.approx(kept_fraction(explorer.masks()))
+    # the synced widget state (what a late frontend such as Voilà draws) is not the stale
+    # y = [1, 1, 1] the figure was built with (ECOSYSTEM.md §1.2 item 3)
+    assert list(explorer.layers_fig._widget_data[0]["y"]) == pytest.approx(bars(explorer))
+
+
+def test_rejects_unknown_criterion(model, bundle):
+    with pytest.raises(ValueError, match="valid names"):
+        pl.widgets.PruningExplorer(model, bundle, criteria=["mp", "nope"])
+
+
+# ---------------------------------------------------------------------------- one-shot path
+def test_sparsity_slider_updates_readout_and_bars(explorer):
+    text0, bars0 = explorer.readout.value, bars(explorer)
+    explorer.density.value = 0.05
+    assert explorer.readout.value != text0
+    assert bars(explorer) != bars0
+    assert shown_sparsity(explorer.readout.value) == pytest.approx(0.95, abs=1e-3)
+    masks = explorer.masks()
+    assert M.sparsity(masks) == explorer.metrics["sparsity"]
+    assert explorer.metrics["sparsity"] == pytest.approx(0.95, abs=1e-4)  # exact counts
+    assert bars(explorer) == pytest.approx(kept_fraction(masks))
+    assert list(explorer.layers_fig._widget_data[0]["y"]) == pytest.approx(bars(explorer))
+    assert explorer.log[-1]["event"] == "move"
+
+
+@pytest.mark.parametrize("scope", M.SCOPES)
+def test_fast_path_equals_the_library(explorer, model, scope):
+    """The cached, in-place path shows what pl.prune + evaluate give for the same settings."""
+    explorer.scope.value = scope
+    explorer.lam.value = 1e-2
+    explorer.density.value = 0.1
+    ref = pl.prune(model, "mp", sparsity=explorer.sparsity, scope=scope, lam=1e-2,
+                   batch=explorer._score_batch)
+    masks = explorer.masks()
+    assert all(torch.equal(masks[n], ref.masks[n]) for n in ref.masks)
+    after = evaluate(ref.model, explorer._eval_batch)
+    assert explorer.metrics["accuracy"] == after["accuracy"]
+    assert explorer.metrics["loss"] == pytest.approx(after["loss"], rel=1e-6)
+    assert accuracy_after(explorer.readout.value) == pytest.approx(after["accuracy"], abs=5e-4)
+    pruned = explorer.pruned_model()
+    assert M.sparsity(M.current(pruned)) == explorer.metrics["sparsity"]
+
+
+def test_scores_are_cached_per_criterion_lambda_and_ranked_per_scope(explorer):
+    s0 = dict(explorer.stats)
+    assert s0["scores"] == 1 and s0["rankings"] == 1  # mp, global, λ=0 at construction
+    for d in (0.5, 0.2, 0.01):
+        explorer.density.value = d
+    assert explorer.stats["scores"] == 1 and explorer.stats["rankings"] == 1  # moves: no rescoring
+    explorer.criterion.value = "lap"
+    assert explorer.stats["scores"] == 2
+    lap_text = explorer.readout.value
+    explorer.criterion.value = "mp"
+    assert explorer.stats["scores"] == 2 and explorer.stats["rankings"] == 2  # cache hit
+    assert explorer.readout.value != lap_text
+    explorer.scope.value = "layerwise"
+    assert explorer.stats["scores"] == 2 and explorer.stats["rankings"] == 3  # re-ranked only
+    explorer.lam.value = 1.0
+    assert explorer.stats["scores"] == 3  # λ changes the scores
+    explorer.lam.value = 0.0
+    explorer.scope.value = "global"
+    assert explorer.stats["scores"] == 3 and explorer.stats["rankings"] == 4
+    assert explorer.stats["hits"] >= 2
+
+
+def test_criterion_and_scope_change_what_is_shown(explorer):
+    explorer.density.value = 0.1
+    shown = {}
+    for criterion, scope in [("mp", "global"), ("random", "global"), ("mp", "layerwise")]:
+        explorer.criterion.value = criterion
+        explorer.scope.value = scope
+        shown[criterion, scope] = (explorer.readout.value, bars(explorer))
+    assert len({t for t, _ in shown.values()}) == 3
+    # layerwise: every layer keeps the same fraction
+    assert max(shown["mp", "layerwise"][1]) - min(shown["mp", "layerwise"][1]) < 1e-3
+    assert shown["mp", "global"][1] != shown["mp", "layerwise"][1]
+
+
+def test_time_slider_move_reports_the_ratio(explorer):
+    start = explorer.density.value
+    t = explorer.time_slider_move(repeats=5)
+    assert t["move"] > 0 and t["evaluate"] > 0 and t["evaluate_1000"] > 0
+    assert t["ratio"] == pytest.approx(t["move"] / t["evaluate"])
+    assert t["examples"] == len(explorer._eval_batch[1])
+    assert explorer.density.value == start  # restored
+
+
+# ---------------------------------------------------------------------------- staged path
+def test_staged_setting_waits_for_run_then_fills_the_trajectory(explorer):
+    text0 = explorer.readout.value
+    scored = explorer.stats["scores"]
+    explorer.stages.value = 5
+    assert "press <b>Run</b>" in explorer.readout.value
+    explorer.density.value = 0.1  # a move in staged mode does not start a run
+    assert explorer.stats["scores"] == scored and explorer.result is None
+    result = explorer.run(block=True)
+    assert result is not None and len(result.history) == 5
+    assert explorer.progress.value == 5 and explorer.progress.bar_style == "success"
+    traj = explorer.trajectory_fig.data[0]
+    assert list(traj.x) == [1, 2, 3, 4, 5]
+    assert list(traj.y) == pytest.approx(result.history["delta_loss"].tolist())
+    assert "π=5" in explorer.trajectory_fig.layout.title.text
+    assert explorer.metrics["mode"] == "staged"
+    assert explorer.metrics["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert bars(explorer) == pytest.approx(kept_fraction(result.masks))
+    assert explorer.readout.value != text0 and "5 stages done" in explorer.readout.value
+    assert [e["event"] for e in explorer.log].count("stage") == 5
+    assert not any(w.disabled for w in explorer._controls) and explorer.cancel_button.disabled
+
+
+def test_cancel_after_stage_two_stops_early(explorer):
+    explorer.stages.value = 5
+
+    def cancel_at_two(change):
+        if change["new"] == 2:
+            explorer.cancel_button.click()
+
+    explorer.progress.observe(cancel_at_two, names="value")
+    result = explorer.run(block=True)
+    assert result.interrupted and len(result.history) == 2
+    assert list(explorer.trajectory_fig.data[0].x) == [1, 2]
+    assert "cancelled after stage 2 of 5" in explorer.readout.value
+    assert explorer.progress.bar_style == "warning"
+    assert explorer.metrics["interrupted"]
+    # stopped at stage 2's sparsity of the exponential schedule, not the target
+    assert explorer.metrics["sparsity"] == pytest.approx(result.history["sparsity"].iloc[-1])
+    assert explorer.metrics["sparsity"] < 0.7
+
+
+def test_background_run_can_be_cancelled_from_another_thread(explorer):
+    explorer.criterion.value = "lap"
+    explorer.stages.value = 140
+    assert explorer.run(block=False) is None
+    deadline = time.monotonic() + 120
+    while explorer.progress.value < 2 and explorer.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert explorer.running, "the run finished before it could be cancelled"
+    assert explorer.run_button.disabled and explorer.density.disabled
+    explorer.cancel_button.click()
+    result = explorer.wait(timeout=120)
+    assert result is not None and result.interrupted
+    assert 2 <= len(result.history) < 140
+    assert not explorer.run_button.disabled and not explorer.density.disabled
+    assert not explorer.running
+    assert not any(t.name == "prunelab-explorer-run" for t in threading.enumerate())
+
+
+def test_target_using_criterion_runs_only_on_request(explorer):
+    scored = explorer.stats["scores"]
+    explorer.criterion.value = "synflow"
+    assert explorer.stats["scores"] == scored
+    assert "synflow prunes toward the target" in explorer.readout.value
+    result = explorer.run(block=True)
+    assert result is not None and explorer.metrics["mode"] == "staged"
+    assert explorer.metrics["sparsity"] == pytest.approx(explorer.sparsity, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------- robustness
+def test_library_errors_show_in_the_readout(explorer):
+    explorer.criterion.value = "lap-forward"  # needs scope="layerwise": prune raises
+    assert explorer.run(block=True) is None
+    assert "error: ValueError" in explorer.readout.value and "layerwise" in explorer.readout.value
+    assert explorer.progress.bar_style == "danger"
+    assert not explorer.run_button.disabled  # still live
+    explorer.criterion.value = "mp"
+    assert "error" not in explorer.readout.value
+    assert shown_sparsity(explorer.readout.value) == pytest.approx(explorer.sparsity, abs=5e-4)
+
+
+def test_a_failing_criterion_on_the_fast_path_shows_an_error(model, bundle, monkeypatch):
+    monkeypatch.setitem(C.CRITERIA, "broken", C.Spec("basic", "does_not_exist", False, "x"))
+    ex = pl.widgets.PruningExplorer(model, bundle, criteria=["mp", "broken"])
+    bars0 = bars(ex)
+    ex.criterion.value = "broken"
+    assert "error: AttributeError" in ex.readout.value
+    assert bars(ex) == bars0 and ex.log[-1]["event"] == "error"
+    ex.criterion.value = "mp"
+    ex.density.value = 0.5
+    assert "error" not in ex.readout.value
+
+
+def test_obs_like_criteria_with_weight_updates_go_through_run(model, bundle):
+    ex = pl.widgets.PruningExplorer(model, bundle, criteria=["mp", "obs"])
+    ex.criterion.value = "obs"
+    assert not ex.one_shot and "updates the kept weights" in ex.readout.value
+    result = ex.run(block=True)
+    assert result is not None and ex.metrics["mode"] == "staged"
+
+
+def test_the_model_handed_in_is_never_modified(model, bundle):
+    before = snapshot(model)
+    ex = pl.widgets.PruningExplorer(model, bundle, criteria=["mp", "lap"])
+    for d in (0.5, 0.05, 0.001, 1.0):
+        ex.density.value = d
+    ex.criterion.value = "lap"
+    ex.scope.value = "normalized"
+    ex.stages.value = 2
+    ex.run(block=True)
+    ex.pruned_model()
+    assert same(before, snapshot(model))
+    assert not pl.graph.is_parametrized(model)
+
+
+def test_masks_already_on_the_model_stay_pruned(model, bundle):
+    half = pl.prune(model, "mp", sparsity=0.5).model
+    ex = pl.widgets.PruningExplorer(half, bundle, criteria=["mp"], density=0.9)
+    assert ex.density.max == pytest.approx(math.log10(0.5))
+    assert ex.metrics["sparsity"] == pytest.approx(0.5, abs=1e-4)
+    ex.density.value = 0.2
+    old = M.current(half)
+    new = ex.masks()
+    assert all(not (new[n] & ~old[n]).any() for n in old)  # nothing revived
+    assert ex.metrics["sparsity"] == pytest.approx(0.8, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------- in a kernel
+KERNEL_CELLS = [
+    """import torch
+torch.set_num_threads(1)
+import prunelab as pl
+model, bundle = pl.zoo.load("mlp", "mnist1d", seed=0, train_if_missing=False)
+explorer = pl.widgets.PruningExplorer(model, bundle, criteria=["mp", "lap"])
+explorer""",
+    """text0, bars0 = explorer.readout.value, list(explorer.layers_fig.data[0].y)
+explorer.density.value = 0.05""",
+    """assert explorer.readout.value != text0, explorer.readout.value
+assert list(explorer.layers_fig.data[0].y) != bars0
+assert abs(explorer.metrics["sparsity"] - 0.95) < 1e-3
+explorer.stages.value = 5
+explorer.run()            # a live kernel: runs in a background thread
+result = explorer.wait(120)
+assert result is not None and len(result.history) == 5, explorer.readout.value
+assert list(explorer.trajectory_fig.data[0].x) == [1, 2, 3, 4, 5]
+print("BARS", list(explorer.layers_fig.data[0].y), explorer.layers_fig.model_id)""",
+]
+
+
+@pytest.mark.slow
+def test_explorer_in_a_kernel(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+
+    if not (pl.paths.ZOO / "mlp-mnist1d-s0.safetensors").exists():
+        pytest.skip("the pretrained mlp-mnist1d-s0 checkpoint is not in data/zoo")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in KERNEL_CELLS]
+    NotebookClient(nb, timeout=180, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on error
+    errors = [o for c in nb.cells for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    text = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
+    m = re.search(r"BARS (\[.*\]) (\w+)", text)
+    assert m, text
+    shown, model_id = eval(m.group(1)), m.group(2)
+    # the widget state saved with the notebook (what a frontend opening it later draws) holds
+    # the final bars, not the figure's initial ones
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    saved = state[model_id]["state"]["_widget_data"][0]["y"]
+    assert saved == pytest.approx(shown)
