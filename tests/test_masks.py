@@ -235,3 +235,14 @@ def test_density_frame():
     df = M.density(masks)
     assert list(df.layer) == ["a.weight", "b.weight", "total"]
     assert df.density.tolist() == [0.5, 1.0, 0.75]
+
+
+@pytest.mark.parametrize("s", [0.0001, 0.5, 0.9, 0.9999])
+def test_sampled_selection_on_large_inputs_is_exact(s):
+    g = torch.Generator().manual_seed(1)
+    big = (torch.randn(2_500_000, generator=g) * 50).round()  # many ties at every threshold
+    k = M.n_pruned(s, big.numel())
+    assert M._kth_smallest(big, k) == torch.kthvalue(big, k).values
+    keep = M.select({"w.weight": big}, s)["w.weight"]
+    assert int((~keep).sum()) == k
+    assert big[keep].min() >= big[~keep].max()

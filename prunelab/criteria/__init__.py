@@ -14,6 +14,7 @@ order for any criterion.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from collections.abc import Callable
@@ -145,6 +146,23 @@ def check_scores(scores: Scores, model: nn.Module, name: str) -> Scores:
     return out
 
 
+@contextlib.contextmanager
+def _scoring_view(model: nn.Module):
+    """Eval mode and gradients on for every parameter, restored afterwards whatever happens."""
+    modes = [(m, m.training) for m in model.modules()]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    model.eval()
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 def compute(model: nn.Module, name: str, *, batch=None, masks: Masks | None = None,
             lam: float = 0.0, seed: int = 0, sparsity=None, scope: str = "global",
             copy: bool = True, **options) -> ScoreResult:
@@ -165,15 +183,25 @@ def compute(model: nn.Module, name: str, *, batch=None, masks: Masks | None = No
             raise ValueError(f"masks name unknown layers {sorted(unknown)}; prunable weights: "
                              f"{G.prunable_names(model)}")
     check_finite_weights(model)
-    if copy:
-        work = G.plain_copy(model, masks)  # criteria never see (or touch) the caller's module
+    if not copy:
+        work = model
+    elif masks or G.is_parametrized(model):
+        work = G.plain_copy(model, masks)  # criteria see the effective (masked) weights
         work.eval()
         for p in work.parameters():
             p.requires_grad_(True)
     else:
+        work = None
+    if work is None:
+        # A plain model is scored as it is (a deep copy of a big net costs more than MP itself):
+        # criteria only read it; eval mode and requires_grad are set for the call and restored.
+        with _scoring_view(model):
+            out = get(name)(model, batch=batch, masks=masks, seed=seed, sparsity=sparsity,
+                            scope=scope, **options)
         work = model
-    out = get(name)(work, batch=batch, masks=masks, seed=seed, sparsity=sparsity, scope=scope,
-                    **options)
+    else:
+        out = get(name)(work, batch=batch, masks=masks, seed=seed, sparsity=sparsity,
+                        scope=scope, **options)
     result = out if isinstance(out, ScoreResult) else ScoreResult(out)
     result.scores = check_scores(result.scores, work, name)
     if s.needs_data and not result.examples:
