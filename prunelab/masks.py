@@ -75,6 +75,14 @@ def _prune_lowest(flat: Tensor, k: int) -> Tensor:
         return keep
     if k >= n:
         return ~keep
+    dead = torch.isneginf(flat)  # entries pruned in earlier stages (see _prepare)
+    n_dead = int(dead.sum())
+    if k > n_dead > n // 4:
+        # Late stages of a schedule: select among the surviving entries only.
+        alive = torch.nonzero(~dead).flatten()
+        keep = torch.zeros(n, dtype=torch.bool, device=flat.device)
+        keep[alive[_prune_lowest(flat[alive], k - n_dead)]] = True
+        return keep
     # Ties at the threshold are resolved by index below, so counts are exact.
     t = _kth_smallest(flat, k)
     below = flat < t
@@ -126,7 +134,7 @@ def _prepare(scores: Scores, previous: Masks | None) -> dict[str, Tensor]:
 
 def select(scores: Scores, sparsity: float | None = None, *, scope: str = "global",
            layer_sparsity: dict[str, float] | None = None,
-           previous: Masks | None = None) -> Masks:
+           previous: Masks | None = None, _checked: bool = False) -> Masks:
     """Keep the highest-scoring weights so that ``sparsity`` of them are pruned.
 
     Args:
@@ -142,7 +150,15 @@ def select(scores: Scores, sparsity: float | None = None, *, scope: str = "globa
     Returns:
         name -> bool mask, True = kept.
     """
-    _check_scores(scores, previous)
+    if not _checked:  # the pruning loop's scores were checked by criteria.compute
+        _check_scores(scores, previous)
+    out = _select(scores, sparsity, scope, layer_sparsity, previous)
+    if previous:  # pruned stays pruned, also when the new target is below the old sparsity
+        out = {n: m & previous[n].to(torch.bool) if n in previous else m for n, m in out.items()}
+    return out
+
+
+def _select(scores: Scores, sparsity, scope: str, layer_sparsity, previous) -> Masks:
     ranked = _prepare(scores, previous)
     if layer_sparsity is not None:
         unknown = set(layer_sparsity) - set(scores)
@@ -181,6 +197,7 @@ class Ranking:
         check_scope(scope)
         _check_scores(scores, previous)
         ranked = _prepare(scores, previous)
+        self.previous = {n: m.to(torch.bool) for n, m in (previous or {}).items()}
         self.scope = scope
         self.names = list(ranked)
         self.shapes = {n: s.shape for n, s in ranked.items()}
@@ -215,6 +232,8 @@ class Ranking:
                 result[n] = r >= k
             else:
                 torch.ge(r, k, out=out[n])
+            if n in self.previous:
+                result[n] &= self.previous[n]
         return result
 
 

@@ -150,8 +150,15 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
               "schedule": schedule, "lam": lam, "seed": seed,
               "layer_sparsity": dict(layer_sparsity) if layer_sparsity else None,
               "examples": len(batch[0]) if batch is not None else 0, **options}
-    loss0 = batch_loss(work, batch) if batch is not None else math.nan
+    # The loss after stage i is the loss the criterion of stage i+1 computes anyway (its forward
+    # pass on the same batch): reuse it instead of an extra forward per stage. The last stage, or
+    # a run with a callback (which wants its row at once), measures it directly.
+    loss0 = math.nan
+    pending: dict | None = None
     rows, scores, interrupted, changed = [], {}, False, False
+
+    def finish(row: dict, value: float) -> None:
+        row["loss"], row["delta_loss"] = value, abs(value - loss0)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=stages, desc=f"prune {criterion}", disable=not progress, leave=False)
@@ -165,7 +172,15 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
                                scope="layerwise" if layer_sparsity is not None else scope,
                                copy=False, **options)
             scores = result.scores
-            new = M.select(scores, target, scope=scope, layer_sparsity=targets[i], previous=cur)
+            crit_loss = result.info.get("loss") if batch is not None else None
+            if i == 0:
+                loss0 = crit_loss if crit_loss is not None else (
+                    batch_loss(work, batch) if batch is not None else math.nan)
+            elif pending is not None:
+                finish(pending, crit_loss if crit_loss is not None else batch_loss(prev_work, batch))
+                pending = None
+            new = M.select(scores, target, scope=scope, layer_sparsity=targets[i], previous=cur,
+                           _checked=True)
             updates = result.update(new) if (obs_update and result.update is not None) else {}
             step_sq = 0.0
             with torch.no_grad():
@@ -183,12 +198,16 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
                 work = M.remove(tuned)
                 work.eval()
                 changed = True
-            stage_loss = batch_loss(work, batch) if batch is not None else math.nan
             row = {"stage": i + 1, "target_sparsity": M.sparsity(cur) if target is None else target,
-                   "sparsity": M.sparsity(cur), "loss": stage_loss,
-                   "delta_loss": abs(stage_loss - loss0), "step_norm": math.sqrt(step_sq),
-                   "seconds": time.perf_counter() - t0, "examples": result.examples}
+                   "sparsity": M.sparsity(cur), "loss": math.nan, "delta_loss": math.nan,
+                   "step_norm": math.sqrt(step_sq), "seconds": time.perf_counter() - t0,
+                   "examples": result.examples}
             rows.append(row)
+            if batch is not None:
+                if callback is not None or i == stages - 1 or not C.CRITERIA[criterion].needs_data:
+                    finish(row, batch_loss(work, batch))
+                else:
+                    pending, prev_work = row, work
             bar.update(1)
             if callback is not None and callback(row):
                 interrupted = True
@@ -197,6 +216,8 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
         interrupted = True
     finally:
         bar.close()
+    if pending is not None:  # interrupted between stages
+        finish(pending, batch_loss(work, batch))
 
     target_model = model if inplace else copy.deepcopy(model)
     if changed:

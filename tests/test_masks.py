@@ -246,3 +246,27 @@ def test_sampled_selection_on_large_inputs_is_exact(s):
     keep = M.select({"w.weight": big}, s)["w.weight"]
     assert int((~keep).sum()) == k
     assert big[keep].min() >= big[~keep].max()
+
+
+def reference_select(scores, s, previous):
+    """Stable-sort reference: previously pruned first, then by score, ties by index."""
+    flat = torch.cat([sc.flatten() for sc in scores.values()]).double()
+    prev = torch.cat([previous[n].flatten() for n in scores])
+    flat = torch.where(prev, flat, torch.full_like(flat, -math.inf))
+    order = torch.sort(flat, stable=True).indices
+    keep = torch.ones_like(prev)
+    keep[order[:M.n_pruned(s, flat.numel())]] = False
+    return keep & prev
+
+
+@settings(max_examples=150, deadline=None)
+@given(layers=score_tensors, s=st.floats(0.0, 0.999), seed=st.integers(0, 10**6),
+       dead=st.floats(0.0, 0.95))
+def test_select_with_previous_matches_reference(layers, s, seed, dead):
+    scores = {f"l{i}.weight": torch.tensor(v) for i, v in enumerate(layers)}
+    g = torch.Generator().manual_seed(seed)
+    previous = {n: torch.rand(v.shape, generator=g) >= dead for n, v in scores.items()}
+    got = torch.cat([m.flatten() for m in M.select(scores, s, previous=previous).values()])
+    assert torch.equal(got, reference_select(scores, s, previous))
+    ranked = M.Ranking(scores, previous=previous).masks(s)
+    assert torch.equal(torch.cat([m.flatten() for m in ranked.values()]), got)

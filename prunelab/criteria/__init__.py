@@ -173,16 +173,15 @@ def compute(model: nn.Module, name: str, *, batch=None, masks: Masks | None = No
     """
     s = spec(name)
     lam = check_lam(lam)
-    if s.needs_data:
-        batch = check_batch(batch, name)
-    elif batch is not None:
-        batch = check_batch(batch, name)
-    if masks:
-        unknown = set(masks) - set(G.prunable_names(model))
-        if unknown:
-            raise ValueError(f"masks name unknown layers {sorted(unknown)}; prunable weights: "
-                             f"{G.prunable_names(model)}")
-    check_finite_weights(model)
+    if copy:  # the pruning loop (copy=False) validated its inputs once, before the first stage
+        if s.needs_data or batch is not None:
+            batch = check_batch(batch, name)
+        if masks:
+            unknown = set(masks) - set(G.prunable_names(model))
+            if unknown:
+                raise ValueError(f"masks name unknown layers {sorted(unknown)}; prunable "
+                                 f"weights: {G.prunable_names(model)}")
+        check_finite_weights(model)
     if not copy:
         work = model
     elif masks or G.is_parametrized(model):
