@@ -246,6 +246,11 @@ def delta_loss_scatter(frame: pd.DataFrame, *, x: str = "delta_loss",
     shown = frame[np.isfinite(values) & (values > 0)]
     sns.scatterplot(data=shown, x=x, y=y, hue=hue, style=hue, s=22, alpha=0.8, ax=ax)
     ax.set_xscale("log")
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    # Within a decade or two, matplotlib labels the minor ticks too and they run into each other.
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.set_xlabel("ΔL(θ, Δθ)" if x == "delta_loss" else x.replace("_", " "))
     ax.set_ylabel({"val_error_gap_ft": "val. error gap after fine-tuning",
                    "val_error_gap": "val. error gap before fine-tuning"}.get(
