@@ -1,0 +1,434 @@
+"""Unit pruning with mean replacement (Mean Replacement Pruning, MRP; ICLR 2019 submission).
+
+A *unit* is an output neuron of a ``Linear`` or an output channel of a ``Conv``. In each chosen
+layer the units with the lowest scores are pruned (MRP Sec. 3, Eq. 2); the twelve scores of MRP
+Table 1 are registered under their plot tags (``rand``, ``norm``, ``abs_rs``, ``abs_mrs``, ``rs``,
+``mrs`` and the ``bp_`` variants, which add mean replacement, MRP Sec. 3.2 Eq. 4).
+
+How a unit is removed
+    The unit's *outgoing* effect is zeroed: the input columns of every consumer layer that carry
+    the unit (for conv -> flatten -> Linear the whole block of columns of that channel; for
+    conv -> conv the input channel) are set to 0. This is exactly "removing the unit" whatever
+    the activation is (zeroing the unit's own weights would leave ``f(0)``, which is not 0 for
+    sigmoid or after BatchNorm). The unit's own weights are left as they are; ``physical=True``
+    instead removes the unit's row/filter, its bias and BatchNorm entries and the consumer's
+    columns/channels, giving a smaller dense model with the same function.
+
+Mean replacement (MRP Eq. 4, justified by Sec. 3.3)
+    The removed unit's contribution is replaced by its mean on the batch: ``b_consumer +=
+    W_consumer[:, unit] * mean(a_unit)``, where ``a`` is the unit's output as the consumer sees it
+    (the consumer's input, captured with a forward hook: after activation, BatchNorm and pooling).
+    A consumer without a bias gets one. For a Linear consumer behind a flatten, each flattened
+    position of the channel gets its own mean (the exact optimal constant, Sec. 3.3). For a conv
+    consumer the channel is replaced by its mean over examples *and* positions (MRP Sec. 3.2),
+    which adds ``mean * sum(kernel)`` to the bias; at zero-padded borders the true replacement
+    would cover only part of the kernel, so there it is an approximation.
+
+Statistics (means, gradients) come from one forward/backward pass of the *dense* model in eval
+mode on ``batch`` with the mean cross-entropy loss, for all chosen layers at once, as in MRP's
+experiments where all layers are pruned by the same fraction at once.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prunelab.graph import is_parametrized, layer_graph, plain_copy
+
+#: Base score names of MRP Table 1 (without the ``bp_`` prefix).
+BASE_SCORES = ("rand", "norm", "abs_rs", "abs_mrs", "rs", "mrs")
+#: Every valid score tag: the base names and their ``bp_`` (mean-replacement) variants.
+SCORES = BASE_SCORES + tuple(f"bp_{s}" for s in BASE_SCORES)
+_DATA_SCORES = {"abs_rs", "abs_mrs", "rs", "mrs"}
+
+
+def names() -> list[str]:
+    """The 12 score tags of MRP Table 1."""
+    return list(SCORES)
+
+
+@dataclass
+class UnitPruneResult:
+    """What :func:`prune` did.
+
+    Attributes:
+        model: The pruned model (a copy unless ``inplace=True``).
+        pruned: Module name -> sorted list of pruned unit indices (indices of the original layer).
+        scores: Module name -> one score per unit (float64; lower = pruned first).
+        sizes: Module name -> number of units of the original layer.
+        examples: Number of examples in the batch used (0 for data-free scores without batch).
+        score: The score tag used.
+        mean_replacement: Whether mean replacement (``bp_``) was applied.
+        physical: Whether the units were physically removed.
+        masks: For masked (not physical) pruning: consumer weight name -> bool mask (True = kept)
+            of the zeroed input columns, in the DESIGN.md mask convention.
+        means: Module name -> the batch means that were propagated (``bp_`` only), shaped
+            ``(units, positions)`` (positions = 1 for conv consumers and Linear units).
+    """
+
+    model: nn.Module
+    pruned: dict[str, list[int]]
+    scores: dict[str, Tensor]
+    sizes: dict[str, int]
+    examples: int
+    score: str
+    mean_replacement: bool
+    physical: bool
+    masks: dict[str, Tensor] = field(default_factory=dict)
+    means: dict[str, Tensor] = field(default_factory=dict)
+
+    def table(self):
+        """Tidy frame, one row per layer: ``layer, units, pruned, fraction, score``."""
+        import pandas as pd
+
+        rows = [{"layer": name, "units": self.sizes[name], "pruned": len(idx),
+                 "fraction": len(idx) / self.sizes[name], "score": self.score}
+                for name, idx in self.pruned.items()]
+        return pd.DataFrame(rows, columns=["layer", "units", "pruned", "fraction", "score"])
+
+
+@dataclass
+class _Unit:
+    """A chosen layer and what its consumers see of it."""
+
+    module: str
+    weight: str
+    n: int
+    consumers: list[tuple[str, int | None]]  # (consumer module name, flatten size or None)
+    bns: list[str]
+
+
+# --------------------------------------------------------------------------------- validation
+
+def _parse_score(score: str) -> tuple[str, bool]:
+    if not isinstance(score, str) or score not in SCORES:
+        raise ValueError(f"unknown unit score {score!r}; valid names: {', '.join(SCORES)}")
+    if score.startswith("bp_"):
+        return score[3:], True
+    return score, False
+
+
+def _units(model: nn.Module, layers: Iterable[str] | None) -> list[_Unit]:
+    graph = layer_graph(model)
+    by_module = {graph[w].module: graph[w] for w in graph.names}
+    if layers is None:
+        chosen = [graph[w].module for w in graph.names[:-1]]
+    else:
+        if isinstance(layers, str):
+            layers = [layers]
+        chosen = list(dict.fromkeys(layers))
+        for name in chosen:
+            if name not in by_module:
+                raise ValueError(f"unknown layer {name!r}; prunable layers (module names): "
+                                 f"{', '.join(by_module)}")
+    out = []
+    for name in chosen:
+        layer = by_module[name]
+        if layer.groups != 1:
+            raise ValueError(f"layer {name!r} is a grouped conv (groups={layer.groups}); unit "
+                             "pruning supports groups=1 only")
+        if layer.external_out or not layer.next:
+            raise ValueError(f"layer {name!r}: its output reaches the model output or an "
+                             "operation the layer graph cannot see through, so its units cannot "
+                             "be removed through consumer layers (the last layer's units are the "
+                             "classes)")
+        consumers, bns = [], []
+        for e in layer.outputs:
+            dst = graph[e.dst]
+            if dst.prev != (layer.name,) or dst.external_in:
+                raise ValueError(f"layer {name!r}: its consumer {dst.module!r} also receives "
+                                 f"{[p for p in dst.prev if p != layer.name] or 'other inputs'} "
+                                 "(residual add or concatenation); unit pruning needs each "
+                                 "consumer to read this layer alone")
+            if dst.groups != 1:
+                raise ValueError(f"layer {name!r}: consumer {dst.module!r} is a grouped conv")
+            consumers.append((dst.module, e.flatten))
+            bns.extend(b for b in e.bns if b not in bns)
+        out.append(_Unit(name, layer.name, layer.out_size, consumers, bns))
+    return out
+
+
+def _count(n: int, name: str, fraction: float | None, count: int | None) -> int:
+    if fraction is not None:
+        k = int(math.floor(fraction * n + 0.5))
+    else:
+        k = int(count)
+    if k >= n:
+        raise ValueError(f"layer {name!r}: pruning {k} of its {n} units would remove every "
+                         f"unit (fraction={fraction}, count={count})")
+    return k
+
+
+# ------------------------------------------------------------------------------ statistics
+
+def _as_units(x: Tensor, n: int, flatten: int | None) -> Tensor:
+    """A consumer input as ``(N, n, positions)``."""
+    if x.dim() == 2:
+        return x.reshape(x.shape[0], n, flatten or 1)
+    return x.flatten(2)
+
+
+def _statistics(model: nn.Module, units: list[_Unit], batch, loss_fn, need_grad: bool):
+    """Consumer inputs ``a`` (N, n, P), their means ``ā`` (broadcastable) and ``dL/da``.
+
+    ``ā`` is per unit and flattened position for Linear consumers, per channel (over examples
+    and positions, MRP Sec. 3.2) for conv consumers. ``L`` is the mean loss over the batch.
+    """
+    x, y = batch
+    captured: dict[str, Tensor] = {}
+    handles = []
+
+    def hook(name):
+        def fn(module, args):
+            captured[name] = args[0]
+        return fn
+
+    wanted = {c for u in units for c, _ in u.consumers}
+    for name in wanted:
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            inp = x.detach().clone().requires_grad_(need_grad and x.is_floating_point())
+            out = model(inp)
+            grads = {}
+            if need_grad:
+                loss = loss_fn(out, y)
+                names = sorted(wanted)
+                gs = torch.autograd.grad(loss, [captured[c] for c in names], allow_unused=True)
+                grads = {c: (torch.zeros_like(captured[c]) if g is None else g)
+                         for c, g in zip(names, gs)}
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    stats = {}
+    for u in units:
+        per = []
+        for cname, flat in u.consumers:
+            a = _as_units(captured[cname].detach(), u.n, flat)
+            conv_consumer = captured[cname].dim() > 2
+            mean = a.mean(dim=(0, 2), keepdim=True) if conv_consumer else a.mean(0, keepdim=True)
+            g = _as_units(grads[cname], u.n, flat) if need_grad else None
+            per.append((a, mean, g))
+        stats[u.module] = per
+    return stats
+
+
+def _unit_scores(model: nn.Module, units: list[_Unit], base: str, stats, seed: int) -> dict:
+    scores = {}
+    gen = torch.Generator().manual_seed(int(seed))
+    for u in units:
+        if base == "rand":
+            s = torch.rand(u.n, generator=gen, dtype=torch.float64)
+        elif base == "norm":
+            w = model.get_submodule(u.module).weight.detach()
+            s = w.reshape(u.n, -1).double().norm(dim=1)
+        else:
+            per_example = 0.0
+            for a, mean, g in stats[u.module]:
+                delta = (mean - a) if base.endswith("mrs") else -a
+                per_example = per_example + (delta * g).sum(dim=2)  # (N, n): Σ_p Δa·∂L/∂a
+            per_example = per_example.double()
+            s = per_example.abs().sum(0) if base.startswith("abs_") else per_example.sum(0)
+        scores[u.module] = s.detach().cpu()
+    return scores
+
+
+def _lowest(scores: Tensor, k: int) -> list[int]:
+    """Indices of the ``k`` lowest scores; ties broken by the lower index (stable sort)."""
+    order = torch.sort(scores, stable=True).indices
+    return sorted(order[:k].tolist())
+
+
+# ------------------------------------------------------------------------------ surgery
+
+def _columns(n: int, flat: int | None, idx: list[int]) -> Tensor:
+    """Consumer input columns of units ``idx`` (blocks of ``flat`` columns after a flatten)."""
+    if flat is None:
+        return torch.tensor(idx, dtype=torch.long)
+    return (torch.tensor(idx, dtype=torch.long)[:, None] * flat
+            + torch.arange(flat)[None, :]).reshape(-1)
+
+
+@torch.no_grad()
+def _propagate(model: nn.Module, u: _Unit, idx: list[int], stats) -> Tensor:
+    """MRP Eq. 4: ``b += W[:, unit] · ā`` in every consumer; returns the means used."""
+    means = None
+    for (cname, flat), (a, mean, _) in zip(u.consumers, stats[u.module]):
+        m = model.get_submodule(cname)
+        mean = mean[0]  # (n, P) or (n, 1)
+        means = mean if means is None else means
+        sel = torch.tensor(idx, dtype=torch.long)
+        w = m.weight
+        if isinstance(m, nn.Linear):
+            cols = _columns(u.n, flat, idx)
+            delta = w[:, cols] @ mean[sel].reshape(-1).to(w.dtype)
+        else:
+            delta = (w[:, sel].flatten(2).sum(2) * mean[sel, 0].to(w.dtype)).sum(1)
+        if m.bias is None:
+            m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+        m.bias.add_(delta.to(m.bias.device))
+    return means
+
+
+@torch.no_grad()
+def _mask(model: nn.Module, u: _Unit, idx: list[int], masks: dict[str, Tensor]) -> None:
+    for cname, flat in u.consumers:
+        m = model.get_submodule(cname)
+        key = f"{cname}.weight"
+        mask = masks.setdefault(key, torch.ones_like(m.weight, dtype=torch.bool))
+        cols = _columns(u.n, flat, idx) if isinstance(m, nn.Linear) else torch.tensor(idx)
+        mask[:, cols] = False
+        m.weight[:, cols] = 0
+
+
+def _keep(n: int, idx: list[int]) -> Tensor:
+    drop = set(idx)
+    return torch.tensor([i for i in range(n) if i not in drop], dtype=torch.long)
+
+
+@torch.no_grad()
+def _remove(model: nn.Module, u: _Unit, idx: list[int]) -> None:
+    """Physically drop units ``idx``: rows, bias and BN entries, consumer columns/channels."""
+    keep = _keep(u.n, idx)
+    m = model.get_submodule(u.module)
+    m.weight = nn.Parameter(m.weight[keep].clone(), requires_grad=m.weight.requires_grad)
+    if m.bias is not None:
+        m.bias = nn.Parameter(m.bias[keep].clone(), requires_grad=m.bias.requires_grad)
+    if isinstance(m, nn.Linear):
+        m.out_features = len(keep)
+    else:
+        m.out_channels = len(keep)
+    for bname in u.bns:
+        bn = model.get_submodule(bname)
+        for attr in ("weight", "bias"):
+            p = getattr(bn, attr)
+            if p is not None:
+                setattr(bn, attr, nn.Parameter(p[keep].clone(), requires_grad=p.requires_grad))
+        for attr in ("running_mean", "running_var"):
+            if getattr(bn, attr) is not None:
+                setattr(bn, attr, getattr(bn, attr)[keep].clone())
+        bn.num_features = len(keep)
+    for cname, flat in u.consumers:
+        c = model.get_submodule(cname)
+        if isinstance(c, nn.Linear):
+            cols = _columns(u.n, flat, keep.tolist()) if flat else keep
+            c.weight = nn.Parameter(c.weight[:, cols].clone(), requires_grad=c.weight.requires_grad)
+            c.in_features = len(cols)
+        else:
+            c.weight = nn.Parameter(c.weight[:, keep].clone(), requires_grad=c.weight.requires_grad)
+            c.in_channels = len(keep)
+
+
+# ------------------------------------------------------------------------------ public API
+
+def score(model: nn.Module, score: str = "abs_mrs", *, layers: Sequence[str] | None = None,
+          batch=None, seed: int = 0,
+          loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+    """Per-unit scores of MRP Table 1 (lower = pruned first); see :func:`prune` for definitions."""
+    base, _ = _parse_score(score)
+    units = _units(model, layers)
+    if base in _DATA_SCORES and batch is None:
+        raise ValueError(f"score {score!r} is data-dependent: pass batch=(x, y)")
+    stats = (_statistics(model, units, batch, loss_fn or F.cross_entropy, base in _DATA_SCORES)
+             if base in _DATA_SCORES else None)
+    return _unit_scores(model, units, base, stats, seed)
+
+
+def prune(model: nn.Module, *, fraction: float | None = None, count: int | None = None,
+          score: str = "bp_abs_mrs", layers: Sequence[str] | None = None, batch=None,
+          seed: int = 0, inplace: bool = False, physical: bool = False,
+          loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> UnitPruneResult:
+    """Prune the lowest-scoring units of each chosen layer (MRP Sec. 3, Eq. 2).
+
+    Scores (MRP Table 1 and Sec. 3.4; App. 6.1 Eqs. 5-6), with ``a`` a unit's output as its
+    consumer sees it, ``g = ∂L/∂a`` for the mean loss ``L`` over the batch, sums over positions
+    ``p`` of a conv unit (or the flattened positions of a channel) and over examples ``i``:
+
+    - ``rs`` (removal saliency): ``Σ_i Σ_p (0 - a)·g``, the first-order Taylor prediction of the
+      loss change when the unit is set to 0. Signed, so the units whose removal is predicted to
+      *lower* the loss most are pruned first (MRP Sec. 3: lowest score pruned).
+    - ``mrs`` (mean replacement saliency, App. 6.1 Eq. 5 without absolute values):
+      ``Σ_i Σ_p (ā - a)·g``, the prediction for replacing the unit by its mean ``ā``.
+    - ``abs_rs`` / ``abs_mrs``: ``E_i |Σ_p Δa·∂l_i/∂a|`` — Sec. 3.4 writes ``E_{i~Ds}|∇_a L ⊙ Δa|``,
+      the absolute value *per example* before averaging over examples (as Molchanov et al. 2016,
+      who average positions inside the absolute value). As ``∂l_i/∂a_i = N·g_i`` for the loss
+      ``l_i`` of example ``i``, this equals ``Σ_i |Σ_p Δa·g|``.
+    - ``norm``: L2 norm of the unit's incoming weights (its weight row / filter; bias excluded).
+    - ``rand``: uniform in [0, 1) from ``seed`` (one generator, drawn in layer order).
+    - ``bp_<score>``: the same score, then mean replacement (Eq. 4) after removing the units.
+
+    Args:
+        model: Model whose prunable layers form a chain around the chosen layers (each consumer
+            reads the chosen layer alone; residual adds raise ``ValueError``).
+        fraction: Fraction of the units of each layer to prune, in (0, 1); rounded to the nearest
+            count. Exactly one of ``fraction`` and ``count``.
+        count: Number of units to prune in each layer.
+        score: A tag of :data:`SCORES`.
+        layers: Module names (``"features.0"``); default every prunable layer but the last.
+        batch: ``(x, y)``; needed by the Taylor scores and by every ``bp_`` score.
+        seed: Seed of ``rand``.
+        inplace: Modify ``model`` itself (not allowed for models carrying parametrizations).
+        physical: Remove the units, giving a smaller dense model with the same function.
+        loss_fn: ``loss_fn(output, y)``, a mean over the batch; default cross-entropy.
+
+    Returns:
+        :class:`UnitPruneResult`.
+
+    Raises:
+        ValueError: Bad fraction/count, unknown score or layer, missing batch, pruning every
+            unit of a layer, or a layer whose units cannot be removed through its consumers.
+            The model is unchanged.
+    """
+    base, bp = _parse_score(score)
+    if (fraction is None) == (count is None):
+        raise ValueError(f"give exactly one of fraction and count (got fraction={fraction!r}, "
+                         f"count={count!r})")
+    if fraction is not None and not (isinstance(fraction, (int, float))
+                                     and 0.0 < float(fraction) < 1.0):
+        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        raise ValueError(f"count must be a non-negative int, got {count!r}")
+    needs_data = base in _DATA_SCORES or bp
+    if needs_data and batch is None:
+        raise ValueError(f"score {score!r} is data-dependent (Taylor scores and bp_ mean "
+                         "replacement need activations): pass batch=(x, y)")
+    if inplace and is_parametrized(model):
+        raise ValueError("inplace=True on a model with parametrizations (masks) is not "
+                         "supported; pass inplace=False to get a pruned plain copy")
+    units = _units(model, layers)
+    counts = {u.module: _count(u.n, u.module, fraction, count) for u in units}
+
+    stats = (_statistics(model, units, batch, loss_fn or F.cross_entropy, base in _DATA_SCORES)
+             if needs_data else None)
+    scores = _unit_scores(model, units, base, stats, seed)
+    pruned = {u.module: _lowest(scores[u.module], counts[u.module]) for u in units}
+
+    if inplace:
+        target = model
+    else:
+        target = plain_copy(model) if is_parametrized(model) else copy.deepcopy(model)
+    means, masks = {}, {}
+    if bp:  # on the full-size weights, before any column is dropped
+        for u in units:
+            if pruned[u.module]:
+                means[u.module] = _propagate(target, u, pruned[u.module], stats)
+    for u in units:
+        if pruned[u.module] and not physical:
+            _mask(target, u, pruned[u.module], masks)
+    if physical:
+        for u in units:
+            if pruned[u.module]:
+                _remove(target, u, pruned[u.module])
+    examples = int(batch[0].shape[0]) if batch is not None else 0
+    return UnitPruneResult(model=target, pruned=pruned, scores=scores,
+                           sizes={u.module: u.n for u in units}, examples=examples, score=score,
+                           mean_replacement=bp, physical=physical, masks=masks, means=means)
