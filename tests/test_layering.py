@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parent.parent / "prunelab"
 #            < units, connectivity, collapse, lottery < experiments < plots, figures < widgets
 LAYERS = [
     {"paths", "_parametrize", "store"}, {"data"}, {"models"}, {"train"}, {"metrics"}, {"zoo"}, {"graph"},
-    {"criteria"}, {"masks"}, {"pruning"}, {"units", "connectivity", "collapse", "lottery"},
+    {"criteria"}, {"masks"}, {"pruning"}, {"units", "connectivity", "collapse", "lottery", "compression"},
     {"experiments"}, {"plots", "figures"}, {"widgets"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
