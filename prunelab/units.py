@@ -432,3 +432,186 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
     return UnitPruneResult(model=target, pruned=pruned, scores=scores,
                            sizes={u.module: u.n for u in units}, examples=examples, score=score,
                            mean_replacement=bp, physical=physical, masks=masks, means=means)
+
+
+# ------------------------------------------------------------------ penalties during training
+
+def _loss(model: nn.Module, batch, loss_fn) -> float:
+    """Mean loss of ``model`` on ``batch`` in eval mode (mode restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return float(loss_fn(model(batch[0]), batch[1]))
+    finally:
+        model.train(was_training)
+
+
+class PenaltyRecorder:
+    """Pruning penalties of every score variant measured during training (MRP Sec. 4.1-4.2).
+
+    Use as ``train.fit(..., step_callback=recorder)``. Every ``every`` optimiser steps it
+    copies the training model (the model, its gradients and the optimiser are never touched and
+    the global RNG state is restored), prunes the copy with each score of ``scores`` via
+    :func:`prune` (``fraction`` of the units of each chosen layer at once, masked) and records
+    the pruning penalty ``L(pruned) - L(dense)`` on the fixed ``batch`` (mean loss, eval mode).
+    With ``finetune_steps = k > 0`` the pruned copy is then trained ``k`` full-batch plain-SGD
+    steps on ``batch`` (in the mode the training model was in, masks re-applied after every
+    step so pruned units stay removed) and ``penalty_ft = L(pruned, fine-tuned) - L(dense)``
+    is recorded too (MRP Sec. 4.2; the dense model is *not* fine-tuned), else ``penalty_ft``
+    is NaN.
+
+    ``rand`` draws from seed ``seed + step``, so it picks a fresh random set at each
+    measurement (as MRP Fig. 7 requires); the other scores are deterministic.
+
+    Attributes:
+        rows: The recorded rows (see :meth:`frame`).
+        selected: score tag -> layer module name -> set of unit indices ever selected.
+        history: ``(step, score, {layer: pruned indices})`` per measurement and score.
+    """
+
+    COLUMNS = ["step", "layers", "score", "base", "bp", "loss_dense", "loss_pruned", "penalty",
+               "loss_ft", "penalty_ft", "pruned", "units"]
+
+    def __init__(self, batch, *, every: int = 250, fraction: float = 0.1,
+                 layers: Sequence[str] | str | None = None, scores: Sequence[str] | None = None,
+                 finetune_steps: int = 0, finetune_lr: float = 0.01, seed: int = 0,
+                 loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        if not (isinstance(fraction, (int, float)) and 0.0 < float(fraction) < 1.0):
+            raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+        if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) \
+                or finetune_steps < 0:
+            raise ValueError(f"finetune_steps must be an int >= 0, got {finetune_steps!r}")
+        if not (isinstance(finetune_lr, (int, float)) and finetune_lr > 0):
+            raise ValueError(f"finetune_lr must be positive, got {finetune_lr!r}")
+        scores = list(SCORES) if scores is None else ([scores] if isinstance(scores, str)
+                                                      else list(dict.fromkeys(scores)))
+        for s in scores:
+            _parse_score(s)
+        if not scores:
+            raise ValueError("scores must name at least one score tag")
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError("batch must be a fixed sample (x, y)")
+        self.batch = (batch[0], batch[1])
+        self.every = every
+        self.fraction = float(fraction)
+        self.layers = [layers] if isinstance(layers, str) else (
+            None if layers is None else list(layers))
+        self.scores = scores
+        self.finetune_steps = finetune_steps
+        self.finetune_lr = float(finetune_lr)
+        self.seed = int(seed)
+        self.loss_fn = loss_fn or F.cross_entropy
+        self.rows: list[dict] = []
+        self.selected: dict[str, dict[str, set[int]]] = {s: {} for s in scores}
+        self.history: list[tuple[int, str, dict[str, list[int]]]] = []
+        self.sizes: dict[str, int] = {}
+
+    def __call__(self, model: nn.Module, step: int) -> None:
+        if step % self.every == 0:
+            self.measure(model, step)
+
+    def _finetune(self, model: nn.Module, masks: dict[str, Tensor], train_mode: bool) -> None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=self.finetune_lr)
+        targets = [(model.get_parameter(k), m) for k, m in masks.items()]
+        model.train(train_mode)
+        x, y = self.batch
+        for _ in range(self.finetune_steps):
+            opt.zero_grad(set_to_none=True)
+            self.loss_fn(model(x), y).backward()
+            opt.step()
+            with torch.no_grad():
+                for p, m in targets:
+                    p.mul_(m.to(p.dtype))
+
+    def measure(self, model: nn.Module, step: int) -> list[dict]:
+        """Measure now (whatever ``step`` is) and return the new rows."""
+        dense = plain_copy(model) if is_parametrized(model) else copy.deepcopy(model)
+        for p in dense.parameters():
+            p.grad = None
+        train_mode = model.training
+        new = []
+        with torch.random.fork_rng(devices=[]):
+            loss_dense = _loss(dense, self.batch, self.loss_fn)
+            for tag in self.scores:
+                res = prune(dense, fraction=self.fraction, score=tag, layers=self.layers,
+                            batch=self.batch, seed=self.seed + int(step), loss_fn=self.loss_fn)
+                loss_pruned = _loss(res.model, self.batch, self.loss_fn)
+                loss_ft = math.nan
+                if self.finetune_steps > 0:
+                    self._finetune(res.model, res.masks, train_mode)
+                    loss_ft = _loss(res.model, self.batch, self.loss_fn)
+                self.sizes.update(res.sizes)
+                chosen = self.selected.setdefault(tag, {})
+                for name, idx in res.pruned.items():
+                    chosen.setdefault(name, set()).update(idx)
+                self.history.append((int(step), tag, {k: list(v) for k, v in res.pruned.items()}))
+                base, bp = _parse_score(tag)
+                new.append({"step": int(step), "layers": ",".join(res.pruned), "score": tag,
+                            "base": base, "bp": bp, "loss_dense": loss_dense,
+                            "loss_pruned": loss_pruned, "penalty": loss_pruned - loss_dense,
+                            "loss_ft": loss_ft, "penalty_ft": loss_ft - loss_dense,
+                            "pruned": sum(len(v) for v in res.pruned.values()),
+                            "units": sum(res.sizes.values())})
+        self.rows.extend(new)
+        return new
+
+    def frame(self):
+        """Tidy frame, one row per measurement and score: ``step, layers`` (the layer set,
+        comma-joined module names), ``score`` (tag), ``base``, ``bp`` (mean replacement),
+        ``loss_dense, loss_pruned, penalty`` (= loss_pruned - loss_dense), ``loss_ft,
+        penalty_ft`` (NaN without fine-tuning), ``pruned`` (units pruned over the layer set) and
+        ``units`` (units in the layer set)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows, columns=self.COLUMNS)
+
+    def consistency(self, *, since: int = 0, by_layer: bool = False):
+        """Accumulated fraction of units ever selected per score (MRP Fig. 7).
+
+        Args:
+            since: Ignore measurements before this step (MRP Fig. 7b uses 10k).
+            by_layer: One fraction per layer (extra ``layer`` column) instead of one over the
+                whole layer set (units ever selected / units in the set).
+
+        Returns:
+            Tidy frame ``step, score, fraction_ever_selected`` (plus ``layer``); non-decreasing
+            in ``step`` for each score (and layer), in [0, 1].
+        """
+        import pandas as pd
+
+        seen: dict[str, dict[str, set[int]]] = {}
+        rows = []
+        for step, tag, picked in self.history:
+            if step < since:
+                continue
+            acc = seen.setdefault(tag, {})
+            for name, idx in picked.items():
+                acc.setdefault(name, set()).update(idx)
+            if by_layer:
+                rows += [{"step": step, "score": tag, "layer": name,
+                          "fraction_ever_selected": len(acc.get(name, ())) / self.sizes[name]}
+                         for name in picked]
+            else:
+                total = sum(self.sizes[name] for name in picked)
+                rows.append({"step": step, "score": tag, "fraction_ever_selected":
+                             sum(len(acc.get(name, ())) for name in picked) / total})
+        cols = ["step", "score"] + (["layer"] if by_layer else []) + ["fraction_ever_selected"]
+        return pd.DataFrame(rows, columns=cols)
+
+
+def penalty_profile(frame, *, value: str = "penalty", taus: Iterable[float] | None = None,
+                    missing: str = "raise"):
+    """Performance profile (MRP Sec. 4.3) of the scores in a :meth:`PenaltyRecorder.frame`.
+
+    Method = score tag, value = ``value`` (``"penalty"`` or ``"penalty_ft"``), measurement =
+    ``(step, layers)``. Returns :func:`prunelab.metrics.performance_profile`'s tidy frame
+    ``method, tau, fraction`` (one curve per tag).
+    """
+    from prunelab import metrics
+
+    return metrics.performance_profile(frame, method="score", value=value, by=["step", "layers"],
+                                       taus=taus, missing=missing)

@@ -334,3 +334,128 @@ def test_residual_add_raises():
     phys = units.prune(model, count=1, score="bp_abs_rs", layers=[name], batch=(x, y),
                        physical=True)
     torch.testing.assert_close(masked.model.eval()(x), phys.model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------- PenaltyRecorder (MRP Sec. 4.1-4.4)
+
+def _digits_run(recorder, seed=0):
+    import prunelab as pl
+    from prunelab import train
+
+    torch.set_num_threads(1)
+    bundle = pl.data.load("digits")
+    model = models.build("mlp", bundle, hidden=(32, 16), activation="relu", seed=seed)
+    train.fit(model, bundle.train.tensors,
+              recipe=train.Recipe(lr=1e-2, epochs=4, batch_size=64), progress=False,
+              step_callback=recorder, seed=seed)
+    return model
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    import prunelab as pl
+
+    sample = pl.data.load("digits").batch("train", 200, seed=1)
+    rec = units.PenaltyRecorder(sample, every=8, fraction=0.25, finetune_steps=3,
+                                finetune_lr=0.05)
+    model = _digits_run(rec)
+    return rec, model
+
+
+def test_recorder_rows_for_every_tag_at_each_measurement(recorded):
+    rec, _ = recorded
+    f = rec.frame()
+    assert list(f.columns) == units.PenaltyRecorder.COLUMNS
+    steps = sorted(f.step.unique())
+    assert steps == list(range(8, 8 * len(steps) + 1, 8)) and len(steps) == 8  # 64 steps
+    for step, g in f.groupby("step"):
+        assert sorted(g.score) == sorted(units.SCORES)
+    assert (f.bp == f.score.str.startswith("bp_")).all()
+    assert (f.layers == "fc1,fc2").all()
+    assert (f.pruned == 8 + 4).all() and (f.units == 32 + 16).all()
+    assert f[["penalty", "penalty_ft", "loss_dense"]].notna().all().all()
+    assert (f.penalty - (f.loss_pruned - f.loss_dense)).abs().max() < 1e-12
+    # the dense loss is the same for every tag at one measurement
+    assert (f.groupby("step").loss_dense.nunique() == 1).all()
+
+
+def test_recorder_does_not_perturb_training(recorded):
+    _, model = recorded
+    plain = _digits_run(None)
+    a, b = model.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_recorder_leaves_model_mode_grads_and_rng_alone():
+    model = _mlp()
+    model.train()
+    F.cross_entropy(model(MLP_BATCH[0]), MLP_BATCH[1]).backward()
+    state, grads = _state(model), [p.grad.clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    rec = units.PenaltyRecorder(MLP_BATCH, every=2, fraction=0.25, finetune_steps=2)
+    rec(model, 1)
+    assert rec.frame().empty
+    rec(model, 2)
+    assert len(rec.frame()) == 12
+    assert model.training and _same_state(model, state)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_recorder_consistency_monotone_and_rand_least_consistent(recorded):
+    rec, _ = recorded
+    c = rec.consistency()
+    assert list(c.columns) == ["step", "score", "fraction_ever_selected"]
+    assert ((c.fraction_ever_selected >= 0) & (c.fraction_ever_selected <= 1)).all()
+    for tag, g in c.groupby("score"):
+        v = g.sort_values("step").fraction_ever_selected.to_numpy()
+        assert (v[1:] >= v[:-1]).all(), tag
+        assert v[0] == pytest.approx(12 / 48)  # first measurement: exactly the pruned units
+    last = c[c.step == c.step.max()].set_index("score").fraction_ever_selected
+    assert last["rand"] > last["abs_mrs"]
+    # agrees with the accumulated sets in recorder.selected
+    for tag in units.SCORES:
+        n = sum(len(s) for s in rec.selected[tag].values())
+        assert last[tag] == pytest.approx(n / 48)
+    by_layer = rec.consistency(by_layer=True)
+    assert set(by_layer.layer) == set(rec.selected["rand"])
+    late = rec.consistency(since=40)
+    assert late.step.min() == 40
+    late_last = late[late.step == late.step.max()].set_index("score").fraction_ever_selected
+    assert (late_last <= last[late_last.index] + 1e-12).all()  # fewer measurements, fewer units
+
+
+def test_recorder_mean_replacement_lowers_mean_penalty(recorded):
+    rec, _ = recorded
+    mean = rec.frame().groupby("score").penalty.mean()
+    wins = sum(mean[f"bp_{s}"] < mean[s] for s in units.BASE_SCORES)
+    assert wins >= 4, mean.to_dict()  # majority of the 6 base scores (6/6 in practice)
+
+
+def test_penalty_profile_one_curve_per_tag(recorded):
+    rec, _ = recorded
+    for value in ("penalty", "penalty_ft"):
+        p = units.penalty_profile(rec.frame(), value=value)
+        assert sorted(p.method.unique()) == sorted(units.SCORES)
+        assert ((p.fraction >= 0) & (p.fraction <= 1)).all()
+        assert (p.groupby("method").size() == 101).all()
+        assert (p[p.tau == 1.0].fraction == 0).all()
+
+
+def test_recorder_subset_of_scores_and_layers_and_validation():
+    rec = units.PenaltyRecorder(MLP_BATCH, every=1, fraction=0.25, scores=["rand", "bp_norm"],
+                                layers="fc1")
+    model = _mlp()
+    rec(model, 1)
+    rec(model, 2)
+    f = rec.frame()
+    assert list(f.score) == ["rand", "bp_norm"] * 2 and (f.layers == "fc1").all()
+    assert f.penalty_ft.isna().all()
+    # rand draws a new set at each measurement (seed + step)
+    picks = [p for s, t, p in rec.history if t == "rand"]
+    assert picks[0] != picks[1]
+    assert set(rec.selected["rand"]["fc1"]) == set(picks[0]["fc1"]) | set(picks[1]["fc1"])
+    for bad in (dict(every=0), dict(fraction=1.0), dict(scores=["nope"]),
+                dict(finetune_steps=-1), dict(finetune_lr=0.0)):
+        with pytest.raises(ValueError):
+            units.PenaltyRecorder(MLP_BATCH, **bad)
