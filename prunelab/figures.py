@@ -305,3 +305,115 @@ def save(fig_or_ax, name: str, *, folder: str | Path | None = None,
         written.append(path)
     plt.close(fig)
     return written
+
+
+# ----------------------------------------------------------------------------- layer collapse
+def collapse_curves(frame: pd.DataFrame, *, y: str | None = None, hue: str = "criterion",
+                    x: str = "compression", ax=None):
+    """``y`` against the compression ratio ρ (log x), one line per criterion, layer collapse
+    marked with an x (Tanaka et al. 2020, Fig. 1); frames as :func:`prunelab.plots.collapse_curves`."""
+    import seaborn as sns
+
+    from prunelab.plots import collapse_points
+
+    data = collapse_points(frame, criterion=hue, x=x)
+    if y is None:
+        y = "accuracy" if "accuracy" in data.columns else "min_layer_density"
+    _require(data, [y])
+    agg = (data.groupby([hue, x], sort=False)
+           .agg(value=(y, "mean"), collapsed=("collapsed", "any")).reset_index())
+    if ax is None:
+        _, ax = new_axes(4.2, 3.0)
+    log_y = "density" in y
+    if log_y:  # empty layers cannot sit on the log axis: drawn at a floor below the rest
+        positive = agg["value"][agg["value"] > 0]
+        floor = float(positive.min()) / 3 if len(positive) else 1e-6
+        agg["value"] = agg["value"].where(agg["value"] > 0, floor)
+    names = list(pd.unique(agg[hue]))
+    for color, name in zip(sns.color_palette(n_colors=len(names)), names):
+        part = agg[agg[hue] == name].sort_values(x)
+        ax.plot(part[x], part["value"], marker="o", markersize=3, color=color, linewidth=1.3,
+                label=str(name))
+        hit = part[part["collapsed"]]
+        if len(hit):
+            ax.scatter(hit[x], hit["value"], marker="x", s=45, color=color, linewidths=1.6,
+                       zorder=3)
+    ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("compression ratio ρ")
+    ax.set_ylabel(y.replace("_", " ") + (" (0 drawn at the bottom)" if log_y else ""))
+    ax.legend(frameon=False, fontsize="small", title="× layer collapse", loc="lower left",
+              title_fontsize="small")
+    return ax
+
+
+def layer_density_heatmap(frame: pd.DataFrame, *, criterion: str | None = None,
+                          criterion_col: str = "criterion", x: str = "compression", ax=None):
+    """Layers × compression ratio, colour = log10 fraction kept, collapsed cells marked with a
+    red x (Tanaka et al. 2020, Fig. 3 data); a ``collapse.layer_density`` frame."""
+    from prunelab.plots import _density_matrix
+
+    _require(frame, ["layer", x, "density", "collapsed"])
+    if criterion is None and criterion_col in frame.columns:
+        names = list(pd.unique(frame[criterion_col]))
+        if len(names) != 1:
+            raise ValueError(f"frame holds criteria {names}: pass criterion=")
+        criterion = names[0]
+    layers, rhos, z, dead = _density_matrix(frame, criterion, criterion_col, x)
+    if ax is None:
+        _, ax = new_axes(0.5 * len(rhos) + 2.5, 0.28 * len(layers) + 1.2)
+    logz = np.log10(np.clip(z.to_numpy(dtype=float), 1e-6, None))
+    im = ax.imshow(logz, aspect="auto", cmap="viridis", vmin=min(-1.0, float(np.floor(
+        np.nanmin(logz)))), vmax=0.0, interpolation="nearest")
+    ii, jj = np.nonzero(dead.to_numpy())
+    ax.scatter(jj, ii, marker="x", color="red", s=30, linewidths=1.5)
+    ax.set_xticks(range(len(rhos)))
+    ax.set_xticklabels([f"{r:.3g}" for r in rhos], rotation=45, ha="right", fontsize="small")
+    ax.set_yticks(range(len(layers)))
+    ax.set_yticklabels([str(n).removesuffix(".weight") for n in layers], fontsize="small")
+    ax.grid(False)
+    ax.set_xlabel("compression ratio ρ")
+    ax.set_title(f"{criterion}: log10 density per layer (× collapsed)", fontsize="medium")
+    ax.figure.colorbar(im, ax=ax, label="log10 density")
+    return ax
+
+
+# ----------------------------------------------------------------------------- connectivity
+def interpolation(frame: pd.DataFrame, *, y: str = "loss", x: str = "t",
+                  groups: Sequence[str] | None = None, ax=None):
+    """``y`` along paths between two networks, one line per path/split, barriers in the legend
+    (Frankle et al. Fig. 1; Garipov et al. Fig. 2); frames as
+    :func:`prunelab.plots.interpolation`."""
+    import seaborn as sns
+
+    from prunelab.plots import path_barriers
+
+    _require(frame, [x, y])
+    groups = [c for c in ("path", "split") if c in frame.columns] if groups is None \
+        else list(groups)
+    _require(frame, groups)
+    barriers = path_barriers(frame, y=y, x=x, groups=groups)
+    if ax is None:
+        _, ax = new_axes(4.2, 3.0)
+    parts = list(frame.groupby(groups, sort=False)) if groups else [("path", frame)]
+    styles = {}
+    if "split" in groups:
+        styles = {s: ls for s, ls in zip(pd.unique(frame["split"]), ("-", "--", ":", "-."))}
+    first = [g for g in groups if g != "split"]
+    levels = list(pd.unique(frame[first[0]])) if first else [None]
+    palette = dict(zip(levels, sns.color_palette(n_colors=max(len(levels), len(parts)))))
+    for i, (key, part) in enumerate(parts):
+        key = key if isinstance(key, tuple) else (key,)
+        label = " · ".join(map(str, key))
+        named = dict(zip(groups, key))
+        part = part.sort_values(x)
+        color = palette.get(named.get(first[0])) if first else \
+            sns.color_palette(n_colors=len(parts))[i]
+        ax.plot(part[x], part[y], marker="o", markersize=2.5, linewidth=1.3, color=color,
+                linestyle=styles.get(named.get("split"), "-"),
+                label=f"{label} (barrier {barriers[label]:.3g})")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y.replace("_", " "))
+    ax.legend(frameon=True, framealpha=0.85, edgecolor="none", fontsize="small", loc="best")
+    return ax

@@ -443,3 +443,198 @@ def layer_density(density_frame: pd.DataFrame, *, layer: str = "layer",
     fig.update_layout(title=title or "Density per layer", template="plotly_white",
                       barmode="group", showlegend=bool(color), legend_title_text=color or "")
     return fig
+
+
+# ----------------------------------------------------------------------------- layer collapse
+def _collapse_summary(frame: pd.DataFrame, criterion: str, x: str) -> pd.DataFrame:
+    """One row per (criterion, ρ) from a ``collapse.layer_density`` frame (one row per layer):
+    density (overall kept fraction), min_layer_density, n_collapsed, collapsed (any layer)."""
+    g = frame.groupby([criterion, x], sort=False)
+    out = g.agg(kept=("kept", "sum"), numel=("numel", "sum"),
+                min_layer_density=("density", "min"),
+                n_collapsed=("collapsed", "sum")).reset_index()
+    out["density"] = out["kept"] / out["numel"].clip(lower=1)
+    out["collapsed"] = out["n_collapsed"] > 0
+    return out
+
+
+def collapse_points(frame: pd.DataFrame, *, criterion: str = "criterion",
+                    x: str = "compression") -> pd.DataFrame:
+    """Per-(criterion, ρ) rows with a boolean ``collapsed`` column, from either a
+    ``collapse.layer_density`` frame (rows per layer: aggregated by :func:`_collapse_summary`) or
+    a ``collapse.accuracy_vs_compression`` frame (``n_collapsed`` column)."""
+    _require(frame, [criterion, x])
+    if "layer" in frame.columns:
+        _require(frame, ["kept", "numel", "density", "collapsed"])
+        return _collapse_summary(frame, criterion, x)
+    out = frame.copy()
+    if "collapsed" not in out.columns:
+        _require(out, ["n_collapsed"])
+        out["collapsed"] = out["n_collapsed"] > 0
+    out["collapsed"] = out["collapsed"].astype(bool)
+    return out
+
+
+def collapse_curves(frame: pd.DataFrame, *, y: str | None = None, criterion: str = "criterion",
+                    x: str = "compression", title: str | None = None):
+    """``y`` against the compression ratio ρ (log x), one line per criterion, collapsed points
+    marked with an x (Tanaka et al. 2020, Fig. 1 / Fig. 3).
+
+    Args:
+        frame: a ``collapse.accuracy_vs_compression`` frame (default ``y="accuracy"``) or a
+            ``collapse.layer_density`` frame (aggregated per ρ; default
+            ``y="min_layer_density"``, the smallest fraction kept in any layer; ``"density"``
+            is the overall fraction remaining).
+        y: the plotted column; several seeds are averaged.
+        criterion: one line per value.
+        x: the compression-ratio column (log axis).
+        title: figure title.
+    """
+    go = _go()
+    data = collapse_points(frame, criterion=criterion, x=x)
+    if y is None:
+        y = "accuracy" if "accuracy" in data.columns else "min_layer_density"
+    _require(data, [y])
+    agg = (data.groupby([criterion, x], sort=False)
+           .agg(value=(y, "mean"), collapsed=("collapsed", "any")).reset_index())
+    agg["shown"] = agg["value"]
+    log_y = "density" in y
+    if log_y:  # empty layers cannot sit on the log axis: drawn at a floor below the rest
+        positive = agg["value"][agg["value"] > 0]
+        floor = float(positive.min()) / 3 if len(positive) else 1e-6
+        agg["shown"] = agg["value"].where(agg["value"] > 0, floor)
+    fig = go.Figure()
+    for i, (name, part) in enumerate(agg.groupby(criterion, sort=False)):
+        part = part.sort_values(x)
+        color = _COLORS[i % len(_COLORS)]
+        fig.add_trace(go.Scatter(
+            x=part[x], y=part["shown"], name=str(name), legendgroup=str(name),
+            mode="lines+markers", line=dict(color=color), marker=dict(size=5),
+            customdata=part[["value"]].to_numpy(),
+            hovertemplate=(f"{criterion}={name}<br>ρ=%{{x:.4g}}<br>{y}=%{{customdata[0]:.4g}}"
+                           "<extra></extra>")))
+        hit = part[part["collapsed"]]
+        if len(hit):
+            fig.add_trace(go.Scatter(
+                x=hit[x], y=hit["shown"], name=f"{name} collapsed", legendgroup=str(name),
+                showlegend=False, mode="markers",
+                marker=dict(symbol="x", size=11, color=color, line=dict(width=1)),
+                hovertemplate=(f"{criterion}={name}<br>ρ=%{{x:.4g}}<br>layer collapse"
+                               "<extra></extra>")))
+    fig.update_xaxes(type="log", title_text="compression ratio ρ")
+    fig.update_yaxes(title_text=_label(y) + (" (0 drawn at the bottom)" if log_y else ""),
+                     type="log" if log_y else "linear")
+    fig.update_layout(title=title or f"{_label(y)} vs compression (x: layer collapse)",
+                      template="plotly_white", legend_title_text=criterion)
+    return fig
+
+
+def _density_matrix(frame: pd.DataFrame, criterion_value, criterion: str, x: str):
+    part = frame[frame[criterion] == criterion_value] if criterion_value is not None else frame
+    if part.empty:
+        raise ValueError(f"no rows with {criterion}={criterion_value!r}")
+    _check_unique(part, ["layer", x])
+    layers = list(pd.unique(part["layer"]))  # model order
+    rhos = sorted(part[x].unique())
+    z = part.pivot(index="layer", columns=x, values="density").reindex(index=layers,
+                                                                        columns=rhos)
+    dead = (part.pivot(index="layer", columns=x, values="collapsed")
+            .reindex(index=layers, columns=rhos).fillna(False).astype(bool))
+    return layers, rhos, z, dead
+
+
+def layer_density_heatmap(frame: pd.DataFrame, *, criterion: str | None = None,
+                          criterion_col: str = "criterion", x: str = "compression",
+                          title: str | None = None):
+    """Layers × compression ratio, colour = fraction of the layer kept (log colour scale),
+    collapsed cells (every weight pruned) marked with an x (Tanaka et al. 2020, Fig. 3 data).
+
+    Args:
+        frame: a ``collapse.layer_density`` frame.
+        criterion: the criterion to show (required when the frame holds several).
+    """
+    go = _go()
+    _require(frame, ["layer", x, "density", "collapsed"])
+    if criterion is None and criterion_col in frame.columns:
+        names = list(pd.unique(frame[criterion_col]))
+        if len(names) != 1:
+            raise ValueError(f"frame holds criteria {names}: pass criterion=")
+        criterion = names[0]
+    layers, rhos, z, dead = _density_matrix(frame, criterion, criterion_col, x)
+    cols = [f"{r:.3g}" for r in rhos]
+    logz = np.log10(np.clip(z.to_numpy(dtype=float), 1e-6, None))
+    lo = float(np.floor(np.nanmin(logz))) if np.isfinite(logz).any() else -6.0
+    ticks = list(range(int(lo), 1))
+    fig = go.Figure(go.Heatmap(
+        z=logz, x=cols, y=layers, colorscale="Viridis", zmin=lo, zmax=0.0,
+        customdata=z.to_numpy(dtype=float),
+        colorbar=dict(title="density", tickvals=ticks, ticktext=[f"1e{t}" for t in ticks]),
+        hovertemplate="layer=%{y}<br>ρ=%{x}<br>density=%{customdata:.4g}<extra></extra>"))
+    ii, jj = np.nonzero(dead.to_numpy())
+    fig.add_trace(go.Scatter(x=[cols[j] for j in jj], y=[layers[i] for i in ii], mode="markers",
+                             name="collapsed", marker=dict(symbol="x", size=10, color="red"),
+                             hovertemplate="layer=%{y}<br>ρ=%{x}<br>collapsed<extra></extra>"))
+    fig.update_xaxes(title_text="compression ratio ρ", type="category")
+    fig.update_yaxes(title_text="layer", type="category", autorange="reversed")
+    fig.update_layout(title=title or f"Density per layer ({criterion}); x: layer collapse",
+                      template="plotly_white")
+    return fig
+
+
+# ----------------------------------------------------------------------------- connectivity
+def path_barriers(frame: pd.DataFrame, *, y: str = "loss", x: str = "t",
+                  groups: Sequence[str] | None = None) -> dict:
+    """Barrier (max of ``y`` along the path minus the mean of its endpoints, Frankle et al.)
+    per group of a path frame: {group key (string): barrier}."""
+    groups = [c for c in ("path", "split") if c in frame.columns] if groups is None \
+        else list(groups)
+    out = {}
+    parts = frame.groupby(groups, sort=False) if groups else [("path", frame)]
+    for key, part in parts:
+        key = key if isinstance(key, tuple) else (key,)
+        v = part.sort_values(x)[y].to_numpy(dtype=float)
+        out[" · ".join(map(str, key))] = float(v.max() - 0.5 * (v[0] + v[-1]))
+    return out
+
+
+def interpolation(frame: pd.DataFrame, *, y: str = "loss", x: str = "t",
+                  groups: Sequence[str] | None = None, title: str | None = None):
+    """``y`` (loss or error) along paths between two networks, one line per path/split, the
+    barrier (max minus the mean of the endpoints) in each legend entry (Frankle et al. Fig. 1;
+    Garipov et al. Fig. 2).
+
+    Args:
+        frame: ``connectivity.interpolate`` / ``curve_frame`` frames, concatenated with a
+            ``path`` column (e.g. "segment", "bezier") when there are several.
+        groups: columns giving one line each; default those of path, split present.
+    """
+    go = _go()
+    _require(frame, [x, y])
+    groups = [c for c in ("path", "split") if c in frame.columns] if groups is None \
+        else list(groups)
+    _require(frame, groups)
+    barriers = path_barriers(frame, y=y, x=x, groups=groups)
+    fig = go.Figure()
+    parts = frame.groupby(groups, sort=False) if groups else [("path", frame)]
+    dashes = {}
+    if "split" in groups:
+        dashes = {s: _DASHES[i % len(_DASHES)] for i, s in enumerate(pd.unique(frame["split"]))}
+    first = [g for g in groups if g != "split"]
+    colors = ({v: _COLORS[i % len(_COLORS)] for i, v in enumerate(pd.unique(frame[first[0]]))}
+              if first else {})
+    for i, (key, part) in enumerate(parts):
+        key = key if isinstance(key, tuple) else (key,)
+        label = " · ".join(map(str, key))
+        named = dict(zip(groups, key))
+        part = part.sort_values(x)
+        color = colors.get(named.get(first[0]) if first else None, _COLORS[i % len(_COLORS)])
+        fig.add_trace(go.Scatter(
+            x=part[x], y=part[y], mode="lines+markers", marker=dict(size=4),
+            name=f"{label} (barrier {barriers[label]:.3g})",
+            line=dict(color=color, dash=dashes.get(named.get("split"), "solid")),
+            hovertemplate=f"{label}<br>t=%{{x:.3f}}<br>{y}=%{{y:.4g}}<extra></extra>"))
+    fig.update_xaxes(title_text=x, range=[-0.02, 1.02] if x == "t" else None)
+    fig.update_yaxes(title_text=_label(y))
+    fig.update_layout(title=title or f"{_label(y)} along the path (barrier = max − mean of "
+                      "endpoints)", template="plotly_white", legend_title_text="")
+    return fig

@@ -219,3 +219,88 @@ def test_building_the_scatter_does_not_import_torch():
             "p.delta_loss_scatter(f, n_boot=50)\n"
             "assert 'torch' not in sys.modules, 'torch loaded'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- layer collapse
+def collapse_frame() -> pd.DataFrame:
+    """A tiny ``collapse.layer_density`` frame: two criteria, three layers, ρ ∈ {1, 10, 100};
+    "mp" empties layer b at ρ = 100."""
+    rows = []
+    for crit in ("snip", "mp"):
+        for rho in (1.0, 10.0, 100.0):
+            for layer, numel in (("a.weight", 100), ("b.weight", 1000), ("c.weight", 10)):
+                kept = max(1, int(numel / rho)) if not (crit == "mp" and rho == 100 and layer ==
+                                                "b.weight") else 0
+                rows.append({"criterion": crit, "scope": "global", "compression": rho,
+                             "density_target": 1 / rho, "layer": layer, "numel": numel,
+                             "kept": kept, "density": kept / numel, "collapsed": kept == 0})
+    return pd.DataFrame(rows)
+
+
+def test_collapse_curves_lines_log_x_and_collapse_markers():
+    fig = plots.collapse_curves(collapse_frame())
+    assert isinstance(fig, go.Figure)
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    marks = [t for t in fig.data if t.mode == "markers"]
+    assert [t.name for t in lines] == ["snip", "mp"]
+    assert len(marks) == 1 and marks[0].marker.symbol == "x"   # only mp collapses, at ρ = 100
+    assert list(marks[0].x) == [100.0]
+    assert fig.layout.xaxis.type == "log"
+    assert fig.layout.yaxis.type == "log"                      # a density: log y, 0 at a floor
+    assert min(marks[0].y) > 0
+
+
+def test_collapse_curves_from_accuracy_frame():
+    f = pd.DataFrame({"criterion": ["a", "a", "b", "b"], "compression": [1.0, 10, 1, 10],
+                      "n_collapsed": [0, 1, 0, 0], "accuracy": [0.9, 0.1, 0.9, 0.8]})
+    fig = plots.collapse_curves(f)
+    assert len(fig.data) == 3 and fig.layout.yaxis.type == "linear"
+    assert fig.data[1].marker.symbol == "x" and list(fig.data[1].y) == [0.1]
+
+
+def test_layer_density_heatmap_cells_and_collapsed_marks():
+    f = collapse_frame()
+    with pytest.raises(ValueError, match="criterion="):
+        plots.layer_density_heatmap(f)
+    fig = plots.layer_density_heatmap(f, criterion="mp")
+    heat, marks = fig.data
+    assert np.asarray(heat.z).shape == (3, 3)                  # layers × ρ
+    assert list(heat.y) == ["a.weight", "b.weight", "c.weight"]
+    assert list(marks.y) == ["b.weight"] and list(marks.x) == ["100"]
+    assert marks.marker.symbol == "x"
+    assert len(plots.layer_density_heatmap(f, criterion="snip").data[1].x) == 0
+
+
+def path_frame() -> pd.DataFrame:
+    t = np.linspace(0, 1, 5)
+    rows = []
+    for path, bump in (("segment", 1.0), ("bezier", 0.1)):
+        for split, off in (("train", 0.0), ("test", 0.2)):
+            for ti in t:
+                rows.append({"path": path, "split": split, "t": ti,
+                             "loss": off + 0.5 + bump * 4 * ti * (1 - ti), "error": 0.1})
+    return pd.DataFrame(rows)
+
+
+def test_interpolation_lines_and_barriers_in_legend():
+    f = path_frame()
+    fig = plots.interpolation(f)
+    assert len(fig.data) == 4
+    names = [t.name for t in fig.data]
+    assert "segment · train (barrier 1)" in names and "bezier · test (barrier 0.1)" in names
+    assert plots.path_barriers(f)["segment · train"] == pytest.approx(1.0)
+    single = plots.interpolation(f[(f.path == "segment") & (f.split == "train")].drop(
+        columns=["path", "split"]), y="error")
+    assert len(single.data) == 1 and "barrier 0" in single.data[0].name
+
+
+def test_static_collapse_and_interpolation_figures_save(tmp_path):
+    f = collapse_frame()
+    written = figures.save(figures.collapse_curves(f), "collapse", folder=tmp_path)
+    written += figures.save(figures.layer_density_heatmap(f, criterion="mp"), "heat",
+                            folder=tmp_path)
+    ax = figures.interpolation(path_frame())
+    assert len(ax.get_lines()) == 4
+    assert any("barrier" in t.get_text() for t in ax.get_legend().get_texts())
+    written += figures.save(ax, "interp", folder=tmp_path)
+    assert len(written) == 6 and all(p.stat().st_size > 0 for p in written)

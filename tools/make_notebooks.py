@@ -217,7 +217,312 @@ pl.figures.save(pl.figures.accuracy_vs_density(curves), "01_accuracy_vs_density"
 """),
 ]
 
+LAYER_COLLAPSE = [
+    md("""
+# Layer collapse and *Missing the mark*: pruning at initialisation
+
+Part 1 follows Tanaka et al. 2020 (*Pruning neural networks without any data by iteratively
+conserving synaptic flow*). On an **untrained** VGG-11 for CIFAR-shaped inputs (3×32×32; a random
+batch stands in for data, no CIFAR files needed) we prune one-shot with SNIP, GraSP, SynFlow and
+magnitude (MP) at compression ratios ρ = 10⁰ … 10⁴ (ρ = weights / weights remaining, density 1/ρ).
+*Layer collapse* is a mask that empties a whole layer: the network then computes a constant. The
+critical compression ρ_cr is the largest ρ without collapse; ρ_max = N/L keeps one weight per layer.
+
+Part 2 repeats the ablations of Frankle et al. 2021 (*Pruning neural networks at initialization:
+why are we missing the mark?*): masks found at initialisation are shuffled within each layer,
+inverted (keep the lowest scores) or kept while the weights are re-drawn, then trained.
+"""),
+    code("""
+import os
+
+# Parameters (papermill style). FAST=1 is the small setting the test suite uses.
+FAST = int(os.environ.get("PRUNELAB_FAST", "0"))
+SPARSITY = 0.9  # part 2: fraction of weights pruned at initialisation
+""", tags=["parameters"]),
+    code("""
+import numpy as np
+import pandas as pd
+import torch
+import prunelab as pl
+
+WIDTH = 0.25 if FAST else 1.0
+RHOS = 10 ** np.linspace(0, 4, 5 if FAST else 17)
+SYNFLOW = {"iterations": 10 if FAST else 100}
+SEARCH = {"tol": 0.5, "max_iter": 6} if FAST else {"tol": 0.05, "max_iter": 20}
+CRITERIA = ["snip", "grasp", "synflow", "mp"]
+
+model = pl.models.build("vgg11", input_shape=(3, 32, 32), num_classes=10, seed=0, width=WIDTH)
+g = torch.Generator().manual_seed(0)
+batch = (torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g))
+rho_max = pl.collapse.max_compression(model)
+print(f"VGG-11 (width {WIDTH}), untrained; rho_max = N/L = {rho_max:.4g}")
+"""),
+    md("""
+## Density per layer at each compression ratio
+
+One row per (criterion, ρ, layer); `collapsed` marks a layer with no weight left. SynFlow is
+iterative (its mask depends on the target), so it is re-run for every ρ.
+"""),
+    code("""
+frames = [pl.collapse.layer_density(model, c, RHOS, batch=batch,
+                                    **(SYNFLOW if c == "synflow" else {})) for c in CRITERIA]
+density = pd.concat(frames, ignore_index=True)
+density.pivot_table(index="compression", columns="criterion", values="collapsed", aggfunc="sum")
+"""),
+    md("""
+### Smallest layer density vs ρ (Tanaka et al. Fig. 1, with density in place of accuracy)
+
+The fraction kept in the most-pruned layer; an × marks a ρ at which some layer is empty.
+An untrained network has chance accuracy anyway, so the layer densities are the diagnostic.
+"""),
+    code("""
+pl.plots.collapse_curves(density, title="Untrained VGG-11: smallest layer density vs compression")
+"""),
+    md("""
+## Critical compression ρ_cr of each criterion (bisection on log ρ), against ρ_max
+
+`critical` is the largest probed ρ without collapse and `hi` the smallest probed ρ with one: ρ_cr
+lies in between (FAST stops after 6 probes, so the bracket is coarse). The paper's axiom
+*Maximal Critical Compression* asks for ρ_cr = ρ_max.
+"""),
+    code("""
+searches = [pl.collapse.critical_compression_search(model, c, batch=batch, **SEARCH,
+                                                    **(SYNFLOW if c == "synflow" else {}))
+            for c in CRITERIA]
+critical = pd.DataFrame(searches)[["criterion", "critical", "hi", "max_compression",
+                                   "evaluations", "collapsed_layers"]]
+critical["critical / max"] = critical["critical"] / critical["max_compression"]
+critical
+"""),
+    code("""
+import plotly.graph_objects as go
+
+fig = go.Figure(go.Bar(x=critical["criterion"], y=critical["critical"],
+                       text=[f"{v:.3g}" for v in critical["critical"]]))
+fig.add_hline(y=rho_max, line_dash="dash", annotation_text=f"ρ_max = {rho_max:.3g}")
+fig.update_yaxes(type="log", title_text="critical compression ρ_cr")
+fig.update_layout(title="Critical compression per criterion", template="plotly_white")
+fig
+"""),
+    md("""
+## Where the weights go: layers × ρ (Tanaka et al. Fig. 3 data)
+
+Colour is log10 of the fraction kept; red × marks a collapsed layer. Magnitude, GraSP and SNIP
+empty the large middle convolutions first; SynFlow, with enough iterations (100 in the paper,
+10 with FAST), keeps every layer alive the longest.
+"""),
+    code("""
+pl.plots.layer_density_heatmap(density, criterion="snip")
+"""),
+    code("""
+pl.plots.layer_density_heatmap(density, criterion="synflow")
+"""),
+    md("""
+## Conservation of synaptic saliency (Theorems 1–2) for SynFlow's scores
+
+`sum_rel_dev`: how far each layer's summed score is from the mean over layers (Thm 2, equal for
+bias-free homogeneous networks); `unit_max_rel_diff`: per hidden unit, incoming vs outgoing
+scores (Thm 1). Biases and BatchNorm shifts break the laws slightly.
+"""),
+    code("""
+pl.collapse.conservation_table(model).round(4)
+"""),
+    code("""
+# Static figures: figures/04_*.{pdf,png}
+pl.figures.save(pl.figures.collapse_curves(density), "04_collapse_curves")
+for crit in ("snip", "synflow"):
+    pl.figures.save(pl.figures.layer_density_heatmap(density, criterion=crit),
+                    f"04_layer_density_{crit}")
+"""),
+    md("""
+## Part 2: *Missing the mark* ablations
+
+An untrained MLP on scikit-learn's 8×8 digits. SNIP and magnitude masks at 90 % sparsity, then
+three ablations of each (Frankle et al. 2021, Figs. 2–4): **shuffled** (same per-layer density,
+random positions), **inverted** (keep the weights the criterion ranks lowest), **reinitialised**
+(same mask, weights re-drawn). Each is trained with the same recipe and evaluated on test. The
+paper's finding (on CIFAR/ImageNet): shuffling and reinitialising cost (almost) nothing — these
+methods pick good per-layer densities rather than good individual weights. Compare with this
+small problem (one seed: differences of a few points are noise; FAST trains one epoch only).
+"""),
+    code("""
+bundle = pl.data.load("digits")
+init = pl.models.build("mlp", bundle, seed=0)
+recipe = pl.train.Recipe(epochs=1 if FAST else 30, lr=1e-3, batch_size=64)
+xb = bundle.batch("train", n=512, seed=0)
+
+
+def trained(masked, seed=0):
+    pl.train.fit(masked, bundle.train, recipe=recipe, seed=seed, progress=False)
+    return pl.train.evaluate(masked, bundle.test)
+
+
+rows = []
+for crit in ["snip", "mp"]:
+    result = pl.prune(init, crit, sparsity=SPARSITY, batch=xb)
+    inverted = pl.masks.select(pl.masks.invert(result.scores), SPARSITY)
+    variants = {
+        "original": pl.masks.apply(init, result.masks),
+        "shuffled": pl.masks.apply(init, pl.masks.shuffle(result.masks, seed=1)),
+        "inverted": pl.masks.apply(init, inverted),
+        "reinitialised": pl.masks.reinitialize(pl.masks.apply(init, result.masks), seed=1),
+    }
+    for name, masked in variants.items():
+        rows.append({"criterion": crit, "variant": name, **trained(masked)})
+dense = trained(pl.models.build("mlp", bundle, seed=0))
+ablations = pd.DataFrame(rows)
+print(f"dense: test accuracy {dense['accuracy']:.3f}")
+ablations.pivot(index="variant", columns="criterion", values="accuracy").round(3)
+"""),
+    code("""
+import plotly.express as px
+
+fig = px.bar(ablations, x="criterion", y="accuracy", color="variant", barmode="group",
+             title=f"Missing the mark: {SPARSITY:.0%} sparse MLP on digits, test accuracy",
+             template="plotly_white")
+fig.add_hline(y=dense["accuracy"], line_dash="dash", annotation_text="dense")
+fig
+"""),
+    code("""
+ax = pl.figures.new_axes(4.5, 3.0)[1]
+import seaborn as sns
+sns.barplot(data=ablations, x="criterion", y="accuracy", hue="variant", ax=ax)
+ax.axhline(dense["accuracy"], color="black", linestyle="--", linewidth=1, label="dense")
+ax.legend(frameon=False, fontsize="small", loc="lower right")
+pl.figures.save(ax, "04_missing_the_mark")
+"""),
+]
+
+MODE_CONNECTIVITY = [
+    md("""
+# Mode connectivity: straight lines, curves, and pruned networks
+
+Two MLPs trained on scikit-learn's 8×8 digits from different random seeds are two minima of the
+same loss. Along the **straight segment** between them the loss usually rises: the *barrier*
+(max along the path minus the mean of the endpoints; Frankle et al. 2020, *Linear mode
+connectivity and the lottery ticket hypothesis*) measures by how much. Garipov et al. 2018
+(*Loss surfaces, mode connectivity, and fast ensembling of DNNs*) train a **Bézier curve**
+φ_θ(t) = (1−t)² a + 2t(1−t) θ + t² b, with only the bend θ learned, along which the loss stays low.
+Finally two fine-tuned *pruned* copies sharing a mask are interpolated; the pruned entries stay
+exactly zero along the path.
+"""),
+    code("""
+import os
+
+# Parameters (papermill style). FAST=1 is the small setting the test suite uses.
+FAST = int(os.environ.get("PRUNELAB_FAST", "0"))
+SPARSITY = 0.8
+""", tags=["parameters"]),
+    code("""
+import pandas as pd
+import prunelab as pl
+
+bundle = pl.data.load("digits")
+recipe = pl.train.Recipe(epochs=3 if FAST else 40, lr=1e-3, batch_size=64)
+STEPS = 9 if FAST else 31          # points along each path
+BEND_STEPS = 150 if FAST else 2000  # optimiser steps of the Bézier bend
+
+models = []
+for seed in (0, 1):
+    m = pl.models.build("mlp", bundle, seed=seed)
+    pl.train.fit(m, bundle.train, recipe=recipe, seed=seed, progress=False)
+    models.append(m)
+a, b = models
+pd.DataFrame([pl.train.evaluate(m, bundle.test) for m in models], index=["seed 0", "seed 1"])
+"""),
+    md("""
+## Straight segment vs trained Bézier curve (Garipov et al. Fig. 2; Frankle et al. Fig. 1)
+
+Loss along t ∈ [0, 1] on the train and test splits; the legend gives each path's barrier.
+"""),
+    code("""
+segment = pl.connectivity.interpolate(a, b, bundle, steps=STEPS, splits=("train", "test"))
+curve = pl.connectivity.bezier(a, b)
+bend_history = pl.connectivity.fit_bend(curve, bundle.train, steps=BEND_STEPS, lr=1e-2)
+bent = pl.connectivity.curve_frame(curve, bundle, steps=STEPS, splits=("train", "test"))
+paths = pd.concat([segment.assign(path="segment"), bent.assign(path="bezier")],
+                  ignore_index=True)
+pl.plots.interpolation(paths, title="Loss between two MLPs trained from different seeds")
+"""),
+    code("""
+pl.plots.interpolation(paths, y="error", title="Error along the paths")
+"""),
+    code("""
+barriers = pd.DataFrame([
+    {"path": p, "split": s, "loss barrier": pl.connectivity.barrier(f, split=s),
+     "error barrier": pl.connectivity.barrier(f, metric="error", split=s)}
+    for p, f in (("segment", segment), ("bezier", bent)) for s in ("train", "test")])
+barriers.round(4)
+"""),
+    md("""
+## Ensembles (Garipov et al. Sec. 5)
+
+The two endpoints averaged (softmax mean) usually beat each alone; so can an endpoint with the
+curve's midpoint φ(½).
+"""),
+    code("""
+test = bundle.test
+pd.Series({
+    "a alone": pl.train.evaluate(a, test)["error"],
+    "b alone": pl.train.evaluate(b, test)["error"],
+    "ensemble a + b": pl.connectivity.ensemble_error(a, b, test),
+    "ensemble a + φ(½)": pl.connectivity.ensemble_error(a, curve.point(0.5), test),
+}, name="test error").round(4)
+"""),
+    md("""
+## Explore the curve
+
+Move t to evaluate the Bézier point φ(t) and the straight-line point on the test split.
+"""),
+    code("""
+import ipywidgets as widgets
+
+slider = widgets.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="t")
+label = widgets.Label()
+
+
+def show(change=None):
+    t = slider.value
+    c = pl.train.evaluate(curve.point(t), test)
+    s = pl.train.evaluate(pl.connectivity.lerp_model(a, b, t), test)
+    label.value = (f"Bézier: loss {c['loss']:.3f}, error {c['error']:.3f} | "
+                   f"segment: loss {s['loss']:.3f}, error {s['error']:.3f}")
+
+
+slider.observe(show, names="value")
+show()
+widgets.VBox([slider, label])
+"""),
+    md("""
+## Pruned networks (Frankle et al. 2020, Sec. 4: instability of sparse networks)
+
+Model a is pruned with global magnitude pruning, then two copies with the same mask are
+fine-tuned with different data orders. Both endpoints share the mask, so every interpolated
+network is as sparse as they are.
+"""),
+    code("""
+ft = recipe.replace(epochs=2 if FAST else 20)
+pruned = [pl.prune(a, "mp", sparsity=SPARSITY, finetune=ft, train_data=bundle.train,
+                   seed=seed).model for seed in (10, 11)]
+sparse = pl.connectivity.interpolate(*pruned, bundle, steps=STEPS, splits=("train", "test"))
+mid = pl.connectivity.lerp_model(*pruned, 0.5)
+kept = sum(int((p != 0).sum()) for n, p in mid.named_parameters() if n.endswith("weight"))
+total = sum(p.numel() for n, p in mid.named_parameters() if n.endswith("weight"))
+print(f"weights nonzero at t = 0.5: {kept / total:.3f} (mask density {1 - SPARSITY:.2f})")
+pl.plots.interpolation(sparse.assign(path=f"pruned {SPARSITY:.0%}"),
+                       title="Two fine-tuned pruned networks (same mask)")
+"""),
+    code("""
+# Static figures: figures/03_*.{pdf,png}
+pl.figures.save(pl.figures.interpolation(paths), "03_segment_vs_bezier_loss")
+pl.figures.save(pl.figures.interpolation(paths, y="error"), "03_segment_vs_bezier_error")
+pl.figures.save(pl.figures.interpolation(sparse.assign(path="pruned")), "03_pruned_interpolation")
+"""),
+]
+
 if __name__ == "__main__":
     write("00_tour.ipynb", TOUR)
     write("01_loss_modelling.ipynb", LOSS_MODELLING)
+    write("03_mode_connectivity.ipynb", MODE_CONNECTIVITY)
+    write("04_layer_collapse.ipynb", LAYER_COLLAPSE)
     print("wrote", sorted(p.name for p in NB.glob("*.ipynb")))
