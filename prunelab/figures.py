@@ -352,14 +352,10 @@ def layer_density_heatmap(frame: pd.DataFrame, *, criterion: str | None = None,
                           criterion_col: str = "criterion", x: str = "compression", ax=None):
     """Layers × compression ratio, colour = log10 fraction kept, collapsed cells marked with a
     red x (Tanaka et al. 2020, Fig. 3 data); a ``collapse.layer_density`` frame."""
-    from prunelab.plots import _density_matrix
+    from prunelab.plots import _density_matrix, _pick_criterion
 
     _require(frame, ["layer", x, "density", "collapsed"])
-    if criterion is None and criterion_col in frame.columns:
-        names = list(pd.unique(frame[criterion_col]))
-        if len(names) != 1:
-            raise ValueError(f"frame holds criteria {names}: pass criterion=")
-        criterion = names[0]
+    criterion = _pick_criterion(frame, criterion, criterion_col)
     layers, rhos, z, dead = _density_matrix(frame, criterion, criterion_col, x)
     if ax is None:
         _, ax = new_axes(0.5 * len(rhos) + 2.5, 0.28 * len(layers) + 1.2)

@@ -529,6 +529,16 @@ def collapse_curves(frame: pd.DataFrame, *, y: str | None = None, criterion: str
     return fig
 
 
+def _pick_criterion(frame: pd.DataFrame, criterion, criterion_col: str):
+    """``criterion``, or the only criterion of ``frame``; ValueError when it holds several."""
+    if criterion is None and criterion_col in frame.columns:
+        names = list(pd.unique(frame[criterion_col]))
+        if len(names) != 1:
+            raise ValueError(f"frame holds criteria {names}: pass criterion=")
+        criterion = names[0]
+    return criterion
+
+
 def _density_matrix(frame: pd.DataFrame, criterion_value, criterion: str, x: str):
     part = frame[frame[criterion] == criterion_value] if criterion_value is not None else frame
     if part.empty:
@@ -555,11 +565,7 @@ def layer_density_heatmap(frame: pd.DataFrame, *, criterion: str | None = None,
     """
     go = _go()
     _require(frame, ["layer", x, "density", "collapsed"])
-    if criterion is None and criterion_col in frame.columns:
-        names = list(pd.unique(frame[criterion_col]))
-        if len(names) != 1:
-            raise ValueError(f"frame holds criteria {names}: pass criterion=")
-        criterion = names[0]
+    criterion = _pick_criterion(frame, criterion, criterion_col)
     layers, rhos, z, dead = _density_matrix(frame, criterion, criterion_col, x)
     cols = [f"{r:.3g}" for r in rhos]
     logz = np.log10(np.clip(z.to_numpy(dtype=float), 1e-6, None))
