@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -242,6 +242,23 @@ def _unit_scores(model: nn.Module, units: list[_Unit], base: str, stats, seed: i
     return scores
 
 
+def _given_scores(unit_scores: Mapping[str, Tensor], units: list[_Unit]) -> dict:
+    wanted = [u.module for u in units]
+    if set(unit_scores) != set(wanted):
+        raise ValueError(f"unit_scores must have exactly the chosen layers {wanted}, got "
+                         f"{sorted(unit_scores)}")
+    out = {}
+    for u in units:
+        s = torch.as_tensor(unit_scores[u.module]).detach().reshape(-1).double().cpu()
+        if s.numel() != u.n:
+            raise ValueError(f"unit_scores[{u.module!r}] has {s.numel()} values, the layer has "
+                             f"{u.n} units")
+        if torch.isnan(s).any():
+            raise ValueError(f"unit_scores[{u.module!r}] contains NaN")
+        out[u.module] = s
+    return out
+
+
 def _lowest(scores: Tensor, k: int) -> list[int]:
     """Indices of the ``k`` lowest scores; ties broken by the lower index (stable sort)."""
     order = torch.sort(scores, stable=True).indices
@@ -346,7 +363,9 @@ def score(model: nn.Module, score: str = "abs_mrs", *, layers: Sequence[str] | N
 def prune(model: nn.Module, *, fraction: float | None = None, count: int | None = None,
           score: str = "bp_abs_mrs", layers: Sequence[str] | None = None, batch=None,
           seed: int = 0, inplace: bool = False, physical: bool = False,
-          loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> UnitPruneResult:
+          loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+          unit_scores: Mapping[str, Tensor] | None = None,
+          mean_replacement: bool | None = None, _stats=None) -> UnitPruneResult:
     """Prune the lowest-scoring units of each chosen layer (MRP Sec. 3, Eq. 2).
 
     Scores (MRP Table 1 and Sec. 3.4; App. 6.1 Eqs. 5-6), with ``a`` a unit's output as its
@@ -379,6 +398,11 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
         inplace: Modify ``model`` itself (not allowed for models carrying parametrizations).
         physical: Remove the units, giving a smaller dense model with the same function.
         loss_fn: ``loss_fn(output, y)``, a mean over the batch; default cross-entropy.
+        unit_scores: Precomputed scores, module name -> one value per unit (lower = pruned
+            first), e.g. from the structured criteria of :mod:`prunelab.structured`; they must
+            cover exactly the chosen layers. ``score`` is then only a label and is not checked.
+        mean_replacement: Apply mean replacement (MRP Eq. 4); default: whether ``score`` starts
+            with ``bp_``.
 
     Returns:
         :class:`UnitPruneResult`.
@@ -388,7 +412,14 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
             unit of a layer, or a layer whose units cannot be removed through its consumers.
             The model is unchanged.
     """
-    base, bp = _parse_score(score)
+    if unit_scores is None:
+        base, bp = _parse_score(score)
+    else:
+        if not isinstance(score, str):
+            raise ValueError(f"score must be a str label, got {score!r}")
+        base, bp = "given", score.startswith("bp_")
+    if mean_replacement is not None:
+        bp = bool(mean_replacement)
     if (fraction is None) == (count is None):
         raise ValueError(f"give exactly one of fraction and count (got fraction={fraction!r}, "
                          f"count={count!r})")
@@ -398,7 +429,7 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
         raise ValueError(f"count must be a non-negative int, got {count!r}")
     needs_data = base in _DATA_SCORES or bp
-    if needs_data and batch is None:
+    if needs_data and batch is None and _stats is None:
         raise ValueError(f"score {score!r} is data-dependent (Taylor scores and bp_ mean "
                          "replacement need activations): pass batch=(x, y)")
     if inplace and is_parametrized(model):
@@ -407,9 +438,15 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
     units = _units(model, layers)
     counts = {u.module: _count(u.n, u.module, fraction, count) for u in units}
 
-    stats = (_statistics(model, units, batch, loss_fn or F.cross_entropy, base in _DATA_SCORES)
-             if needs_data else None)
-    scores = _unit_scores(model, units, base, stats, seed)
+    if _stats is not None:
+        stats = _stats
+    else:
+        stats = (_statistics(model, units, batch, loss_fn or F.cross_entropy,
+                             base in _DATA_SCORES) if needs_data else None)
+    if unit_scores is None:
+        scores = _unit_scores(model, units, base, stats, seed)
+    else:
+        scores = _given_scores(unit_scores, units)
     pruned = {u.module: _lowest(scores[u.module], counts[u.module]) for u in units}
 
     if inplace:
@@ -429,6 +466,8 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
             if pruned[u.module]:
                 _remove(target, u, pruned[u.module])
     examples = int(batch[0].shape[0]) if batch is not None else 0
+    if examples == 0 and stats:
+        examples = int(next(iter(stats.values()))[0][0].shape[0])
     return UnitPruneResult(model=target, pruned=pruned, scores=scores,
                            sizes={u.module: u.n for u in units}, examples=examples, score=score,
                            mean_replacement=bp, physical=physical, masks=masks, means=means)
@@ -536,9 +575,13 @@ class PenaltyRecorder:
         new = []
         with torch.random.fork_rng(devices=[]):
             loss_dense = _loss(dense, self.batch, self.loss_fn)
+            # one forward/backward for every score: the statistics only depend on the dense copy
+            stats = _statistics(dense, _units(dense, self.layers), self.batch, self.loss_fn,
+                                any(_parse_score(t)[0] in _DATA_SCORES for t in self.scores))
             for tag in self.scores:
                 res = prune(dense, fraction=self.fraction, score=tag, layers=self.layers,
-                            batch=self.batch, seed=self.seed + int(step), loss_fn=self.loss_fn)
+                            batch=self.batch, seed=self.seed + int(step), loss_fn=self.loss_fn,
+                            _stats=stats)
                 loss_pruned = _loss(res.model, self.batch, self.loss_fn)
                 loss_ft = math.nan
                 if self.finetune_steps > 0:

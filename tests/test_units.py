@@ -459,3 +459,40 @@ def test_recorder_subset_of_scores_and_layers_and_validation():
                 dict(finetune_steps=-1), dict(finetune_lr=0.0)):
         with pytest.raises(ValueError):
             units.PenaltyRecorder(MLP_BATCH, **bad)
+
+
+def test_recorder_rows_equal_independent_prune_calls():
+    # the recorder shares one forward/backward across the 12 scores; each row must equal a
+    # separate units.prune call on the same model
+    model = _conv(bn=True).eval()
+    rec = units.PenaltyRecorder(CONV_BATCH, every=1, fraction=0.25)
+    rows = {r["score"]: r for r in rec.measure(model, 3)}
+    dense = units._loss(model, CONV_BATCH, F.cross_entropy)
+    for tag in units.SCORES:
+        res = units.prune(model, fraction=0.25, score=tag, batch=CONV_BATCH, seed=3)
+        pen = units._loss(res.model, CONV_BATCH, F.cross_entropy) - dense
+        assert rows[tag]["penalty"] == pytest.approx(pen, abs=1e-12), tag
+
+
+def test_given_unit_scores_prune_lowest_and_validate():
+    model = _mlp()
+    given = {"fc1": torch.arange(10.0).flip(0), "fc2": torch.tensor([5., 1, 7, 0, 3, 9, 8, 2])}
+    res = units.prune(model, count=2, score="mine", unit_scores=given, layers=["fc1", "fc2"])
+    assert res.pruned == {"fc1": [8, 9], "fc2": [1, 3]} and not res.mean_replacement
+    bp = units.prune(model, count=2, score="mine", unit_scores=given, layers=["fc1", "fc2"],
+                     batch=MLP_BATCH, mean_replacement=True)
+    ref = units.prune(model, count=2, score="bp_rand", layers=["fc1", "fc2"], batch=MLP_BATCH)
+    ref_state = units.prune(model, count=2, score="bp_rand", layers=["fc1", "fc2"],
+                            batch=MLP_BATCH, unit_scores={k: torch.tensor(
+                                [0. if i in ref.pruned[k] else 1. for i in range(n)])
+                                for k, n in ref.sizes.items()}).model.state_dict()
+    for k, v in ref.model.state_dict().items():
+        torch.testing.assert_close(v, ref_state[k])
+    assert bp.mean_replacement and bp.means
+    state = _state(model)
+    with pytest.raises(ValueError, match="exactly the chosen layers"):
+        units.prune(model, count=2, score="x", unit_scores={"fc1": given["fc1"]},
+                    layers=["fc1", "fc2"])
+    with pytest.raises(ValueError, match="has 3 values"):
+        units.prune(model, count=1, score="x", unit_scores={"fc1": torch.ones(3)}, layers=["fc1"])
+    assert _same_state(model, state)
