@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "paths", "store", "data", "models", "train", "metrics", "zoo", "graph", "criteria", "masks",
-    "pruning", "units", "connectivity", "collapse", "lottery", "compression", "experiments", "plots",
-    "figures", "widgets",
+    "pruning", "units", "structured", "connectivity", "collapse", "lottery", "at_init",
+    "compression", "experiments", "plots", "figures", "widgets",
 )
 _FUNCTIONS = {"score": ("criteria", "score"), "prune": ("pruning", "prune")}
 

@@ -3,7 +3,8 @@
 * :func:`interpolate` -- the straight segment ``w(t) = a + t (b - a)`` (Frankle et al., linear
   mode connectivity); :func:`barrier` -- max along the path minus the mean of the endpoints.
 * :func:`instability` -- train a network for ``k`` steps, finish two copies with different data
-  orders, and measure the barrier between them (Frankle et al., Figs. 2-3).
+  orders, and measure the barrier between them (Frankle et al., Figs. 2-3);
+  :func:`instability_curve` -- the barrier for every ``k`` (Fig. 3) and the paths behind it.
 * :class:`Bezier` / :class:`PolyChain` curves with one trainable bend ``theta`` (Garipov et al.),
   :func:`fit_bend` trains only the bend on ``E_{t~U[0,1]} L(phi_theta(t))``, :func:`curve_frame`
   evaluates along the curve and :func:`ensemble_error` gives the two-network ensemble error.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -43,7 +45,8 @@ from prunelab import masks as M
 from prunelab.train import Recipe, _tensors, evaluate, fit
 
 __all__ = [
-    "interpolate", "lerp_model", "barrier", "instability", "InstabilityResult", "Curve", "Bezier",
+    "interpolate", "lerp_model", "barrier", "instability", "instability_curve",
+    "InstabilityResult", "Curve", "Bezier",
     "PolyChain", "bezier", "polychain", "fit_bend", "curve_frame", "ensemble_error", "plane",
     "has_batchnorm", "recompute_bn",
 ]
@@ -280,6 +283,121 @@ def instability(model_init: nn.Module, bundle, *, k_steps: int, recipe: Recipe,
     frame = interpolate(finished[0], finished[1], bundle.split(split), steps=steps, bn_data=bn)
     return InstabilityResult(barrier(frame, metric=metric), frame, finished[0], finished[1],
                              k_steps)
+
+
+def _check_ks(ks, total: int) -> list[int]:
+    if isinstance(ks, (int, float)) and not isinstance(ks, bool):
+        ks = (ks,)
+    try:
+        ks = list(ks)
+    except TypeError:
+        raise ValueError(f"ks must be a sequence of integer steps in 0..{total}, "
+                         f"got {ks!r}") from None
+    if not ks:
+        raise ValueError(f"ks must hold at least one step in 0..{total}")
+    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= total]
+    if bad:
+        raise ValueError(f"ks must be integer steps in 0..{total} (the recipe's budget), got {bad}")
+    return sorted(set(ks))
+
+
+def instability_curve(model_init: nn.Module, bundle, *, ks: Iterable[int], recipe: Recipe,
+                      seeds: tuple[int, int] = (0, 1), steps: int = 11, split: str = "test",
+                      metric: str = "error",
+                      progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Instability vs the step ``k`` the two copies split at (Frankle et al. 2020, Fig. 3).
+
+    For every ``k`` this is exactly :func:`instability` with ``k_steps=k`` (same phase-1 state, same
+    second-phase runs, bit-identical barrier and path), computed more cheaply: phase 1 (data
+    order ``seeds[0]``) runs once to ``max(ks)`` and the state at every ``k`` is snapshotted on the
+    way -- fit's first ``k`` steps do not depend on its ``max_steps``, so the snapshot equals a run
+    stopped at ``k``. (Resuming phase 1 from ``k1`` to ``k2`` would *not* be equivalent: each fit
+    call restarts the data order and the optimiser.) Cost: ``max(ks)`` steps once, then
+    ``2 (T - k)`` steps per ``k``, T the recipe's budget (``max_steps`` or epochs x steps per
+    epoch); calling :func:`instability` per ``k`` would add ``Σ k`` steps.
+
+    Args:
+        model_init: the network θ₀; not modified.
+        bundle: trains on ``bundle.train``; the path is evaluated on ``bundle``'s ``split``.
+        ks: steps in 0..T; sorted and de-duplicated. ``k = T`` gives two identical copies, so a
+            barrier of exactly 0.
+        recipe: the training recipe (no early stopping: ``patience`` must be None).
+        seeds: data orders of the two copies (``seeds[0]`` also drives phase 1).
+        steps: points along each path (``t`` in [0, 1]).
+        split: "train", "val" or "test".
+        metric: "error" or "loss", the barrier's quantity.
+        progress: progress bars.
+
+    Returns:
+        ``(barriers, paths)``: ``barriers`` has one row per k (k, barrier, metric, split,
+        <metric>_a, <metric>_b, path_max, total_steps); ``paths`` the concatenated path frames
+        with a ``k`` column (k, t, loss, error), e.g. for a plot with a ``k`` slider. Interrupting
+        returns the ``k`` finished so far, with ``attrs["interrupted"]`` True on both frames.
+
+    Raises:
+        ValueError: ``ks`` empty or outside 0..T, an unknown ``split`` or ``metric``, a recipe with
+            ``patience``, ``seeds`` not a pair.
+    """
+    if metric not in ("error", "loss"):
+        raise ValueError(f"metric must be 'error' or 'loss', got {metric!r}")
+    if recipe.patience is not None:
+        raise ValueError("instability runs have no validation set: use a recipe with "
+                         f"patience=None, got patience={recipe.patience}")
+    seeds = tuple(seeds)
+    if len(seeds) != 2:
+        raise ValueError(f"seeds must be a pair of data-order seeds, got {seeds!r}")
+    eval_data = bundle.split(split)  # ValueError on an unknown split
+    x, y = bundle.train.tensors
+    total = math.ceil(len(y) / recipe.batch_size) * recipe.epochs
+    if recipe.max_steps is not None:
+        total = min(total, recipe.max_steps)
+    ks = _check_ks(ks, total)
+    _ts(steps)
+
+    from tqdm.auto import tqdm
+
+    rows, frames, interrupted = [], [], False
+    bn = (x, y) if has_batchnorm(model_init) else None
+    try:
+        start = copy.deepcopy(model_init)
+        snaps = {0: copy.deepcopy(start)} if 0 in ks else {}
+        wanted = set(ks)
+        if ks[-1] > 0:
+            def keep(model: nn.Module, step: int) -> None:
+                if step in wanted:
+                    snaps[step] = copy.deepcopy(model)
+
+            res = fit(start, (x, y), recipe=recipe.replace(max_steps=ks[-1]), seed=seeds[0],
+                      progress=progress, step_callback=keep, desc="phase 1")
+            if res.interrupted:
+                raise KeyboardInterrupt
+        for k in tqdm(ks, desc="instability per k", disable=not progress, leave=False):
+            finished = []
+            for s in seeds:
+                m = copy.deepcopy(snaps[k])
+                if total > k:
+                    res = fit(m, (x, y), recipe=recipe.replace(max_steps=total - k), seed=s,
+                              progress=progress)
+                    if res.interrupted:
+                        raise KeyboardInterrupt
+                finished.append(m.eval())
+            frame = interpolate(finished[0], finished[1], eval_data, steps=steps, bn_data=bn)
+            values = frame.sort_values("t")[metric].to_numpy(dtype=float)
+            rows.append({"k": k, "barrier": barrier(frame, metric=metric), "metric": metric,
+                         "split": split, f"{metric}_a": values[0], f"{metric}_b": values[-1],
+                         "path_max": values.max(), "total_steps": total})
+            frames.append(frame.assign(k=k)[["k", *frame.columns]])
+            del snaps[k]  # free the snapshot once used
+    except KeyboardInterrupt:
+        interrupted = True
+        warnings.warn(f"instability_curve interrupted: returning {len(rows)} of {len(ks)} k",
+                      RuntimeWarning, stacklevel=2)
+    barriers = pd.DataFrame(rows, columns=["k", "barrier", "metric", "split", f"{metric}_a",
+                                           f"{metric}_b", "path_max", "total_steps"])
+    paths = (pd.concat(frames, ignore_index=True) if frames
+             else pd.DataFrame(columns=["k", "t", "loss", "error"]))
+    barriers.attrs["interrupted"] = paths.attrs["interrupted"] = interrupted
+    return barriers, paths
 
 
 # ----------------------------------------------------------------------------- curves

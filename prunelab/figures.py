@@ -263,25 +263,122 @@ def delta_loss_scatter(frame: pd.DataFrame, *, x: str = "delta_loss",
 
 
 # ----------------------------------------------------------------------------- MRP Sec. 4.3
+def _pair_styles(names: list, prefix: str | None, sns) -> dict:
+    """name -> (colour, dashed): with ``prefix`` a name and its prefixed twin share a colour,
+    the unprefixed one dashed (MRP Fig. 5)."""
+    if not prefix:
+        return dict(zip(names, ((c, False) for c in sns.color_palette(n_colors=len(names)))))
+    base = {n: str(n)[len(prefix):] if str(n).startswith(prefix) else str(n) for n in names}
+    bases = list(dict.fromkeys(base.values()))
+    palette = sns.color_palette(n_colors=len(bases))
+    return {n: (palette[bases.index(base[n])], not str(n).startswith(prefix)) for n in names}
+
+
 def performance_profile(profile: pd.DataFrame, *, method: str = "method", tau: str = "tau",
-                        fraction: str = "fraction", ax=None):
+                        fraction: str = "fraction", ax=None, pair_prefix: str | None = None):
     """Performance profiles as right-continuous steps over τ ∈ [0, 1] (MRP paper Fig. 5), from
-    :func:`prunelab.metrics.performance_profile`; higher curves are better."""
+    :func:`prunelab.metrics.performance_profile`; higher curves are better. With
+    ``pair_prefix="bp_"`` a score and its mean-replacement twin share a colour and the one
+    without is dashed."""
     import seaborn as sns
 
     _require(profile, [method, tau, fraction])
     if ax is None:
         _, ax = new_axes(4.0, 2.8)
     names = list(pd.unique(profile[method]))
-    for color, name in zip(sns.color_palette(n_colors=len(names)), names):
+    for name, (color, dashed) in _pair_styles(names, pair_prefix, sns).items():
         part = profile[profile[method] == name].sort_values(tau)
         ax.step(part[tau], part[fraction], where="post", color=color, linewidth=1.4,
-                label=str(name))
+                linestyle="--" if dashed else "-", label=str(name))
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("τ")
     ax.set_ylabel("fraction below threshold")
     ax.legend(frameon=False, fontsize="small")
+    return ax
+
+
+def penalty_scatter(pairs: pd.DataFrame, *, hue: str = "base", ax=None):
+    """Pruning penalty without vs with mean replacement and the line y = x (MRP Figs. 3-4), from
+    :func:`prunelab.units.bp_pairs`; the title gives the fraction of points below the line."""
+    import seaborn as sns
+
+    _require(pairs, ["without", "with", hue])
+    if ax is None:
+        _, ax = new_axes(3.8, 3.6)
+    sns.scatterplot(data=pairs, x="without", y="with", hue=hue, s=12, alpha=0.7, linewidth=0,
+                    ax=ax)
+    lo = float(min(pairs["without"].min(), pairs["with"].min()))
+    hi = float(max(pairs["without"].max(), pairs["with"].max()))
+    ax.plot([lo, hi], [lo, hi], color="black", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("pruning penalty without mean replacement")
+    ax.set_ylabel("with mean replacement (bp_)")
+    ax.set_title(f"{pairs['with'].lt(pairs['without']).mean():.0%} of points below y = x",
+                 fontsize="medium")
+    if ax.get_legend() is not None:
+        ax.legend(frameon=False, fontsize="small", title=hue)
+    return ax
+
+
+def penalty_over_training(frame: pd.DataFrame, *, y: str = "penalty", x: str = "step",
+                          hue: str = "score", ax=None):
+    """Pruning penalty per score over training steps, mean over the other rows (MRP Fig. 2);
+    a ``bp_`` score solid, its twin without mean replacement dashed in the same colour."""
+    import seaborn as sns
+
+    _require(frame, [x, y, hue])
+    if ax is None:
+        _, ax = new_axes(5.0, 3.2)
+    mean = frame.groupby([hue, x], sort=False)[y].mean().reset_index()
+    for name, (color, dashed) in _pair_styles(list(pd.unique(mean[hue])), "bp_", sns).items():
+        part = mean[mean[hue] == name].sort_values(x)
+        ax.plot(part[x], part[y], color=color, linestyle="--" if dashed else "-", linewidth=1.2,
+                label=str(name))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("pruning penalty")
+    ax.legend(frameon=False, fontsize="x-small", ncol=2)
+    return ax
+
+
+def selection_consistency(frame: pd.DataFrame, *, ax=None):
+    """Accumulated fraction of units ever selected per score over training (MRP Fig. 7)."""
+    import seaborn as sns
+
+    _require(frame, ["step", "score", "fraction_ever_selected"])
+    if ax is None:
+        _, ax = new_axes(4.2, 3.0)
+    for name, (color, dashed) in _pair_styles(list(pd.unique(frame["score"])), "bp_",
+                                              sns).items():
+        part = frame[frame["score"] == name].sort_values("step")
+        ax.plot(part["step"], part["fraction_ever_selected"], color=color,
+                linestyle="--" if dashed else "-", linewidth=1.2, label=str(name))
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("fraction of units ever selected")
+    ax.legend(frameon=False, fontsize="x-small", ncol=2)
+    return ax
+
+
+def activation_histogram(frame: pd.DataFrame, *, scores: Sequence[str] | None = None,
+                         value: str = "sq_activation", bins: int = 30, ax=None):
+    """Histogram of log10 mean squared activation of the units each score selected (MRP
+    Fig. 6b), from :meth:`prunelab.units.PenaltyRecorder.activations`."""
+    import seaborn as sns
+
+    _require(frame, ["score", value])
+    data = frame[frame[value] > 0]
+    if scores is not None:
+        data = data[data["score"].isin(list(scores))]
+    if data.empty:
+        raise ValueError(f"no positive {value!r} values to histogram")
+    data = data.assign(log10_sq_activation=np.log10(data[value]))
+    if ax is None:
+        _, ax = new_axes(4.2, 3.0)
+    sns.histplot(data=data, x="log10_sq_activation", hue="score", bins=bins,
+                 element="step", stat="count", common_bins=True, ax=ax,
+                 hue_order=list(scores) if scores is not None else None)
+    ax.set_xlabel("log10 mean squared activation of selected units")
+    ax.set_ylabel("units selected")
     return ax
 
 

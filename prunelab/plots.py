@@ -378,10 +378,29 @@ def delta_loss_scatter(frame: pd.DataFrame, x: str = "delta_loss", y: str = "val
 
 
 # ----------------------------------------------------------------------------- MRP Sec. 4.3
+def _pair_styles(names: list, prefix: str | None) -> dict:
+    """name -> (colour, dashed). With ``prefix`` (e.g. ``"bp_"``) a name and its prefixed twin
+    share a colour and the unprefixed one is dashed (MRP Fig. 5); else one colour each."""
+    if not prefix:
+        return {n: (_COLORS[i % len(_COLORS)], False) for i, n in enumerate(names)}
+    bases = list(dict.fromkeys(str(n)[len(prefix):] if str(n).startswith(prefix) else str(n)
+                               for n in names))
+    out = {}
+    for n in names:
+        paired = str(n).startswith(prefix)
+        base = str(n)[len(prefix):] if paired else str(n)
+        out[n] = (_COLORS[bases.index(base) % len(_COLORS)], not paired)
+    return out
+
+
 def performance_profile(profile: pd.DataFrame, *, method: str = "method", tau: str = "tau",
-                        fraction: str = "fraction", title: str | None = None):
+                        fraction: str = "fraction", title: str | None = None,
+                        pair_prefix: str | None = None):
     """Performance profiles as step lines over τ ∈ [0, 1] (MRP paper Fig. 5), from
     :func:`prunelab.metrics.performance_profile`.
+
+    With ``pair_prefix="bp_"`` each MRP score and its mean-replacement twin share a colour and
+    the one without mean replacement is dashed, as in MRP Fig. 5.
 
     y is the fraction of measurements in which a method's penalty is strictly below
     τ·best + (1 − τ)·worst; higher curves are better. The steps are drawn "hv": each value
@@ -390,11 +409,13 @@ def performance_profile(profile: pd.DataFrame, *, method: str = "method", tau: s
     go = _go()
     _require(profile, [method, tau, fraction])
     fig = go.Figure()
-    for i, (name, part) in enumerate(profile.groupby(method, sort=False)):
+    style = _pair_styles(list(pd.unique(profile[method])), pair_prefix)
+    for name, part in profile.groupby(method, sort=False):
         part = part.sort_values(tau)
+        color, dashed = style[name]
         fig.add_trace(go.Scatter(
             x=part[tau], y=part[fraction], name=str(name), mode="lines", line_shape="hv",
-            line=dict(color=_COLORS[i % len(_COLORS)]),
+            line=dict(color=color, dash="dash" if dashed else "solid"),
             hovertemplate=f"{method}={name}<br>τ=%{{x:.3g}}<br>fraction=%{{y:.3f}}<extra></extra>"))
     fig.update_xaxes(title_text="τ", range=[0, 1])
     fig.update_yaxes(title_text="fraction of measurements below the threshold",
@@ -643,4 +664,110 @@ def interpolation(frame: pd.DataFrame, *, y: str = "loss", x: str = "t",
     fig.update_yaxes(title_text=_label(y))
     fig.update_layout(title=title or f"{_label(y)} along the path (barrier = max − mean of "
                       "endpoints)", template="plotly_white", legend_title_text="")
+    return fig
+
+
+# ------------------------------------------------------------- MRP Sec. 4 (mean replacement)
+def penalty_scatter(pairs: pd.DataFrame, *, color: str = "base", title: str | None = None):
+    """Pruning penalty without (x) vs with (y) mean replacement, one point per measurement and
+    score, with the line y = x (MRP Figs. 3-4). Points under the line: mean replacement helped.
+
+    Args:
+        pairs: :func:`prunelab.units.bp_pairs` frame (``without``, ``with``, ``below``, keys).
+        color: one colour per value of this column.
+    """
+    go = _go()
+    _require(pairs, ["without", "with", color])
+    keys = [c for c in ("seed", "layer_set", "fraction", "step", "layers") if c in pairs]
+    fig = go.Figure()
+    for i, (name, part) in enumerate(pairs.groupby(color, sort=False)):
+        data, template = _hover(part, [color] + keys, ["without=%{x:.4g}", "with=%{y:.4g}"])
+        fig.add_trace(go.Scatter(x=part["without"], y=part["with"], mode="markers",
+                                 name=f"{name} ({part['with'].lt(part['without']).mean():.0%} below)",
+                                 marker=dict(color=_COLORS[i % len(_COLORS)], size=6,
+                                             opacity=0.7),
+                                 customdata=data, hovertemplate=template))
+    lo = float(min(pairs["without"].min(), pairs["with"].min())) if len(pairs) else 0.0
+    hi = float(max(pairs["without"].max(), pairs["with"].max())) if len(pairs) else 1.0
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x",
+                             line=dict(color="black", dash="dash", width=1), hoverinfo="skip"))
+    below = float(pairs["with"].lt(pairs["without"]).mean()) if len(pairs) else float("nan")
+    fig.update_xaxes(title_text="pruning penalty without mean replacement")
+    fig.update_yaxes(title_text="pruning penalty with mean replacement (bp_)")
+    fig.update_layout(title=title or f"Mean replacement: {below:.0%} of points below y = x",
+                      template="plotly_white", legend_title_text=color)
+    return fig
+
+
+def penalty_over_training(frame: pd.DataFrame, *, y: str = "penalty", x: str = "step",
+                          color: str = "score", title: str | None = None):
+    """Pruning penalty of each score over training steps (MRP Fig. 2), mean ± std over the
+    other rows at the same (score, step) — e.g. seeds. Scores with the ``bp_`` prefix are
+    solid, their twins without mean replacement dashed in the same colour."""
+    go = _go()
+    _require(frame, [x, y, color])
+    agg = _aggregate(frame, x, y, color)
+    style = _pair_styles(list(pd.unique(agg[color])), "bp_")
+    fig = go.Figure()
+    for name, part in agg.groupby(color, sort=False):
+        c, dashed = style[name]
+        fig.add_trace(go.Scatter(
+            x=part[x], y=part["mean"], name=str(name), mode="lines+markers",
+            line=dict(color=c, dash="dash" if dashed else "solid"), marker=dict(size=4),
+            error_y=dict(type="data", array=part["std"], visible=bool((part["std"] > 0).any())),
+            customdata=part[["count"]].to_numpy(),
+            hovertemplate=(f"{color}={name}<br>{x}=%{{x}}<br>{y}=%{{y:.4g}}"
+                           "<br>n=%{customdata[0]}<extra></extra>")))
+    fig.update_xaxes(title_text="training step")
+    fig.update_yaxes(title_text=_label(y) + " = L(pruned) − L(dense)")
+    fig.update_layout(title=title or "Pruning penalty during training", template="plotly_white",
+                      legend_title_text=color)
+    return fig
+
+
+def selection_consistency(frame: pd.DataFrame, *, title: str | None = None):
+    """Accumulated fraction of units ever selected per score over training (MRP Fig. 7), from
+    :meth:`prunelab.units.PenaltyRecorder.consistency`. Lower = a more consistent choice."""
+    go = _go()
+    _require(frame, ["step", "score", "fraction_ever_selected"])
+    style = _pair_styles(list(pd.unique(frame["score"])), "bp_")
+    fig = go.Figure()
+    for name, part in frame.groupby("score", sort=False):
+        c, dashed = style[name]
+        part = part.sort_values("step")
+        fig.add_trace(go.Scatter(x=part["step"], y=part["fraction_ever_selected"],
+                                 name=str(name), mode="lines",
+                                 line=dict(color=c, dash="dash" if dashed else "solid"),
+                                 hovertemplate=(f"score={name}<br>step=%{{x}}<br>"
+                                                "fraction=%{y:.3f}<extra></extra>")))
+    fig.update_xaxes(title_text="training step")
+    fig.update_yaxes(title_text="fraction of units ever selected", range=[0, 1.02])
+    fig.update_layout(title=title or "Selection consistency", template="plotly_white")
+    return fig
+
+
+def activation_histogram(frame: pd.DataFrame, *, scores: Sequence[str] | None = None,
+                         value: str = "sq_activation", bins: int = 40,
+                         title: str | None = None):
+    """Histogram of the mean squared activation of the units each score selected (MRP Fig. 6b),
+    from :meth:`prunelab.units.PenaltyRecorder.activations`; log10 x axis (zeros dropped)."""
+    go = _go()
+    _require(frame, ["score", value])
+    scores = list(pd.unique(frame["score"])) if scores is None else list(scores)
+    positive = frame[frame[value] > 0]
+    if positive.empty:
+        raise ValueError(f"no positive {value!r} values to histogram")
+    logs = np.log10(positive[value].to_numpy())
+    edges = np.linspace(logs.min(), logs.max() + 1e-9, bins + 1)
+    fig = go.Figure()
+    for i, name in enumerate(scores):
+        vals = np.log10(positive.loc[positive["score"] == name, value].to_numpy())
+        fig.add_trace(go.Histogram(x=vals, name=str(name), opacity=0.55,
+                                   xbins=dict(start=edges[0], end=edges[-1],
+                                              size=edges[1] - edges[0]),
+                                   marker_color=_COLORS[i % len(_COLORS)]))
+    fig.update_layout(barmode="overlay", template="plotly_white",
+                      title=title or "Squared activations of the selected units")
+    fig.update_xaxes(title_text="log10 mean squared activation E[a²]")
+    fig.update_yaxes(title_text="units selected (over all measurements)")
     return fig

@@ -158,7 +158,8 @@ class FitResult:
 
 def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
         progress: bool = True, step_callback: Callable[[nn.Module, int], None] | None = None,
-        desc: str = "train") -> FitResult:
+        desc: str = "train",
+        regularizer: Callable[[nn.Module], Tensor] | None = None) -> FitResult:
     """Train ``model`` in place with ``recipe``; one history row per epoch.
 
     Deterministic on the CPU for a given ``seed``: the shuffling order comes from a generator
@@ -175,10 +176,17 @@ def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
         progress: show a progress bar over optimiser steps.
         step_callback: called as ``fn(model, step)`` after every optimiser step.
         desc: progress bar label.
+        regularizer: optional ``fn(model) -> scalar tensor`` added to every mini-batch loss
+            before ``backward`` (e.g. ``λ·R_s(γ)`` of the polarization regularizer,
+            :func:`prunelab.structured.polarization_regularizer`); called in train mode after
+            the forward pass. The recipe's ``weight_decay`` still acts in the optimiser.
 
     Returns:
         :class:`FitResult` with columns epoch, step, lr, train_loss, train_accuracy, val_loss,
-        val_accuracy, seconds.
+        val_accuracy, seconds. ``train_loss`` is always the data (cross-entropy) loss alone, so
+        runs with and without a regularizer compare; with a regularizer a column
+        ``train_regularizer`` (its mean over the epoch's steps) follows ``train_accuracy``.
+        Without one, training and history are exactly as before the option existed.
     """
     x, y = _tensors(train)
     n = len(y)
@@ -201,7 +209,7 @@ def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
         model.train()
         for epoch in range(1, recipe.epochs + 1):
             order = torch.randperm(n, generator=gen)
-            run_loss, run_correct, seen = 0.0, 0, 0
+            run_loss, run_correct, seen, run_reg, steps = 0.0, 0, 0, 0.0, 0
             for i in range(0, n, recipe.batch_size):
                 if step >= total_steps:
                     break
@@ -210,7 +218,15 @@ def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
                 opt.zero_grad(set_to_none=True)
                 out = model(xb)
                 loss = F.cross_entropy(out, yb)
-                loss.backward()
+                if regularizer is None:
+                    loss.backward()
+                else:
+                    reg = regularizer(model)
+                    if not (isinstance(reg, Tensor) and reg.numel() == 1):
+                        raise ValueError(f"regularizer must return a scalar tensor, got "
+                                         f"{type(reg).__name__} {getattr(reg, 'shape', '')}")
+                    (loss + reg.reshape(())).backward()
+                    run_reg += reg.item()
                 opt.step()
                 step += 1
                 if step_callback is not None:
@@ -218,11 +234,14 @@ def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
                 run_loss += loss.item() * len(yb)
                 run_correct += int((out.argmax(1) == yb).sum())
                 seen += len(yb)
+                steps += 1
                 bar.update(1)
             sched.step()
             row = {"epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"],
                    "train_loss": run_loss / max(seen, 1),
                    "train_accuracy": run_correct / max(seen, 1)}
+            if regularizer is not None:
+                row["train_regularizer"] = run_reg / max(steps, 1)
             if val is not None:
                 ev = evaluate(model, val)
                 row.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])

@@ -494,11 +494,18 @@ class PenaltyRecorder:
     the global RNG state is restored), prunes the copy with each score of ``scores`` via
     :func:`prune` (``fraction`` of the units of each chosen layer at once, masked) and records
     the pruning penalty ``L(pruned) - L(dense)`` on the fixed ``batch`` (mean loss, eval mode).
-    With ``finetune_steps = k > 0`` the pruned copy is then trained ``k`` full-batch plain-SGD
-    steps on ``batch`` (in the mode the training model was in, masks re-applied after every
-    step so pruned units stay removed) and ``penalty_ft = L(pruned, fine-tuned) - L(dense)``
-    is recorded too (MRP Sec. 4.2; the dense model is *not* fine-tuned), else ``penalty_ft``
-    is NaN.
+    With ``finetune_steps = k > 0`` the pruned copy is then trained ``k`` plain-SGD steps on
+    mini-batches of ``finetune_batch_size`` examples of ``batch`` (MRP Fig. 4: batch size 64,
+    learning rate 1e-3; ``None`` = full batch), drawn with a generator seeded by ``seed`` and
+    the step so every score sees the same mini-batches, in the mode the training model was in,
+    with the masks re-applied after every step so pruned units stay removed; then
+    ``penalty_ft = L(pruned, fine-tuned) - L(dense)`` is recorded too (MRP Sec. 4.2; the dense
+    model is *not* fine-tuned), else ``penalty_ft`` is NaN. (MRP fine-tunes on training
+    batches; here the mini-batches come from the fixed sample, which keeps the measurement
+    independent of the training data order.)
+
+    For MRP Fig. 6b the mean squared activation ``E[a²]`` of every unit (over the sample and
+    positions, as its consumer sees it) is kept per measurement: :meth:`activations`.
 
     ``rand`` draws from seed ``seed + step``, so it picks a fresh random set at each
     measurement (as MRP Fig. 7 requires); the other scores are deterministic.
@@ -514,7 +521,8 @@ class PenaltyRecorder:
 
     def __init__(self, batch, *, every: int = 250, fraction: float = 0.1,
                  layers: Sequence[str] | str | None = None, scores: Sequence[str] | None = None,
-                 finetune_steps: int = 0, finetune_lr: float = 0.01, seed: int = 0,
+                 finetune_steps: int = 0, finetune_lr: float = 0.01,
+                 finetune_batch_size: int | None = 64, seed: int = 0,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
@@ -525,6 +533,11 @@ class PenaltyRecorder:
             raise ValueError(f"finetune_steps must be an int >= 0, got {finetune_steps!r}")
         if not (isinstance(finetune_lr, (int, float)) and finetune_lr > 0):
             raise ValueError(f"finetune_lr must be positive, got {finetune_lr!r}")
+        if finetune_batch_size is not None and (
+                isinstance(finetune_batch_size, bool) or not isinstance(finetune_batch_size, int)
+                or finetune_batch_size < 1):
+            raise ValueError("finetune_batch_size must be None or a positive int, got "
+                             f"{finetune_batch_size!r}")
         scores = list(SCORES) if scores is None else ([scores] if isinstance(scores, str)
                                                       else list(dict.fromkeys(scores)))
         for s in scores:
@@ -541,7 +554,9 @@ class PenaltyRecorder:
         self.scores = scores
         self.finetune_steps = finetune_steps
         self.finetune_lr = float(finetune_lr)
+        self.finetune_batch_size = finetune_batch_size
         self.seed = int(seed)
+        self.sq_activations: dict[int, dict[str, Tensor]] = {}
         self.loss_fn = loss_fn or F.cross_entropy
         self.rows: list[dict] = []
         self.selected: dict[str, dict[str, set[int]]] = {s: {} for s in scores}
@@ -552,15 +567,23 @@ class PenaltyRecorder:
         if step % self.every == 0:
             self.measure(model, step)
 
-    def _finetune(self, model: nn.Module, masks: dict[str, Tensor], train_mode: bool) -> None:
+    def _finetune(self, model: nn.Module, masks: dict[str, Tensor], train_mode: bool,
+                  step: int) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=self.finetune_lr)
         targets = [(model.get_parameter(k), m) for k, m in masks.items()]
         model.train(train_mode)
         x, y = self.batch
+        n, size = len(y), self.finetune_batch_size
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
         for _ in range(self.finetune_steps):
+            if size is None or size >= n:
+                xb, yb = x, y
+            else:
+                idx = torch.randperm(n, generator=gen)[:size]
+                xb, yb = x[idx], y[idx]
             opt.zero_grad(set_to_none=True)
-            self.loss_fn(model(x), y).backward()
+            self.loss_fn(model(xb), yb).backward()
             opt.step()
             with torch.no_grad():
                 for p, m in targets:
@@ -578,6 +601,9 @@ class PenaltyRecorder:
             # one forward/backward for every score: the statistics only depend on the dense copy
             stats = _statistics(dense, _units(dense, self.layers), self.batch, self.loss_fn,
                                 any(_parse_score(t)[0] in _DATA_SCORES for t in self.scores))
+            self.sq_activations[int(step)] = {
+                name: (per[0][0].double() ** 2).mean(dim=(0, 2)).cpu()
+                for name, per in stats.items()}
             for tag in self.scores:
                 res = prune(dense, fraction=self.fraction, score=tag, layers=self.layers,
                             batch=self.batch, seed=self.seed + int(step), loss_fn=self.loss_fn,
@@ -585,7 +611,7 @@ class PenaltyRecorder:
                 loss_pruned = _loss(res.model, self.batch, self.loss_fn)
                 loss_ft = math.nan
                 if self.finetune_steps > 0:
-                    self._finetune(res.model, res.masks, train_mode)
+                    self._finetune(res.model, res.masks, train_mode, step)
                     loss_ft = _loss(res.model, self.batch, self.loss_fn)
                 self.sizes.update(res.sizes)
                 chosen = self.selected.setdefault(tag, {})
@@ -611,6 +637,26 @@ class PenaltyRecorder:
         import pandas as pd
 
         return pd.DataFrame(self.rows, columns=self.COLUMNS)
+
+    def activations(self, *, selected_only: bool = True):
+        """Mean squared activation of units per measurement (MRP Fig. 6b).
+
+        Returns a tidy frame ``step, score, layer, unit, sq_activation`` with one row per unit
+        each score selected (``selected_only``), or ``step, layer, unit, sq_activation`` for
+        every unit of the chosen layers.
+        """
+        import pandas as pd
+
+        if not selected_only:
+            rows = [{"step": step, "layer": name, "unit": i, "sq_activation": float(v)}
+                    for step, per in self.sq_activations.items()
+                    for name, values in per.items() for i, v in enumerate(values.tolist())]
+            return pd.DataFrame(rows, columns=["step", "layer", "unit", "sq_activation"])
+        rows = [{"step": step, "score": tag, "layer": name, "unit": i,
+                 "sq_activation": float(self.sq_activations[step][name][i])}
+                for step, tag, picked in self.history for name, idx in picked.items()
+                for i in idx]
+        return pd.DataFrame(rows, columns=["step", "score", "layer", "unit", "sq_activation"])
 
     def consistency(self, *, since: int = 0, by_layer: bool = False):
         """Accumulated fraction of units ever selected per score (MRP Fig. 7).
@@ -646,15 +692,151 @@ class PenaltyRecorder:
         return pd.DataFrame(rows, columns=cols)
 
 
+#: Columns that identify one measurement in a recorder or study frame (those present are used).
+MEASUREMENT_KEYS = ("seed", "layer_set", "fraction", "step", "layers")
+
+
+def _keys(frame) -> list[str]:
+    return [c for c in MEASUREMENT_KEYS if c in frame.columns]
+
+
 def penalty_profile(frame, *, value: str = "penalty", taus: Iterable[float] | None = None,
                     missing: str = "raise"):
-    """Performance profile (MRP Sec. 4.3) of the scores in a :meth:`PenaltyRecorder.frame`.
+    """Performance profile (MRP Sec. 4.3) of the scores in a :meth:`PenaltyRecorder.frame`
+    or a :func:`penalty_study` frame.
 
     Method = score tag, value = ``value`` (``"penalty"`` or ``"penalty_ft"``), measurement =
-    ``(step, layers)``. Returns :func:`prunelab.metrics.performance_profile`'s tidy frame
+    the columns of :data:`MEASUREMENT_KEYS` present (e.g. ``(seed, layer_set, fraction, step,
+    layers)``). Returns :func:`prunelab.metrics.performance_profile`'s tidy frame
     ``method, tau, fraction`` (one curve per tag).
     """
     from prunelab import metrics
 
-    return metrics.performance_profile(frame, method="score", value=value, by=["step", "layers"],
+    return metrics.performance_profile(frame, method="score", value=value, by=_keys(frame),
                                        taus=taus, missing=missing)
+
+
+def bp_pairs(frame, *, value: str = "penalty"):
+    """Penalty without vs with mean replacement for every measurement (MRP Figs. 3-4).
+
+    Pairs each base score's row with its ``bp_`` row of the same measurement. Returns a tidy
+    frame with the measurement keys, ``base``, ``without``, ``with`` and ``below``
+    (``with < without``: the point lies under the line y = x, bias propagation helped).
+    """
+    import pandas as pd
+
+    missing = {"base", "bp", value} - set(frame.columns)
+    if missing:
+        raise ValueError(f"frame lacks column(s) {sorted(missing)}; pass a PenaltyRecorder or "
+                         "penalty_study frame")
+    keys = _keys(frame) + ["base"]
+    wide = frame.pivot_table(index=keys, columns="bp", values=value, aggfunc="first")
+    wide = wide.rename(columns={False: "without", True: "with"}).dropna().reset_index()
+    wide.columns.name = None
+    if "without" not in wide or "with" not in wide:
+        return pd.DataFrame(columns=keys + ["without", "with", "below"])
+    wide["below"] = wide["with"] < wide["without"]
+    return wide
+
+
+def layer_sets(model: nn.Module) -> dict[str, list[str]]:
+    """The layer sets of MRP Table 2 that exist in ``model``: ``all`` (every prunable layer
+    but the last), ``firstconv``, ``midconv`` (the middle one of the convs), ``lastconv`` and
+    ``firstdense`` (the first Linear layer whose units can be pruned)."""
+    graph = layer_graph(model)
+    chosen = [graph[w].module for w in graph.names[:-1]]
+    convs = [m for m in chosen
+             if isinstance(model.get_submodule(m), (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    dense = [m for m in chosen if isinstance(model.get_submodule(m), nn.Linear)]
+    sets = {"all": chosen}
+    if convs:
+        sets.update(firstconv=[convs[0]], midconv=[convs[len(convs) // 2]],
+                    lastconv=[convs[-1]])
+    if dense:
+        sets["firstdense"] = [dense[0]]
+    return sets
+
+
+@dataclass
+class PenaltyStudy:
+    """What :func:`penalty_study` measured.
+
+    Attributes:
+        frame: Tidy penalties: the recorder columns plus ``seed, layer_set, fraction``.
+        recorders: ``(layer_set, fraction)`` -> the :class:`PenaltyRecorder` that measured it.
+        model: The trained model.
+        history: The training history (:class:`prunelab.train.FitResult`).
+    """
+
+    frame: object
+    recorders: dict
+    model: nn.Module
+    history: object
+
+    def consistency(self, layer_set: str, fraction: float, **kwargs):
+        """:meth:`PenaltyRecorder.consistency` of one recorder (MRP Fig. 7)."""
+        return self.recorders[(layer_set, float(fraction))].consistency(**kwargs)
+
+    def activations(self, layer_set: str, fraction: float, **kwargs):
+        """:meth:`PenaltyRecorder.activations` of one recorder (MRP Fig. 6b)."""
+        return self.recorders[(layer_set, float(fraction))].activations(**kwargs)
+
+
+def penalty_study(model: nn.Module, bundle, *, recipe, layer_sets: Sequence[str] | None = None,
+                  fractions: Sequence[float] = (0.1,), every: int = 250, sample: int = 1000,
+                  scores: Sequence[str] | None = None, finetune_steps: int = 0,
+                  finetune_lr: float = 1e-3, seed: int = 0, progress: bool = False
+                  ) -> PenaltyStudy:
+    """Train a copy of ``model`` and measure the pruning penalty of every score during training
+    (MRP Sec. 4 and App. 6.2): every ``every`` steps, for each layer set of MRP Table 2 and each
+    fraction, each score prunes a copy and ``L(pruned) - L(dense)`` is measured on a fixed
+    sample of ``sample`` training examples (drawn with ``seed``, as MRP's fixed validation
+    subset of the training set).
+
+    Args:
+        model: The network to train (not modified; a copy is trained).
+        bundle: Data bundle; training uses ``bundle.train``.
+        recipe: Training recipe (:class:`prunelab.train.Recipe`).
+        layer_sets: Names from :func:`layer_sets` (default: all that exist in the model).
+        fractions: Fractions of units pruned per layer.
+        every, scores, finetune_steps, finetune_lr: As :class:`PenaltyRecorder`.
+        seed: Seed of the data order, the fixed sample and ``rand``.
+        progress: Progress bar over training steps.
+
+    Returns:
+        :class:`PenaltyStudy`. An interrupt (Jupyter's Interrupt) stops training; the
+        measurements taken so far are kept in the returned frame.
+    """
+    import pandas as pd
+
+    from prunelab.train import fit
+
+    available = globals()["layer_sets"](model)
+    wanted = list(available) if layer_sets is None else list(dict.fromkeys(layer_sets))
+    for name in wanted:
+        if name not in available:
+            raise ValueError(f"unknown layer set {name!r} for this model; available: "
+                             f"{', '.join(available)}")
+    fractions = [float(f) for f in fractions]
+    if not fractions:
+        raise ValueError("fractions must name at least one fraction")
+    sample_batch = bundle.batch("train", n=sample, seed=seed)
+    recorders = {(name, f): PenaltyRecorder(sample_batch, every=every, fraction=f,
+                                            layers=available[name], scores=scores,
+                                            finetune_steps=finetune_steps,
+                                            finetune_lr=finetune_lr, seed=seed)
+                 for name in wanted for f in fractions}
+
+    def callback(m, step):
+        for rec in recorders.values():
+            rec(m, step)
+
+    trained = copy.deepcopy(model)
+    history = fit(trained, bundle.train, recipe=recipe, seed=seed, progress=progress,
+                  step_callback=callback, desc="train + penalties")
+    frames = [rec.frame().assign(seed=seed, layer_set=name, fraction=f)
+              for (name, f), rec in recorders.items()]
+    frame = pd.concat(frames, ignore_index=True)
+    front = ["seed", "layer_set", "fraction"]
+    frame = frame[front + [c for c in frame.columns if c not in front]]
+    return PenaltyStudy(frame, recorders, trained, history)

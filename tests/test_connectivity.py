@@ -178,3 +178,34 @@ def test_instability_runs(digits):
         assert torch.equal(v, before[k])
     with pytest.raises(ValueError, match="k_steps"):
         C.instability(init, b, k_steps=10_000, recipe=Recipe(epochs=1))
+
+
+def test_instability_curve(digits):
+    b, _, _ = digits
+    init = pl.models.build("mlp", b, hidden=(16,), activation="relu", seed=0)
+    before = copy.deepcopy(init.state_dict())
+    recipe = Recipe(lr=1e-2, epochs=1, batch_size=100)  # T = ceil(997 / 100) = 10 steps
+    barriers, paths = C.instability_curve(init, b, ks=[10, 0, 4, 4], recipe=recipe, steps=5)
+    assert list(barriers.columns) == ["k", "barrier", "metric", "split", "error_a", "error_b",
+                                      "path_max", "total_steps"]
+    assert barriers["k"].tolist() == [0, 4, 10] and (barriers["total_steps"] == 10).all()
+    assert list(paths.columns) == ["k", "t", "loss", "error"] and len(paths) == 3 * 5
+    assert not barriers.attrs["interrupted"]
+    # k = T: both copies are the phase-1 network itself, identical endpoints, no barrier
+    last = barriers.set_index("k").loc[10]
+    assert last["barrier"] == 0.0 and last["error_a"] == last["error_b"]
+    assert paths[paths["k"] == 10]["error"].nunique() == 1
+    for k, g in paths.groupby("k"):
+        assert barriers.set_index("k").loc[k, "barrier"] == C.barrier(g, metric="error")
+    # exactly instability() at the same k (phase 1 snapshotted instead of re-run)
+    ref = C.instability(init, b, k_steps=4, recipe=recipe, steps=5)
+    assert barriers.set_index("k").loc[4, "barrier"] == ref.barrier
+    pd.testing.assert_frame_equal(
+        paths[paths["k"] == 4].drop(columns="k").reset_index(drop=True), ref.frame)
+    for k, v in init.state_dict().items():
+        assert torch.equal(v, before[k])
+    for bad in ([11], [-1], [], [2.5]):
+        with pytest.raises(ValueError, match="ks"):
+            C.instability_curve(init, b, ks=bad, recipe=recipe)
+    with pytest.raises(ValueError, match="metric"):
+        C.instability_curve(init, b, ks=[0], recipe=recipe, metric="accuracy")

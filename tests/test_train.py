@@ -82,3 +82,48 @@ def test_recipe_roundtrip():
 def test_early_stopping_needs_val(data):
     with pytest.raises(ValueError, match="validation"):
         fit(model(), data, recipe=Recipe(patience=2), progress=False)
+
+
+# ------------------------------------------------------------ regularizer (polarization etc.)
+
+def _same_weights(a, b):
+    return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_regularizer_none_is_bit_identical_to_no_regularizer(data):
+    rec = Recipe(optimizer="sgd", lr=0.05, epochs=2, batch_size=32, weight_decay=1e-4)
+    a, b = model(), model()
+    ra = fit(a, data, recipe=rec, seed=3, val=data, progress=False)
+    rb = fit(b, data, recipe=rec, seed=3, val=data, progress=False, regularizer=None)
+    assert _same_weights(a, b)
+    cols = [c for c in ra.history.columns if c != "seconds"]
+    assert list(ra.history.columns) == list(rb.history.columns)
+    assert ra.history[cols].equals(rb.history[cols])
+
+
+def test_regularizer_gradient_enters_the_step(data):
+    # (wd/2)·Σθ² as a regularizer is SGD's weight_decay=wd
+    wd = 1e-2
+    a, b = model(), model()
+    fit(a, data, recipe=Recipe(optimizer="sgd", lr=0.05, epochs=2, batch_size=32,
+                               weight_decay=wd), progress=False)
+    fit(b, data, recipe=Recipe(optimizer="sgd", lr=0.05, epochs=2, batch_size=32),
+        progress=False,
+        regularizer=lambda m: 0.5 * wd * sum((p ** 2).sum() for p in m.parameters()))
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(a[1].weight, model()[1].weight)
+
+
+def test_train_loss_stays_the_data_loss_with_a_regularizer(data):
+    rec = Recipe(lr=1e-2, epochs=2, batch_size=32)
+    a, b = model(), model()
+    ra = fit(a, data, recipe=rec, progress=False)
+    rb = fit(b, data, recipe=rec, progress=False, regularizer=lambda m: torch.tensor(100.0))
+    assert _same_weights(a, b)  # a constant adds no gradient
+    assert rb.history.train_loss.tolist() == ra.history.train_loss.tolist()
+    assert list(rb.history.columns) == ["epoch", "step", "lr", "train_loss", "train_accuracy",
+                                        "train_regularizer", "seconds"]
+    assert rb.history.train_regularizer.tolist() == [100.0, 100.0]
+    with pytest.raises(ValueError, match="scalar tensor"):
+        fit(model(), data, recipe=rec, progress=False, regularizer=lambda m: torch.ones(2))

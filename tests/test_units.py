@@ -496,3 +496,78 @@ def test_given_unit_scores_prune_lowest_and_validate():
     with pytest.raises(ValueError, match="has 3 values"):
         units.prune(model, count=1, score="x", unit_scores={"fc1": torch.ones(3)}, layers=["fc1"])
     assert _same_state(model, state)
+
+
+# ------------------------------------------------------------ study helpers (MRP Sec. 4, App. 6.2)
+
+def test_layer_sets_of_conv_and_mlp():
+    conv = _conv()
+    sets = units.layer_sets(conv)
+    convs = [n for n, m in conv.named_modules() if isinstance(m, nn.Conv2d)]
+    dense = [n for n, m in conv.named_modules() if isinstance(m, nn.Linear)]
+    assert sets["all"] == convs + dense[:-1]
+    assert sets["firstconv"] == [convs[0]] and sets["lastconv"] == [convs[-1]]
+    assert sets["midconv"] == [convs[1]] and sets["firstdense"] == [dense[0]]
+    assert set(units.layer_sets(_mlp())) == {"all", "firstdense"}
+
+
+def test_bp_pairs_hand_example():
+    import pandas as pd
+
+    rows = []
+    for step, (w, b) in enumerate([(0.5, 0.2), (0.1, 0.3), (0.4, 0.4)]):
+        rows += [{"step": step, "layers": "fc1", "score": "norm", "base": "norm", "bp": False,
+                  "penalty": w},
+                 {"step": step, "layers": "fc1", "score": "bp_norm", "base": "norm", "bp": True,
+                  "penalty": b}]
+    pairs = units.bp_pairs(pd.DataFrame(rows))
+    assert pairs["without"].tolist() == [0.5, 0.1, 0.4]
+    assert pairs["with"].tolist() == [0.2, 0.3, 0.4]
+    assert pairs["below"].tolist() == [True, False, False]  # a tie is not below y = x
+    with pytest.raises(ValueError, match="lacks column"):
+        units.bp_pairs(pd.DataFrame({"x": [1]}))
+
+
+def test_penalty_study_frame_activations_and_finetune_batches():
+    import prunelab as pl
+
+    bundle = pl.data.load("digits")
+    model = models.build("mlp", bundle, hidden=(16, 8), activation="relu", seed=0)
+    before = _state(model)
+    recipe = pl.train.Recipe(lr=1e-2, epochs=1, batch_size=64, max_steps=12)
+    study = units.penalty_study(model, bundle, recipe=recipe, fractions=(0.25, 0.5), every=6,
+                                sample=100, scores=["norm", "bp_norm", "abs_mrs"],
+                                finetune_steps=2, seed=3)
+    assert _same_state(model, before)  # the caller's model is not trained
+    f = study.frame
+    assert list(f.columns[:3]) == ["seed", "layer_set", "fraction"]
+    assert len(f) == 2 * 2 * 2 * 3  # layer sets x fractions x measurements x scores
+    assert set(f.layer_set) == {"all", "firstdense"} and (f.seed == 3).all()
+    assert f.penalty_ft.notna().all()
+    pairs = units.bp_pairs(f)
+    assert len(pairs) == 2 * 2 * 2 and set(pairs.base) == {"norm"}
+    prof = units.penalty_profile(f)
+    assert set(prof.method) == {"norm", "bp_norm", "abs_mrs"}
+    act = study.activations("firstdense", 0.5)
+    assert set(act.columns) == {"step", "score", "layer", "unit", "sq_activation"}
+    assert len(act) == 2 * 3 * 8  # 2 steps x 3 scores x half of 16 units
+    every_unit = study.activations("firstdense", 0.5, selected_only=False)
+    assert len(every_unit) == 2 * 16 and (every_unit.sq_activation >= 0).all()
+    assert not study.consistency("all", 0.25).empty
+    with pytest.raises(ValueError, match="unknown layer set 'midconv'"):
+        units.penalty_study(model, bundle, recipe=recipe, layer_sets=["midconv"])
+
+
+def test_finetune_minibatches_same_for_every_score():
+    # with finetune_batch_size the mini-batches depend on (seed, step) only
+    model = _mlp().eval()
+    batch = _batch((12,), n=40, classes=4)
+    rec = units.PenaltyRecorder(batch, every=1, fraction=0.25, scores=["norm", "rand"],
+                                finetune_steps=3, finetune_batch_size=8, finetune_lr=0.1)
+    a = rec.measure(model, 5)
+    rec2 = units.PenaltyRecorder(batch, every=1, fraction=0.25, scores=["norm"],
+                                 finetune_steps=3, finetune_batch_size=8, finetune_lr=0.1)
+    b = rec2.measure(model, 5)
+    assert a[0]["loss_ft"] == b[0]["loss_ft"]
+    with pytest.raises(ValueError, match="finetune_batch_size"):
+        units.PenaltyRecorder(batch, finetune_batch_size=0)
