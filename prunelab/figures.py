@@ -382,6 +382,51 @@ def activation_histogram(frame: pd.DataFrame, *, scores: Sequence[str] | None = 
     return ax
 
 
+def loss_plane(frame: pd.DataFrame, *, z: str = "loss", split: str | None = None,
+               labels: Sequence[str] = ("a", "b", "c"), log: bool = True, ax=None):
+    """Filled contour of ``z`` on the plane through three models (Garipov et al. Fig. 1), from
+    :func:`prunelab.connectivity.plane`, with the models marked."""
+    _require(frame, ["u", "v", z])
+    data = frame
+    if "split" in frame.columns:
+        splits = list(pd.unique(frame["split"]))
+        if split is None and len(splits) > 1:
+            raise ValueError(f"the frame holds splits {splits}: pass split=")
+        split = split or splits[0]
+        data = frame[frame["split"] == split]
+    grid = data.pivot_table(index="v", columns="u", values=z, aggfunc="first").sort_index()
+    values = grid.to_numpy(dtype=float)
+    shown = np.log10(np.maximum(values, 1e-12)) if log else values
+    if ax is None:
+        _, ax = new_axes(4.2, 3.4)
+    cs = ax.contourf(grid.columns.to_numpy(), grid.index.to_numpy(), shown, levels=20,
+                     cmap="viridis")
+    ax.figure.colorbar(cs, ax=ax, label=("log10 " if log else "") + z)
+    points = frame.attrs.get("points")
+    if points:
+        pts = list(points.values()) if isinstance(points, dict) else list(points)
+        for label, (u, v) in zip(labels, pts):
+            ax.plot(u, v, "o", color="white", markeredgecolor="black", markersize=6)
+            ax.annotate(label, (u, v), textcoords="offset points", xytext=(4, 4), color="white")
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_xlabel("u (along b − a)")
+    ax.set_ylabel("v")
+    return ax
+
+
+def instability(barriers: pd.DataFrame, *, x: str = "k", y: str = "barrier", ax=None):
+    """Instability (linear-path barrier) vs the splitting step ``k`` (Frankle et al. Fig. 3)."""
+    _require(barriers, [x, y])
+    if ax is None:
+        _, ax = new_axes(4.0, 2.8)
+    part = barriers.sort_values(x)
+    ax.plot(part[x], part[y], marker="o", linewidth=1.4)
+    metric = str(part["metric"].iloc[0]) if "metric" in part and len(part) else "error"
+    ax.set_xlabel("splitting step k")
+    ax.set_ylabel(f"{metric} barrier")
+    return ax
+
+
 def save(fig_or_ax, name: str, *, folder: str | Path | None = None,
          formats: Sequence[str] = ("pdf", "png")) -> list[Path]:
     """Write a matplotlib figure (or an Axes' figure) as ``figures/NAME.{pdf,png}``.

@@ -771,3 +771,71 @@ def activation_histogram(frame: pd.DataFrame, *, scores: Sequence[str] | None = 
     fig.update_xaxes(title_text="log10 mean squared activation E[a²]")
     fig.update_yaxes(title_text="units selected (over all measurements)")
     return fig
+
+
+# ------------------------------------------------------------------ loss plane (Garipov Fig. 1)
+def loss_plane(frame: pd.DataFrame, *, z: str = "loss", split: str | None = None,
+               labels: Sequence[str] = ("a", "b", "c"), log: bool = True,
+               title: str | None = None):
+    """Contour of ``z`` over the plane through three models (Garipov et al. Fig. 1), from
+    :func:`prunelab.connectivity.plane`; the three models are marked (``frame.attrs["points"]``).
+
+    Args:
+        frame: columns ``u, v, z`` (and ``split`` if the plane was evaluated on several).
+        z: "loss" or "error".
+        split: the split to draw when the frame has several.
+        labels: names of the three models, in the order given to ``plane`` (a, b, c).
+        log: colour by log10 of ``z`` (losses span decades away from the minima).
+    """
+    go = _go()
+    _require(frame, ["u", "v", z])
+    data = frame
+    if "split" in frame.columns:
+        splits = list(pd.unique(frame["split"]))
+        if split is None:
+            if len(splits) > 1:
+                raise ValueError(f"the frame holds splits {splits}: pass split=")
+            split = splits[0]
+        if split not in splits:
+            raise ValueError(f"split {split!r} not in the frame; it has {splits}")
+        data = frame[frame["split"] == split]
+    grid = data.pivot_table(index="v", columns="u", values=z, aggfunc="first").sort_index()
+    values = grid.to_numpy(dtype=float)
+    shown = np.log10(np.maximum(values, 1e-12)) if log else values
+    fig = go.Figure(go.Contour(
+        x=grid.columns.to_numpy(), y=grid.index.to_numpy(), z=shown, colorscale="Viridis",
+        ncontours=25, customdata=values,
+        colorbar=dict(title=("log10 " if log else "") + z),
+        hovertemplate=f"u=%{{x:.3g}}<br>v=%{{y:.3g}}<br>{z}=%{{customdata:.4g}}<extra></extra>"))
+    points = frame.attrs.get("points")
+    if points:
+        pts = np.asarray(list(points.values()) if isinstance(points, dict) else points,
+                         dtype=float)
+        fig.add_trace(go.Scatter(x=pts[:, 0], y=pts[:, 1], mode="markers+text",
+                                 text=list(labels)[:len(pts)], textposition="top center",
+                                 marker=dict(color="white", size=10,
+                                             line=dict(color="black", width=1.5)),
+                                 showlegend=False, hoverinfo="text"))
+    fig.update_xaxes(title_text="u (along b − a)")
+    fig.update_yaxes(title_text="v", scaleanchor="x", scaleratio=1)
+    fig.update_layout(title=title or f"{split + ' ' if split else ''}{z} on the plane through "
+                      "three models", template="plotly_white")
+    return fig
+
+
+def instability(barriers: pd.DataFrame, *, x: str = "k", y: str = "barrier",
+                title: str | None = None):
+    """Instability (barrier of the linear path between two copies split at step ``k``) vs
+    ``k`` (Frankle et al. 2020, Fig. 3), from :func:`prunelab.connectivity.instability_curve`."""
+    go = _go()
+    _require(barriers, [x, y])
+    part = barriers.sort_values(x)
+    metric = str(part["metric"].iloc[0]) if "metric" in part and len(part) else "error"
+    fig = go.Figure(go.Scatter(x=part[x], y=part[y], mode="lines+markers",
+                               hovertemplate=f"k=%{{x}}<br>{metric} barrier=%{{y:.4g}}"
+                                             "<extra></extra>"))
+    fig.update_xaxes(title_text="rewinding / splitting step k")
+    fig.update_yaxes(title_text=f"{metric} barrier (instability)")
+    fig.update_layout(title=title or "Instability vs the step the two copies split at",
+                      template="plotly_white")
+    return fig

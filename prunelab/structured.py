@@ -398,3 +398,55 @@ def prune_by_threshold(model: nn.Module, threshold: float, *,
                 getattr(result, field).update(getattr(r, field))
     result.model = target
     return result
+
+
+# ==================================================================== comparison (App. H tables)
+
+def compare(model: nn.Module, *, criteria: Sequence[str] = ("random", "mp-l1", "mp-l2",
+                                                            "lap-l1", "lap-l2"),
+            fractions: Sequence[float] = (0.1, 0.3, 0.5), layers: Sequence[str] | None = None,
+            batch, eval_data, mean_replacement: Sequence[bool] = (False, True),
+            seed: int = 0):
+    """One-shot channel pruning of ``model`` with each structured criterion at each fraction,
+    with and without mean replacement, evaluated before any fine-tuning (the comparison of Park
+    et al. 2020, App. H, Tables 17-18, which report errors after retraining).
+
+    Args:
+        model: Never modified.
+        criteria: Names of :data:`CRITERIA` (``hrank`` / ``bn-scale`` need matching layers).
+        fractions: Fractions of the units of each chosen layer, each in (0, 1).
+        layers: Module names (default: every prunable layer but the last).
+        batch: ``(x, y)`` scoring batch (HRank, LAP's BN factors do not need ``y``; mean
+            replacement does).
+        eval_data: ``(x, y)`` or a Dataset for :func:`prunelab.train.evaluate`.
+        mean_replacement: The settings of mean replacement to try.
+        seed: Seed of ``random``.
+
+    Returns:
+        Tidy frame: ``criterion, fraction, mean_replacement, pruned, units, loss, accuracy,
+        error, penalty`` (``loss - dense loss`` on ``eval_data``); a ``dense`` row first.
+    """
+    import pandas as pd
+
+    from prunelab.train import evaluate
+
+    for c in criteria:
+        _check_criterion(c)
+    dense = evaluate(model, eval_data)
+    rows = [{"criterion": "dense", "fraction": 0.0, "mean_replacement": False, "pruned": 0,
+             "units": 0, "loss": dense["loss"], "accuracy": dense["accuracy"],
+             "error": dense["error"], "penalty": 0.0}]
+    for c in criteria:
+        scores = score(model, c, layers=layers, batch=batch, seed=seed)
+        for f in fractions:
+            for bp in mean_replacement:
+                res = units.prune(model, fraction=f, score=c, layers=list(scores),
+                                  batch=_unit_batch(batch, bp), seed=seed, unit_scores=scores,
+                                  mean_replacement=bp)
+                ev = evaluate(res.model, eval_data)
+                rows.append({"criterion": c, "fraction": float(f), "mean_replacement": bool(bp),
+                             "pruned": sum(len(v) for v in res.pruned.values()),
+                             "units": sum(res.sizes.values()), "loss": ev["loss"],
+                             "accuracy": ev["accuracy"], "error": ev["error"],
+                             "penalty": ev["loss"] - dense["loss"]})
+    return pd.DataFrame(rows)

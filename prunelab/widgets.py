@@ -1,7 +1,7 @@
 """Interactive pruning in a notebook: ipywidgets controls wired to the library's calls.
 
-:class:`PruningExplorer` is the one widget. It is returned, never displayed (put it last in a cell
-or call ``display``). Everything it shows comes from :mod:`prunelab.criteria`,
+:class:`PruningExplorer` (weights) and :class:`UnitExplorer` (whole units, MRP) are returned,
+never displayed (put one last in a cell or call ``display``). Everything it shows comes from :mod:`prunelab.criteria`,
 :mod:`prunelab.masks`, :func:`prunelab.pruning.prune` and :func:`prunelab.train.evaluate`; this
 module only wires them to controls and two plotly ``FigureWidget``\\ s updated in place.
 
@@ -27,7 +27,7 @@ from prunelab import masks as M
 from prunelab.pruning import SCHEDULES, prune
 from prunelab.train import evaluate
 
-__all__ = ["PruningExplorer"]
+__all__ = ["PruningExplorer", "UnitExplorer"]
 
 LOG_LIMIT = 1000  # entries kept in ``PruningExplorer.log``
 
@@ -597,3 +597,175 @@ class PruningExplorer:
                 w.disabled = False
             self.cancel_button.disabled = True
         return result
+
+
+# ------------------------------------------------------------------------ unit pruning (MRP)
+class UnitExplorer:
+    """Prune whole units with a chosen layer set, fraction and score (MRP Table 1 and the
+    structured criteria of :mod:`prunelab.structured`), with and without mean replacement.
+
+    Every move prunes a copy twice, with and without mean replacement (MRP Eq. 4), and shows
+    the pruning penalty ``L(pruned) - L(dense)`` and the accuracy of both on a fixed evaluation
+    batch, plus the scores of the units of the set's first layer with the pruned ones marked.
+    Statistics (activations, gradients) and scores are computed once per layer set and score on
+    a fixed scoring batch from the train split and cached, so a fraction move costs two
+    evaluations.
+
+    Attributes:
+        widget: the ``ipywidgets.VBox`` to display.
+        layer_set, fraction, score, mean_replacement: the controls.
+        readout: HTML with the numbers; ``penalty_fig`` (bars: penalty without / with mean
+            replacement) and ``scores_fig`` (sorted unit scores, pruned in red).
+        metrics: the numbers shown (dict), updated on every move.
+    """
+
+    def __init__(self, model: nn.Module, bundle, *, batch_size: int = 500, seed: int = 0,
+                 eval_split: str = "val", fraction: float = 0.1, scores=None):
+        W, go = _widgets()
+        from prunelab import structured, units
+
+        self._units, self._structured = units, structured
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+        self._model = G.plain_copy(model).eval() if G.is_parametrized(model) else \
+            copy.deepcopy(model).eval()
+        self.sets = units.layer_sets(self._model)
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                     for m in self._model.modules())
+        default = list(units.BASE_SCORES) + ["mp-l1", "mp-l2", "lap-l1", "lap-l2", "hrank"] + (
+            ["bn-scale"] if has_bn else [])
+        options = default if scores is None else list(scores)
+        valid = set(units.BASE_SCORES) | set(structured.names())
+        for name in options:
+            if name not in valid:
+                raise ValueError(f"unknown score {name!r}; valid: {', '.join(sorted(valid))}")
+        self.seed = seed
+        self._score_batch = bundle.batch("train", n=min(batch_size, len(bundle.train)), seed=seed)
+        split = bundle.split(eval_split)
+        self._eval_batch = bundle.batch(eval_split, n=min(batch_size, len(split)), seed=seed)
+        self.before = evaluate(self._model, self._eval_batch)
+        self._stats: dict[str, object] = {}
+        self._cache: dict[tuple[str, str], dict] = {}
+        self.metrics: dict = {}
+        self.errors: list[str] = []
+
+        style = {"description_width": "initial"}
+        self.layer_set = W.Dropdown(options=list(self.sets), value="all", description="layers",
+                                    style=style)
+        self.score = W.Dropdown(options=options,
+                                value="abs_mrs" if "abs_mrs" in options else options[0],
+                                description="score", style=style)
+        self.fraction = W.FloatSlider(value=fraction, min=0.01, max=0.9, step=0.01,
+                                      readout_format=".2f", description="fraction of units",
+                                      continuous_update=False, style=style,
+                                      layout=W.Layout(width="380px"))
+        self.mean_replacement = W.Checkbox(value=True, description="show bp_ (mean replacement)",
+                                           indent=False)
+        self.readout = W.HTML()
+        margin = dict(l=55, r=15, t=45, b=45)
+        self.penalty_fig = go.FigureWidget(
+            data=[go.Bar(x=["removed", "mean replaced"], y=[0.0, 0.0],
+                         marker_color=["#E45756", "#4C78A8"], texttemplate="%{y:.3g}",
+                         textposition="outside", cliponaxis=False,
+                         hovertemplate="%{x}: penalty %{y:.4g}<extra></extra>")],
+            layout=dict(title=dict(text="pruning penalty L(pruned) − L(dense)", font_size=14),
+                        yaxis=dict(title="penalty"), height=320, width=420, margin=margin,
+                        template="plotly_white"))
+        self.scores_fig = go.FigureWidget(
+            data=[go.Bar(x=[], y=[], marker_color=[],
+                         hovertemplate="unit %{customdata}<br>score %{y:.4g}<extra></extra>")],
+            layout=dict(title=dict(text="unit scores (sorted; red = pruned)", font_size=14),
+                        xaxis=dict(title="rank"), yaxis=dict(title="score"), height=320,
+                        width=480, margin=margin, template="plotly_white"))
+        for w in (self.layer_set, self.score, self.fraction, self.mean_replacement):
+            w.observe(lambda change: self._refresh(), names="value")
+        self.widget = W.VBox([W.HBox([self.layer_set, self.score]),
+                              W.HBox([self.fraction, self.mean_replacement]),
+                              self.readout, W.HBox([self.penalty_fig, self.scores_fig])])
+        self.widget.add_class("prunelab-unit-explorer")
+        self._refresh()
+
+    def _repr_mimebundle_(self, **kwargs):
+        for fig in (self.penalty_fig, self.scores_fig):
+            _sync_figure(fig, layout=True)
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def _layer_stats(self, name: str):
+        if name not in self._stats:
+            u = self._units
+            chosen = u._units(self._model, self.sets[name])
+            self._stats[name] = u._statistics(self._model, chosen, self._score_batch,
+                                              torch.nn.functional.cross_entropy, True)
+        return self._stats[name]
+
+    def _scores(self, layer_set: str, score: str) -> dict:
+        key = (layer_set, score)
+        if key not in self._cache:
+            layers = self.sets[layer_set]
+            if score in self._units.BASE_SCORES:
+                stats = self._layer_stats(layer_set)
+                chosen = self._units._units(self._model, layers)
+                self._cache[key] = self._units._unit_scores(self._model, chosen, score, stats,
+                                                            self.seed)
+            else:
+                self._cache[key] = self._structured.score(self._model, score, layers=layers,
+                                                          batch=self._score_batch,
+                                                          seed=self.seed)
+        return self._cache[key]
+
+    def prune(self, mean_replacement: bool):
+        """The current setting's :class:`prunelab.units.UnitPruneResult`."""
+        name, score = self.layer_set.value, self.score.value
+        return self._units.prune(self._model, fraction=self.fraction.value,
+                                 score=("bp_" if mean_replacement else "") + score,
+                                 layers=self.sets[name],
+                                 unit_scores=self._scores(name, score),
+                                 mean_replacement=mean_replacement,
+                                 _stats=self._layer_stats(name))
+
+    def _refresh(self) -> None:
+        try:
+            results = {bp: self.prune(bp) for bp in ((False, True) if self.mean_replacement.value
+                                                     else (False,))}
+        except ValueError as err:
+            self.errors.append(str(err))
+            self.readout.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
+            return
+        after = {bp: evaluate(r.model, self._eval_batch) for bp, r in results.items()}
+        res = results[False]
+        pruned = sum(len(v) for v in res.pruned.values())
+        total = sum(res.sizes.values())
+        m = {"layer_set": self.layer_set.value, "score": self.score.value,
+             "fraction": self.fraction.value, "pruned": pruned, "units": total,
+             "loss": self.before["loss"], "accuracy": self.before["accuracy"],
+             "penalty": after[False]["loss"] - self.before["loss"],
+             "accuracy_pruned": after[False]["accuracy"]}
+        if True in after:
+            m.update(penalty_bp=after[True]["loss"] - self.before["loss"],
+                     accuracy_bp=after[True]["accuracy"])
+        self.metrics = m
+        text = (f"pruned {pruned}/{total} units · loss {m['loss']:.3f} · accuracy "
+                f"{m['accuracy']:.3f} → removed: penalty {m['penalty']:+.3f}, accuracy "
+                f"{m['accuracy_pruned']:.3f}")
+        if "penalty_bp" in m:
+            text += (f" · mean replaced: penalty {m['penalty_bp']:+.3f}, accuracy "
+                     f"{m['accuracy_bp']:.3f}")
+        self.readout.value = html.escape(text)
+        with self.penalty_fig.batch_update():
+            bar = self.penalty_fig.data[0]
+            bar.y = [m["penalty"], m.get("penalty_bp", float("nan"))]
+        first = next(iter(res.scores))
+        scores = res.scores[first]
+        order = torch.argsort(scores, stable=True).tolist()
+        dropped = set(res.pruned[first])
+        with self.scores_fig.batch_update():
+            bar = self.scores_fig.data[0]
+            bar.x = list(range(len(order)))
+            bar.y = [float(scores[i]) for i in order]
+            bar.customdata = order
+            bar.marker.color = ["#E45756" if i in dropped else "#9ecae9" for i in order]
+            self.scores_fig.layout.title.text = f"{first}: unit scores (sorted; red = pruned)"
+        _sync_figure(self.penalty_fig)
+        _sync_figure(self.scores_fig, layout=True)

@@ -304,3 +304,84 @@ def test_static_collapse_and_interpolation_figures_save(tmp_path):
     assert any("barrier" in t.get_text() for t in ax.get_legend().get_texts())
     written += figures.save(ax, "interp", folder=tmp_path)
     assert len(written) == 6 and all(p.stat().st_size > 0 for p in written)
+
+
+def test_loss_plane_contour_and_points():
+    import pandas as pd
+
+    rows = [{"u": u, "v": v, "split": s, "loss": 1 + u * u + v * v, "error": 0.1}
+            for s in ("train", "test") for u in (0.0, 1.0, 2.0) for v in (-1.0, 0.0, 1.0)]
+    frame = pd.DataFrame(rows)
+    frame.attrs["points"] = {"a": (0.0, 0.0), "b": (2.0, 0.0), "c": (1.0, 1.0)}
+    with pytest.raises(ValueError, match="pass split="):
+        plots.loss_plane(frame)
+    fig = plots.loss_plane(frame, split="test", log=False)
+    contour, marks = fig.data
+    assert list(contour.x) == [0.0, 1.0, 2.0] and list(contour.y) == [-1.0, 0.0, 1.0]
+    assert contour.z[0][2] == pytest.approx(1 + 4 + 1)  # row v = -1, column u = 2
+    assert list(marks.x) == [0.0, 2.0, 1.0] and list(marks.text) == ["a", "b", "c"]
+    logged = plots.loss_plane(frame, split="train")
+    assert logged.data[0].z[1][0] == pytest.approx(0.0)  # log10(1)
+
+
+def test_instability_plot_sorted_by_k():
+    import pandas as pd
+
+    fig = plots.instability(pd.DataFrame({"k": [10, 0, 5], "barrier": [0.0, 0.3, 0.1],
+                                          "metric": "error"}))
+    assert list(fig.data[0].x) == [0, 5, 10] and list(fig.data[0].y) == [0.3, 0.1, 0.0]
+    assert "error barrier" in fig.layout.yaxis.title.text
+
+
+def test_mrp_plots_from_a_recorder_like_frame():
+    import pandas as pd
+
+    from prunelab import units
+
+    rows = []
+    for step in (1, 2):
+        for tag in units.SCORES:
+            base = tag.removeprefix("bp_")
+            rows.append({"step": step, "layers": "l", "score": tag, "base": base,
+                         "bp": tag.startswith("bp_"),
+                         "penalty": 0.1 * step + (0.0 if tag.startswith("bp_") else 0.05)})
+    frame = pd.DataFrame(rows)
+    pairs = units.bp_pairs(frame)
+    fig = plots.penalty_scatter(pairs)
+    assert "100% of points below" in fig.layout.title.text
+    assert len(fig.data) == 6 + 1  # one trace per base score and the y = x line
+    over = plots.penalty_over_training(frame)
+    styles = {t.name: (t.line.color, t.line.dash) for t in over.data}
+    assert styles["bp_norm"][0] == styles["norm"][0] and styles["norm"][1] == "dash"
+    prof = plots.performance_profile(units.penalty_profile(frame), pair_prefix="bp_")
+    assert {t.line.dash for t in prof.data} == {"dash", "solid"}
+    cons = pd.DataFrame({"step": [1, 2], "score": ["rand", "rand"],
+                         "fraction_ever_selected": [0.1, 0.2]})
+    assert list(plots.selection_consistency(cons).data[0].y) == [0.1, 0.2]
+    acts = pd.DataFrame({"score": ["rand", "rand", "norm"], "sq_activation": [1.0, 10.0, 0.0]})
+    hist = plots.activation_histogram(acts)
+    assert list(hist.data[0].x) == [0.0, 1.0] and len(hist.data[1].x) == 0  # zeros dropped
+
+
+def test_new_static_figures_save(tmp_path):
+    from prunelab import units
+
+    rows = [{"u": u, "v": v, "loss": 1 + u * u + v * v}
+            for u in (0.0, 1.0, 2.0) for v in (-1.0, 0.0, 1.0)]
+    plane = pd.DataFrame(rows)
+    plane.attrs["points"] = {"a": (0.0, 0.0), "b": (2.0, 0.0), "c": (1.0, 1.0)}
+    written = figures.save(figures.loss_plane(plane), "plane", folder=tmp_path)
+    written += figures.save(figures.instability(pd.DataFrame({"k": [0, 5], "barrier": [.3, .1]})),
+                            "inst", folder=tmp_path)
+    frame = pd.DataFrame([{"step": s, "layers": "l", "score": t, "base": t.removeprefix("bp_"),
+                           "bp": t.startswith("bp_"), "penalty": s * (1 + len(t))}
+                          for s in (1, 2) for t in units.SCORES])
+    written += figures.save(figures.penalty_scatter(units.bp_pairs(frame)), "scatter",
+                            folder=tmp_path)
+    written += figures.save(figures.penalty_over_training(frame), "over", folder=tmp_path)
+    cons = pd.DataFrame({"step": [1, 2], "score": ["rand", "rand"],
+                         "fraction_ever_selected": [0.1, 0.2]})
+    written += figures.save(figures.selection_consistency(cons), "cons", folder=tmp_path)
+    acts = pd.DataFrame({"score": ["rand", "rand", "norm"], "sq_activation": [1.0, 10.0, 3.0]})
+    written += figures.save(figures.activation_histogram(acts), "acts", folder=tmp_path)
+    assert len(written) == 12 and all(p.stat().st_size > 1000 for p in written)

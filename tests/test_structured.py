@@ -347,3 +347,24 @@ def test_masked_models_are_scored_by_their_effective_weights():
     res = structured.prune(masked, "mp-l2", count=1)
     assert res.pruned == {k: [int(torch.argmin(v))] for k, v in
                           structured.score(masked, "mp-l2").items()}
+
+
+def test_compare_rows_match_prune_calls():
+    import prunelab as pl
+
+    bundle = pl.data.load("digits")
+    model = pl.models.build("small_conv", bundle, seed=0, padding="same", width=0.25).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = bundle.batch("train", n=64, seed=0)
+    ev = bundle.batch("val", n=100, seed=0)
+    frame = structured.compare(model, criteria=["mp-l1", "lap-l2"], fractions=[0.25, 0.5],
+                               batch=batch, eval_data=ev)
+    assert len(frame) == 1 + 2 * 2 * 2 and frame.criterion.iloc[0] == "dense"
+    row = frame[(frame.criterion == "lap-l2") & (frame.fraction == 0.5)
+                & frame.mean_replacement].iloc[0]
+    ref = structured.prune(model, "lap-l2", fraction=0.5, batch=batch, mean_replacement=True)
+    want = pl.train.evaluate(ref.model, ev)["loss"] - pl.train.evaluate(model, ev)["loss"]
+    assert row.penalty == pytest.approx(want, abs=1e-6)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="unknown"):
+        structured.compare(model, criteria=["nope"], batch=batch, eval_data=ev)

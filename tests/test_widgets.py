@@ -362,3 +362,60 @@ def test_explorer_in_a_kernel(tmp_path):
     state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
     saved = state[model_id]["state"]["_widget_data"][0]["y"]
     assert saved == pytest.approx(shown)
+
+
+# ------------------------------------------------------------------------- UnitExplorer (MRP)
+
+@pytest.fixture(scope="module")
+def unit_setup():
+    torch.manual_seed(0)
+    bundle = pl.data.load("digits")
+    model = pl.models.build("small_conv", bundle, seed=0, padding="same", bn=True,
+                            width=0.25).eval()
+    return model, bundle
+
+
+def test_unit_explorer_numbers_match_library_calls(unit_setup):
+    from plotly import graph_objects as go
+    from ipywidgets import widgets as W
+
+    model, bundle = unit_setup
+    before = snapshot(model)
+    ex = pl.widgets.UnitExplorer(model, bundle, batch_size=200)
+    assert isinstance(ex.widget, W.VBox) and isinstance(ex.penalty_fig, go.FigureWidget)
+    assert "bn-scale" in ex.score.options and "bp_abs_mrs" not in ex.score.options
+    ex.layer_set.value = "midconv"
+    ex.score.value = "norm"
+    ex.fraction.value = 0.25
+    m = ex.metrics
+    layers = pl.units.layer_sets(model)["midconv"]
+    score_batch = bundle.batch("train", n=200, seed=0)
+    eval_batch = bundle.batch("val", n=200, seed=0)
+    for bp, key in ((False, "penalty"), (True, "penalty_bp")):
+        ref = pl.units.prune(model, fraction=0.25, score=("bp_" if bp else "") + "norm",
+                             layers=layers, batch=score_batch)
+        want = evaluate(ref.model, eval_batch)["loss"] - evaluate(model, eval_batch)["loss"]
+        assert m[key] == pytest.approx(want, abs=1e-6)
+    assert list(ex.penalty_fig.data[0].y) == pytest.approx([m["penalty"], m["penalty_bp"]])
+    assert f"pruned {m['pruned']}/{m['units']} units" in ex.readout.value
+    colors = list(ex.scores_fig.data[0].marker.color)
+    assert colors.count("#E45756") == m["pruned"] == round(0.25 * m["units"])
+    assert colors[:m["pruned"]] == ["#E45756"] * m["pruned"]  # the lowest scores are pruned
+    ex.mean_replacement.value = False
+    assert "penalty_bp" not in ex.metrics and "mean replaced" not in ex.readout.value
+    assert same(model.state_dict(), before)
+
+
+def test_unit_explorer_structured_scores_and_errors_are_shown(unit_setup):
+    model, bundle = unit_setup
+    ex = pl.widgets.UnitExplorer(model, bundle, batch_size=100)
+    ex.score.value = "hrank"  # the "all" set holds Linear layers: a readable error, no crash
+    assert ex.errors and "hrank" in ex.readout.value and "color:#b00" in ex.readout.value
+    ex.layer_set.value = "firstconv"
+    want = pl.structured.score(model, "hrank", layers=pl.units.layer_sets(model)["firstconv"],
+                               batch=bundle.batch("train", n=100, seed=0))
+    got = ex._scores("firstconv", "hrank")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert "pruned" in ex.readout.value
+    with pytest.raises(ValueError, match="unknown score 'bp_norm'"):
+        pl.widgets.UnitExplorer(model, bundle, scores=["bp_norm"])
