@@ -335,61 +335,108 @@ for crit in ("snip", "synflow"):
                     f"04_layer_density_{crit}")
 """),
     md("""
-## Part 2: *Missing the mark* ablations
+## Part 2: prune at initialisation, then train
 
-An untrained MLP on scikit-learn's 8×8 digits. SNIP and magnitude masks at 90 % sparsity, then
-three ablations of each (Frankle et al. 2021, Figs. 2–4): **shuffled** (same per-layer density,
-random positions), **inverted** (keep the weights the criterion ranks lowest), **reinitialised**
-(same mask, weights re-drawn). Each is trained with the same recipe and evaluated on test. The
-paper's finding (on CIFAR/ImageNet): shuffling and reinitialising cost (almost) nothing — these
-methods pick good per-layer densities rather than good individual weights. Compare with this
-small problem (one seed: differences of a few points are noise; FAST trains one epoch only).
+Does a criterion that avoids collapse also give a better network after training? Here an
+untrained MLP on scikit-learn's 8×8 digits is pruned one-shot at initialisation by each
+criterion, then trained with masks applied. For each compression ρ we report test accuracy, and
+an × marks a mask with an empty layer (such a network can only predict a constant).
 """),
     code("""
 bundle = pl.data.load("digits")
 init = pl.models.build("mlp", bundle, seed=0)
 recipe = pl.train.Recipe(epochs=1 if FAST else 30, lr=1e-3, batch_size=64)
-xb = bundle.batch("train", n=512, seed=0)
+trained_rhos = [10, 100, 1000] if FAST else [3, 10, 30, 100, 300, 1000, 3000]
+after_training = pd.concat([
+    pl.collapse.accuracy_vs_compression(init, bundle, c, trained_rhos, finetune=recipe,
+                                        **(SYNFLOW if c == "synflow" else {}))
+    for c in ["snip", "grasp", "synflow", "mp", "random"]], ignore_index=True)
+pl.plots.collapse_curves(after_training, title="MLP on digits, pruned at init then trained: "
+                         "test accuracy vs compression")
+"""),
+    md("""
+## Part 3: *Missing the mark* ablations
 
+The ablations of Frankle et al. 2021 (*Pruning neural networks at initialization: why are we
+missing the mark?*, Figs. 2–4), for all five criteria. Each mask found at initialisation is
+changed in one of three ways and then trained with the same recipe:
 
-def trained(masked, seed=0):
-    pl.train.fit(masked, bundle.train, recipe=recipe, seed=seed, progress=False)
-    return pl.train.evaluate(masked, bundle.test)
+- **shuffled**: the same number of weights per layer, at random positions;
+- **inverted**: keep the weights the criterion ranks lowest;
+- **reinitialised**: the same mask, with weights drawn fresh from the architecture's initialiser.
 
-
-rows = []
-for crit in ["snip", "mp"]:
-    result = pl.prune(init, crit, sparsity=SPARSITY, batch=xb)
-    inverted = pl.masks.select(pl.masks.invert(result.scores), SPARSITY)
-    variants = {
-        "original": pl.masks.apply(init, result.masks),
-        "shuffled": pl.masks.apply(init, pl.masks.shuffle(result.masks, seed=1)),
-        "inverted": pl.masks.apply(init, inverted),
-        "reinitialised": pl.masks.reinitialize(pl.masks.apply(init, result.masks), seed=1),
-    }
-    for name, masked in variants.items():
-        rows.append({"criterion": crit, "variant": name, **trained(masked)})
-dense = trained(pl.models.build("mlp", bundle, seed=0))
-ablations = pd.DataFrame(rows)
-print(f"dense: test accuracy {dense['accuracy']:.3f}")
-ablations.pivot(index="variant", columns="criterion", values="accuracy").round(3)
+The paper found, on CIFAR and ImageNet, that shuffling and reinitialising cost almost nothing.
+Its reading is that these methods choose good per-layer densities, not good individual weights.
+See whether this small problem agrees. Differences of a point or two between single seeds are
+noise; the full setting uses three seeds.
+"""),
+    code("""
+ablations = pl.at_init.compare(
+    bundle, arch="mlp", criteria=("snip", "grasp", "synflow", "mp", "random"),
+    sparsities=(SPARSITY,) if FAST else (SPARSITY, 0.98), ablations=pl.at_init.ABLATIONS,
+    seeds=(0,) if FAST else (0, 1, 2), recipe=recipe,
+    criterion_options={"synflow": SYNFLOW})
+dense = ablations[ablations.criterion == "dense"]
+runs = ablations[ablations.criterion != "dense"]
+print(f"dense: test accuracy {dense.test_accuracy.mean():.3f}")
+runs.pivot_table(index=["sparsity", "ablation"], columns="criterion", values="test_accuracy",
+                 aggfunc="mean").round(3)
 """),
     code("""
 import plotly.express as px
 
-fig = px.bar(ablations, x="criterion", y="accuracy", color="variant", barmode="group",
-             title=f"Missing the mark: {SPARSITY:.0%} sparse MLP on digits, test accuracy",
-             template="plotly_white")
-fig.add_hline(y=dense["accuracy"], line_dash="dash", annotation_text="dense")
+fig = px.bar(runs.groupby(["sparsity", "criterion", "ablation"], as_index=False).test_accuracy.mean(),
+             x="criterion", y="test_accuracy", color="ablation", barmode="group",
+             facet_col="sparsity", template="plotly_white",
+             title="Missing the mark: pruned at initialisation, ablated, trained (test accuracy)")
+fig.add_hline(y=dense.test_accuracy.mean(), line_dash="dash", annotation_text="dense")
 fig
 """),
     code("""
-ax = pl.figures.new_axes(4.5, 3.0)[1]
+ax = pl.figures.new_axes(6.0, 3.0)[1]
 import seaborn as sns
-sns.barplot(data=ablations, x="criterion", y="accuracy", hue="variant", ax=ax)
-ax.axhline(dense["accuracy"], color="black", linestyle="--", linewidth=1, label="dense")
+last = runs[runs.sparsity == runs.sparsity.max()]
+sns.barplot(data=last, x="criterion", y="test_accuracy", hue="ablation", ax=ax)
+ax.axhline(dense.test_accuracy.mean(), color="black", linestyle="--", linewidth=1)
+ax.set_title(f"{last.sparsity.iloc[0]:.0%} sparse at initialisation, then trained")
 ax.legend(frameon=False, fontsize="small", loc="lower right")
 pl.figures.save(ax, "04_missing_the_mark")
+"""),
+    md("""
+## Part 4: global vs layerwise, magnitude vs gradient (Blalock et al. 2020)
+
+Blalock et al. (*What is the state of neural network pruning?*) compare four simple baselines:
+magnitude |θ| and gradient magnitude |θ·g| (the SNIP score), each thresholded globally or per
+layer. Here they are applied at initialisation over a range of sparsities and then trained.
+"""),
+    code("""
+blalock = pl.at_init.blalock(bundle, recipe=recipe, seeds=(0,) if FAST else (0, 1),
+                             sparsities=(0.5, 0.9) if FAST else (0.5, 0.75, 0.9, 0.95, 0.98))
+pruned = blalock[blalock.criterion != "dense"].assign(
+    method=lambda f: f.criterion.map({"mp": "magnitude", "snip": "gradient |θ·g|"}) + ", " + f.scope,
+    density=lambda f: 1 - f.sparsity, accuracy=lambda f: f.test_accuracy)
+pl.plots.accuracy_vs_density(pruned, color="method",
+                             title="Blalock et al. baselines at initialisation, after training")
+"""),
+    md("""
+## Part 5: what a pruned network costs to store (Deep Compression)
+
+Han et al. 2016 store a pruned network in three stages: the kept weights with relative
+indices (sparse), then shared weights from a k-means codebook per layer (8 bits for convs and 5
+for dense layers), then Huffman codes for the weights and the indices. Each stage is reported
+as a compression ratio against 32-bit dense storage. The network is the SNIP-pruned MLP
+(sparsity `SPARSITY`) after training; it is not modified.
+"""),
+    code("""
+snip_net = pl.masks.apply(init, pl.prune(init, "snip", sparsity=SPARSITY,
+                                         batch=bundle.batch("train", n=512, seed=0)).masks)
+pl.train.fit(snip_net, bundle.train, recipe=recipe, seed=0, progress=False)
+report = pl.compression.storage_report(snip_net)
+shared = pl.compression.quantized_copy(snip_net)
+print(f"test accuracy: pruned {pl.train.evaluate(snip_net, bundle.test)['accuracy']:.3f}, "
+      f"with shared weights {pl.train.evaluate(shared, bundle.test)['accuracy']:.3f}")
+report[["layer", "kind", "numel", "nonzero", "sparse_ratio", "quantized_ratio",
+        "huffman_ratio"]].round(2)
 """),
 ]
 
@@ -512,8 +559,70 @@ print(f"weights nonzero at t = 0.5: {kept / total:.3f} (mask density {1 - SPARSI
 pl.plots.interpolation(sparse.assign(path=f"pruned {SPARSITY:.0%}"),
                        title="Two fine-tuned pruned networks (same mask)")
 """),
+    md("""
+## Instability vs the step k the copies split at (Frankle et al. 2020, Figs. 2–3)
+
+One network is trained for k steps. Two copies are then trained to the end with different data
+orders, and the straight segment between the two results is evaluated. The *instability* is
+that segment's test-error barrier. Frankle et al. find it large for k = 0 and close to zero once
+k passes a point early in training. From that point on, SGD noise no longer separates the two
+copies into different basins. Use k to pick the splitting step and t to move along the segment.
+"""),
+    code("""
+init = pl.models.build("mlp", bundle, seed=0)
+total = pl.lottery._total_steps(recipe, len(bundle.train))
+ks = sorted({0, total // 80, total // 40, total // 20, total // 10, total // 4, total // 2})
+barriers_k, paths_k = pl.connectivity.instability_curve(init, bundle, ks=ks, recipe=recipe,
+                                                        steps=STEPS)
+pl.plots.instability(barriers_k, title=f"Instability of an MLP on digits ({total} steps in all)")
+"""),
+    code("""
+import plotly.graph_objects as go
+
+k_slider = widgets.SelectionSlider(options=ks, value=ks[0], description="k")
+t_slider = widgets.FloatSlider(value=0.5, min=0.0, max=1.0, step=1 / (STEPS - 1),
+                               description="t", readout_format=".2f")
+path_fig = go.FigureWidget(
+    data=[go.Scatter(x=[], y=[], mode="lines+markers", name="test error"),
+          go.Scatter(x=[], y=[], mode="markers", marker=dict(size=14, color="red"), name="t")],
+    layout=dict(xaxis_title="t", yaxis_title="test error", template="plotly_white",
+                height=320, width=520, yaxis_range=[0, float(paths_k.error.max()) * 1.1]))
+readout = widgets.Label()
+
+
+def show_path(change=None):
+    path = paths_k[paths_k.k == k_slider.value].sort_values("t")
+    i = int(round(t_slider.value * (len(path) - 1)))
+    with path_fig.batch_update():
+        path_fig.data[0].x, path_fig.data[0].y = path.t.tolist(), path.error.tolist()
+        path_fig.data[1].x, path_fig.data[1].y = [path.t.iloc[i]], [path.error.iloc[i]]
+        path_fig.layout.title = f"split at k = {k_slider.value}"
+    b = barriers_k.set_index("k").barrier[k_slider.value]
+    readout.value = (f"k = {k_slider.value}: error at t = {path.t.iloc[i]:.2f} is "
+                     f"{path.error.iloc[i]:.3f}; barrier {b:.3f}")
+
+
+k_slider.observe(show_path, names="value")
+t_slider.observe(show_path, names="value")
+show_path()
+widgets.VBox([widgets.HBox([k_slider, t_slider]), readout, path_fig])
+"""),
+    md("""
+## The loss surface on the plane through a, b and the curve's bend (Garipov et al. Fig. 1)
+
+The plane is spanned by the two endpoints and the midpoint φ(½) of the trained Bézier curve.
+The colour is log10 of the train loss. The segment from a to b crosses a ridge; the curve goes
+around it through φ(½).
+"""),
+    code("""
+surface = pl.connectivity.plane(a, b, curve.point(0.5), bundle.train, grid=7 if FAST else 25)
+pl.plots.loss_plane(surface, labels=("a", "b", "φ(½)"),
+                    title="Train loss on the plane through a, b and φ(½)")
+"""),
     code("""
 # Static figures: figures/03_*.{pdf,png}
+pl.figures.save(pl.figures.instability(barriers_k), "03_instability_vs_k")
+pl.figures.save(pl.figures.loss_plane(surface, labels=("a", "b", "φ(½)")), "03_loss_plane")
 pl.figures.save(pl.figures.interpolation(paths), "03_segment_vs_bezier_loss")
 pl.figures.save(pl.figures.interpolation(paths, y="error"), "03_segment_vs_bezier_error")
 pl.figures.save(pl.figures.interpolation(sparse.assign(path="pruned")), "03_pruned_interpolation")
@@ -721,7 +830,7 @@ regulariser and look at the |γ| values.
     code("""
 import plotly.express as px
 
-LAM, T = 2e-3, 1.2
+LAM, T = 1e-2, 1.2  # λ and t of the regulariser; larger t prunes more
 bn_recipe = recipe.replace(max_steps=60 if FAST else 1500)
 nets = {}
 for name, reg in (("plain", None), ("polarized", pl.structured.polarization_regularizer(LAM, T))):
