@@ -247,6 +247,13 @@ class InstabilityResult:
     extra: dict = field(default_factory=dict)
 
 
+def _fit_or_raise(model: nn.Module, data, recipe: Recipe, seed: int, progress: bool) -> None:
+    """``fit``, re-raising an interrupt it caught: a barrier between half-trained copies would
+    be a wrong number, not a partial result."""
+    if fit(model, data, recipe=recipe, seed=seed, progress=progress).interrupted:
+        raise KeyboardInterrupt("interrupted while training the copies; no barrier computed")
+
+
 def instability(model_init: nn.Module, bundle, *, k_steps: int, recipe: Recipe,
                 seeds: tuple[int, int] = (0, 1), steps: int = 11, split: str = "test",
                 metric: str = "error", progress: bool = False) -> InstabilityResult:
@@ -270,14 +277,13 @@ def instability(model_init: nn.Module, bundle, *, k_steps: int, recipe: Recipe,
         raise ValueError(f"k_steps must be in 0..{total}, got {k_steps}")
     start = copy.deepcopy(model_init)
     if k_steps > 0:
-        fit(start, (x, y), recipe=recipe.replace(max_steps=k_steps), seed=seeds[0],
-            progress=progress)
+        _fit_or_raise(start, (x, y), recipe.replace(max_steps=k_steps), seeds[0], progress)
     rest = recipe.replace(max_steps=total - k_steps) if total > k_steps else None
     finished = []
     for s in seeds:
         m = copy.deepcopy(start)
         if rest is not None:
-            fit(m, (x, y), recipe=rest, seed=s, progress=progress)
+            _fit_or_raise(m, (x, y), rest, s, progress)
         finished.append(m.eval())
     bn = (x, y) if has_batchnorm(start) else None
     frame = interpolate(finished[0], finished[1], bundle.split(split), steps=steps, bn_data=bn)

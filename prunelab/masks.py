@@ -319,22 +319,37 @@ def invert(scores: Scores) -> Scores:
 
 
 @torch.no_grad()
-def reinitialize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """A copy with every prunable layer re-drawn from its initialiser (``reset_parameters``),
-    masks kept (*Missing the mark*, 'reinitialise')."""
+def reinitialize(model: nn.Module, seed: int = 0, *, init: str | None = None) -> nn.Module:
+    """A copy with every prunable layer re-drawn, masks kept (*Missing the mark*, Frankle et
+    al. 2021, 'reinitialise').
+
+    The weights come from the model's own initialiser: ``init`` (a name of
+    :data:`prunelab.models.INITS`), by default the one :func:`prunelab.models.build` recorded on
+    the model, with biases set to 0 as ``build`` does. A model not built by prunelab falls back
+    to each layer's ``reset_parameters`` (PyTorch's default initialisation).
+    """
+    from prunelab import models
+
+    scheme = init if init is not None else getattr(model, models.INIT_ATTRIBUTE, None)
+    if scheme is not None and scheme not in models.INITS:
+        raise ValueError(f"unknown init {scheme!r}; choose from {', '.join(models.INITS)}")
     out = copy.deepcopy(model)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         for n in G.prunable_names(out):
             module = G.module_of(out, n)
-            if parametrize.is_parametrized(module, "weight"):
-                fresh = G.plain_copy(module)
+            fresh = G.plain_copy(module) if parametrize.is_parametrized(module, "weight") \
+                else module
+            if scheme is None:
                 fresh.reset_parameters()
+            else:
+                models.init_weight_(fresh.weight, scheme)
+                if getattr(fresh, "bias", None) is not None:
+                    fresh.bias.zero_()
+            if fresh is not module:
                 module.parametrizations["weight"].original.copy_(fresh.weight)
                 if getattr(module, "bias", None) is not None:
                     module.bias.copy_(fresh.bias)
-            else:
-                module.reset_parameters()
     return out
 
 

@@ -303,18 +303,28 @@ def _fc_stack(in_features: int, hidden: Sequence[int], num_classes: int,
     return layers
 
 
+def init_weight_(weight: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Draw a Linear/Conv weight in place by ``scheme`` (one of :data:`INITS`)."""
+    if scheme == "glorot_normal":
+        return nn.init.xavier_normal_(weight)
+    if scheme == "glorot_uniform":
+        return nn.init.xavier_uniform_(weight)
+    if scheme == "kaiming_normal":
+        return nn.init.kaiming_normal_(weight, mode="fan_in", nonlinearity="relu")
+    raise ValueError(f"unknown init {scheme!r}; choose from {', '.join(INITS)}")
+
+
+#: Attribute set on every built model: the name of its weight initialiser (read by
+#: :func:`prunelab.masks.reinitialize` to re-draw weights from the same distribution).
+INIT_ATTRIBUTE = "prunelab_init"
+
+
 def _init_weights(model: nn.Module, scheme: str) -> None:
     """Weights of Linear/Conv by ``scheme``, their biases 0; BatchNorm weight 1, bias 0."""
+    setattr(model, INIT_ATTRIBUTE, scheme)
     for m in model.modules():
         if isinstance(m, PRUNABLE_TYPES):
-            if scheme == "glorot_normal":
-                nn.init.xavier_normal_(m.weight)
-            elif scheme == "glorot_uniform":
-                nn.init.xavier_uniform_(m.weight)
-            elif scheme == "kaiming_normal":
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-            else:  # pragma: no cover - rejected by _check_args
-                raise ValueError(f"unknown init {scheme!r}")
+            init_weight_(m.weight, scheme)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, _BN_TYPES) and m.affine:

@@ -209,3 +209,23 @@ def test_instability_curve(digits):
             C.instability_curve(init, b, ks=bad, recipe=recipe)
     with pytest.raises(ValueError, match="metric"):
         C.instability_curve(init, b, ks=[0], recipe=recipe, metric="accuracy")
+
+
+def test_instability_reraises_an_interrupt_caught_by_fit(monkeypatch):
+    import prunelab.connectivity as CN
+
+    calls = []
+
+    class Interrupted:
+        interrupted = True
+
+    def fake_fit(model, data, *, recipe, seed, progress):
+        calls.append(seed)
+        return Interrupted()
+
+    monkeypatch.setattr(CN, "fit", fake_fit)
+    bundle = pl.data.load("digits")
+    model = pl.models.build("mlp", bundle, seed=0)
+    with pytest.raises(KeyboardInterrupt, match="no barrier"):
+        CN.instability(model, bundle, k_steps=2, recipe=pl.train.Recipe(epochs=1, max_steps=4))
+    assert calls == [0]

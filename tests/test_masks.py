@@ -270,3 +270,24 @@ def test_select_with_previous_matches_reference(layers, s, seed, dead):
     assert torch.equal(got, reference_select(scores, s, previous))
     ranked = M.Ranking(scores, previous=previous).masks(s)
     assert torch.equal(torch.cat([m.flatten() for m in ranked.values()]), got)
+
+
+def test_reinitialize_draws_from_the_models_own_initialiser():
+    from prunelab import models
+
+    torch.manual_seed(0)
+    model = models.build("mlp", input_shape=(200,), num_classes=10, hidden=(400,), seed=0)
+    assert getattr(model, models.INIT_ATTRIBUTE) == "glorot_normal"
+    masks = M.select(mag(model), 0.5, scope="layerwise")
+    re = M.reinitialize(M.apply(model, masks), seed=5)
+    w = re.fc1.parametrizations["weight"].original
+    # xavier normal: std = sqrt(2 / (fan_in + fan_out)); PyTorch's default (kaiming uniform,
+    # a=sqrt(5)) has std 1/sqrt(3 fan_in), clearly different here
+    assert float(w.std()) == pytest.approx((2 / (200 + 400)) ** 0.5, rel=0.03)
+    assert float(re.fc1.bias.abs().max()) == 0.0
+    assert torch.equal(re.fc1.parametrizations["weight"][0].mask, masks["fc1.weight"])
+    default = M.reinitialize(M.apply(model, masks), seed=5, init="kaiming_normal")
+    assert float(default.fc1.parametrizations["weight"].original.std()) == pytest.approx(
+        (2 / 200) ** 0.5, rel=0.03)
+    with pytest.raises(ValueError, match="unknown init 'nope'"):
+        M.reinitialize(model, init="nope")
