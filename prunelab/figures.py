@@ -294,7 +294,10 @@ def performance_profile(profile: pd.DataFrame, *, method: str = "method", tau: s
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("τ")
     ax.set_ylabel("fraction below threshold")
-    ax.legend(frameon=False, fontsize="small")
+    if len(names) > 6:  # many curves (the 12 MRP scores): the legend goes beside the axes
+        ax.legend(frameon=False, fontsize="x-small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    else:
+        ax.legend(frameon=False, fontsize="small")
     return ax
 
 
@@ -336,7 +339,7 @@ def penalty_over_training(frame: pd.DataFrame, *, y: str = "penalty", x: str = "
                 label=str(name))
     ax.set_xlabel("training step")
     ax.set_ylabel("pruning penalty")
-    ax.legend(frameon=False, fontsize="x-small", ncol=2)
+    ax.legend(frameon=False, fontsize="x-small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     return ax
 
 
@@ -355,7 +358,7 @@ def selection_consistency(frame: pd.DataFrame, *, ax=None):
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("training step")
     ax.set_ylabel("fraction of units ever selected")
-    ax.legend(frameon=False, fontsize="x-small", ncol=2)
+    ax.legend(frameon=False, fontsize="x-small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     return ax
 
 
