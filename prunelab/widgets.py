@@ -673,19 +673,27 @@ class UnitExplorer:
             layout=dict(title=dict(text="pruning penalty L(pruned) − L(dense)", font_size=14),
                         yaxis=dict(title="penalty"), height=320, width=420, margin=margin,
                         template="plotly_white"))
-        self.scores_fig = go.FigureWidget(
-            data=[go.Bar(x=[], y=[], marker_color=[],
-                         hovertemplate="unit %{customdata}<br>score %{y:.4g}<extra></extra>")],
-            layout=dict(title=dict(text="unit scores (sorted; red = pruned)", font_size=14),
-                        xaxis=dict(title="rank"), yaxis=dict(title="score"), height=320,
-                        width=480, margin=margin, template="plotly_white"))
+        self._go, self._margin = go, margin
+        self.scores_fig = self._scores_figure([], [], [], "units by score")
         for w in (self.layer_set, self.score, self.fraction, self.mean_replacement):
             w.observe(lambda change: self._refresh(), names="value")
         self.widget = W.VBox([W.HBox([self.layer_set, self.score]),
                               W.HBox([self.fraction, self.mean_replacement]),
-                              self.readout, W.HBox([self.penalty_fig, self.scores_fig])])
+                              self.readout])
+        self._figures = W.HBox([self.penalty_fig, self.scores_fig])
+        self.widget.children = (*self.widget.children, self._figures)
         self.widget.add_class("prunelab-unit-explorer")
         self._refresh()
+
+    def _scores_figure(self, order: list, values: list, colors: list, xtitle: str):
+        go = self._go
+        return go.FigureWidget(
+            data=[go.Bar(x=list(range(len(order))), y=values, customdata=order,
+                         marker_color=colors,
+                         hovertemplate="unit %{customdata}<br>score %{y:.4g}<extra></extra>")],
+            layout=dict(title=dict(text="unit scores, sorted (red = pruned)", font_size=14),
+                        xaxis=dict(title=xtitle), yaxis=dict(title="score"), height=320,
+                        width=480, margin=self._margin, template="plotly_white"))
 
     def _repr_mimebundle_(self, **kwargs):
         for fig in (self.penalty_fig, self.scores_fig):
@@ -753,19 +761,19 @@ class UnitExplorer:
             text += (f" · mean replaced: penalty {m['penalty_bp']:+.3f}, accuracy "
                      f"{m['accuracy_bp']:.3f}")
         self.readout.value = html.escape(text)
-        with self.penalty_fig.batch_update():
-            bar = self.penalty_fig.data[0]
-            bar.y = [m["penalty"], m.get("penalty_bp", float("nan"))]
+        self.penalty_fig.plotly_restyle(
+            {"y": [[m["penalty"], m.get("penalty_bp", float("nan"))]]}, trace_indexes=0)
+        _sync_figure(self.penalty_fig)
         first = next(iter(res.scores))
         scores = res.scores[first]
         order = torch.argsort(scores, stable=True).tolist()
         dropped = set(res.pruned[first])
-        with self.scores_fig.batch_update():
-            bar = self.scores_fig.data[0]
-            bar.x = list(range(len(order)))
-            bar.y = [float(scores[i]) for i in order]
-            bar.customdata = order
-            bar.marker.color = ["#E45756" if i in dropped else "#9ecae9" for i in order]
-            self.scores_fig.layout.title.text = f"{first}: unit scores (sorted; red = pruned)"
-        _sync_figure(self.penalty_fig)
-        _sync_figure(self.scores_fig, layout=True)
+        # A new figure per move: in Voilà (plotly 6 anywidget frontend) restyle/update deltas of
+        # this trace's x, y, customdata and marker.color were dropped or redrawn from the first
+        # state when moves came quickly (tests/test_browser_units.py); a fresh widget carries
+        # its whole state. Costs ~20 ms, small beside the two evaluations of a move.
+        self.scores_fig = self._scores_figure(
+            order, [float(scores[i]) for i in order],
+            ["#E45756" if i in dropped else "#9ecae9" for i in order], f"{first}: units by score")
+        if hasattr(self, "_figures"):
+            self._figures.children = (self.penalty_fig, self.scores_fig)

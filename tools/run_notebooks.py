@@ -30,7 +30,7 @@ def inject(nb, params: dict) -> None:
     nb.cells.insert(idx, cell)
 
 
-def run(path: Path, params: dict, out_dir: Path, timeout: int = 1800) -> Path:
+def run(path: Path, params: dict, out_dir: Path, timeout: int = 7200) -> Path:
     """Execute one notebook with ``params``; returns the path of the executed copy."""
     nb = nbformat.read(path, as_version=4)
     inject(nb, params)
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("notebooks", nargs="+", type=Path)
     ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     ap.add_argument("--out", type=Path, default=Path("build/notebooks"))
-    ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--timeout", type=int, default=7200, help="seconds per cell")
     args = ap.parse_args(argv)
     params = {}
     for name, value in args.p:
