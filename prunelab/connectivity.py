@@ -309,7 +309,8 @@ def _check_ks(ks, total: int) -> list[int]:
 
 def instability_curve(model_init: nn.Module, bundle, *, ks: Iterable[int], recipe: Recipe,
                       seeds: tuple[int, int] = (0, 1), steps: int = 11, split: str = "test",
-                      metric: str = "error",
+                      metric: str = "error", sparsity: float | None = None,
+                      masks: M.Masks | None = None,
                       progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Instability vs the step ``k`` the two copies split at (Frankle et al. 2020, Fig. 3).
 
@@ -322,6 +323,14 @@ def instability_curve(model_init: nn.Module, bundle, *, ks: Iterable[int], recip
     ``2 (T - k)`` steps per ``k``, T the recipe's budget (``max_steps`` or epochs x steps per
     epoch); calling :func:`instability` per ``k`` would add ``Σ k`` steps.
 
+    Sparse subnetworks (Frankle et al. 2020, Sec. 4, Figs. 5-6): with ``sparsity`` the dense
+    phase-1 run goes on to T, θ_T is pruned by global magnitude to ``sparsity`` (mask m, one
+    round of IMP with rewinding), and for every ``k`` the *rewound subnetwork* m ⊙ θ_k is what the
+    two copies train from, with m held during training and along the segment. One IMP round
+    prunes θ_T, which does not depend on ``k``, so m is the same for every ``k``; the paper's
+    iterative IMP (several rounds, each retrained from θ_k) would give a mask per ``k``. Pass
+    ``masks`` instead to use a mask of your own (e.g. ``pl.lottery.imp(...).masks[-1]``).
+
     Args:
         model_init: the network θ₀; not modified.
         bundle: trains on ``bundle.train``; the path is evaluated on ``bundle``'s ``split``.
@@ -332,17 +341,21 @@ def instability_curve(model_init: nn.Module, bundle, *, ks: Iterable[int], recip
         steps: points along each path (``t`` in [0, 1]).
         split: "train", "val" or "test".
         metric: "error" or "loss", the barrier's quantity.
+        sparsity: prune the rewound networks: one-shot global magnitude mask of θ_T (above).
+        masks: an explicit mask (bool dict, True = kept) for the rewound networks; not with
+            ``sparsity``.
         progress: progress bars.
 
     Returns:
         ``(barriers, paths)``: ``barriers`` has one row per k (k, barrier, metric, split,
-        <metric>_a, <metric>_b, path_max, total_steps); ``paths`` the concatenated path frames
+        <metric>_a, <metric>_b, path_max, total_steps, density: the fraction of prunable
+        weights kept, 1.0 for dense runs); ``paths`` the concatenated path frames
         with a ``k`` column (k, t, loss, error), e.g. for a plot with a ``k`` slider. Interrupting
         returns the ``k`` finished so far, with ``attrs["interrupted"]`` True on both frames.
 
     Raises:
         ValueError: ``ks`` empty or outside 0..T, an unknown ``split`` or ``metric``, a recipe with
-            ``patience``, ``seeds`` not a pair.
+            ``patience``, ``seeds`` not a pair, a bad ``sparsity`` or ``masks``, or both given.
     """
     if metric not in ("error", "loss"):
         raise ValueError(f"metric must be 'error' or 'loss', got {metric!r}")
@@ -359,6 +372,13 @@ def instability_curve(model_init: nn.Module, bundle, *, ks: Iterable[int], recip
         total = min(total, recipe.max_steps)
     ks = _check_ks(ks, total)
     _ts(steps)
+    if sparsity is not None and masks is not None:
+        raise ValueError("give sparsity (a magnitude mask of θ_T) or masks, not both")
+    if sparsity is not None:
+        sparsity = M.check_sparsity(sparsity)
+    if masks is not None:
+        M._check_masks(_plain(model_init), masks)
+        masks = {k: v.clone() for k, v in masks.items()}
 
     from tqdm.auto import tqdm
 
@@ -368,19 +388,31 @@ def instability_curve(model_init: nn.Module, bundle, *, ks: Iterable[int], recip
         start = copy.deepcopy(model_init)
         snaps = {0: copy.deepcopy(start)} if 0 in ks else {}
         wanted = set(ks)
-        if ks[-1] > 0:
+        # phase 1 runs to T when the mask comes from θ_T; fit's first k steps do not depend
+        # on its max_steps, so the snapshots are the same either way
+        until = total if sparsity is not None else ks[-1]
+        if until > 0:
             def keep(model: nn.Module, step: int) -> None:
                 if step in wanted:
                     snaps[step] = copy.deepcopy(model)
 
-            res = fit(start, (x, y), recipe=recipe.replace(max_steps=ks[-1]), seed=seeds[0],
+            res = fit(start, (x, y), recipe=recipe.replace(max_steps=until), seed=seeds[0],
                       progress=progress, step_callback=keep, desc="phase 1")
             if res.interrupted:
                 raise KeyboardInterrupt
+        if sparsity is not None:  # one IMP round: global magnitude of θ_T
+            theta_t = _plain(start)
+            weights = dict(theta_t.named_parameters())
+            masks = M.select({n: weights[n].detach().abs() for n in G.prunable_names(theta_t)},
+                             sparsity, scope="global")
+        density = 1.0 if masks is None else (
+            sum(int(v.sum()) for v in masks.values()) / sum(v.numel() for v in masks.values()))
         for k in tqdm(ks, desc="instability per k", disable=not progress, leave=False):
             finished = []
             for s in seeds:
                 m = copy.deepcopy(snaps[k])
+                if masks is not None:  # the rewound subnetwork m ⊙ θ_k, m held in training
+                    m = M.apply(_plain(m), masks)
                 if total > k:
                     res = fit(m, (x, y), recipe=recipe.replace(max_steps=total - k), seed=s,
                               progress=progress)
@@ -391,7 +423,8 @@ def instability_curve(model_init: nn.Module, bundle, *, ks: Iterable[int], recip
             values = frame.sort_values("t")[metric].to_numpy(dtype=float)
             rows.append({"k": k, "barrier": barrier(frame, metric=metric), "metric": metric,
                          "split": split, f"{metric}_a": values[0], f"{metric}_b": values[-1],
-                         "path_max": values.max(), "total_steps": total})
+                         "path_max": values.max(), "total_steps": total,
+                         "density": density})
             frames.append(frame.assign(k=k)[["k", *frame.columns]])
             del snaps[k]  # free the snapshot once used
     except KeyboardInterrupt:
@@ -399,7 +432,8 @@ def instability_curve(model_init: nn.Module, bundle, *, ks: Iterable[int], recip
         warnings.warn(f"instability_curve interrupted: returning {len(rows)} of {len(ks)} k",
                       RuntimeWarning, stacklevel=2)
     barriers = pd.DataFrame(rows, columns=["k", "barrier", "metric", "split", f"{metric}_a",
-                                           f"{metric}_b", "path_max", "total_steps"])
+                                           f"{metric}_b", "path_max", "total_steps",
+                                           "density"])
     paths = (pd.concat(frames, ignore_index=True) if frames
              else pd.DataFrame(columns=["k", "t", "loss", "error"]))
     barriers.attrs["interrupted"] = paths.attrs["interrupted"] = interrupted

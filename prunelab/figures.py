@@ -417,14 +417,21 @@ def loss_plane(frame: pd.DataFrame, *, z: str = "loss", split: str | None = None
     return ax
 
 
-def instability(barriers: pd.DataFrame, *, x: str = "k", y: str = "barrier", ax=None):
-    """Instability (linear-path barrier) vs the splitting step ``k`` (Frankle et al. Fig. 3)."""
-    _require(barriers, [x, y])
+def instability(barriers: pd.DataFrame, *, x: str = "k", y: str = "barrier",
+                color: str | None = None, ax=None):
+    """Instability (linear-path barrier) vs the splitting step ``k`` (Frankle et al. Fig. 3;
+    Figs. 5-6 for sparse subnetworks); ``color``: one line per value of that column."""
+    _require(barriers, [x, y] + ([color] if color else []))
     if ax is None:
         _, ax = new_axes(4.0, 2.8)
-    part = barriers.sort_values(x)
-    ax.plot(part[x], part[y], marker="o", linewidth=1.4)
-    metric = str(part["metric"].iloc[0]) if "metric" in part and len(part) else "error"
+    groups = barriers.groupby(color, sort=False) if color else [(None, barriers)]
+    for name, part in groups:
+        part = part.sort_values(x)
+        ax.plot(part[x], part[y], marker="o", linewidth=1.4,
+                label=None if name is None else str(name))
+    if color:
+        ax.legend(frameon=False, fontsize="small")
+    metric = str(barriers["metric"].iloc[0]) if "metric" in barriers and len(barriers) else "error"
     ax.set_xlabel("splitting step k")
     ax.set_ylabel(f"{metric} barrier")
     return ax

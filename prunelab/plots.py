@@ -824,16 +824,24 @@ def loss_plane(frame: pd.DataFrame, *, z: str = "loss", split: str | None = None
 
 
 def instability(barriers: pd.DataFrame, *, x: str = "k", y: str = "barrier",
-                title: str | None = None):
+                color: str | None = None, title: str | None = None):
     """Instability (barrier of the linear path between two copies split at step ``k``) vs
-    ``k`` (Frankle et al. 2020, Fig. 3), from :func:`prunelab.connectivity.instability_curve`."""
+    ``k`` (Frankle et al. 2020, Fig. 3; Figs. 5-6 for sparse subnetworks), from
+    :func:`prunelab.connectivity.instability_curve`; ``color`` names a column with one line per
+    value (e.g. dense vs sparse frames concatenated)."""
     go = _go()
-    _require(barriers, [x, y])
-    part = barriers.sort_values(x)
-    metric = str(part["metric"].iloc[0]) if "metric" in part and len(part) else "error"
-    fig = go.Figure(go.Scatter(x=part[x], y=part[y], mode="lines+markers",
-                               hovertemplate=f"k=%{{x}}<br>{metric} barrier=%{{y:.4g}}"
-                                             "<extra></extra>"))
+    _require(barriers, [x, y] + ([color] if color else []))
+    metric = (str(barriers["metric"].iloc[0]) if "metric" in barriers and len(barriers)
+              else "error")
+    groups = barriers.groupby(color, sort=False) if color else [(None, barriers)]
+    fig = go.Figure()
+    for name, part in groups:
+        part = part.sort_values(x)
+        fig.add_trace(go.Scatter(x=part[x], y=part[y], mode="lines+markers",
+                                 name=None if name is None else str(name),
+                                 showlegend=name is not None,
+                                 hovertemplate=f"k=%{{x}}<br>{metric} barrier=%{{y:.4g}}"
+                                               "<extra></extra>"))
     fig.update_xaxes(title_text="rewinding / splitting step k")
     fig.update_yaxes(title_text=f"{metric} barrier (instability)")
     fig.update_layout(title=title or "Instability vs the step the two copies split at",

@@ -187,7 +187,8 @@ def test_instability_curve(digits):
     recipe = Recipe(lr=1e-2, epochs=1, batch_size=100)  # T = ceil(997 / 100) = 10 steps
     barriers, paths = C.instability_curve(init, b, ks=[10, 0, 4, 4], recipe=recipe, steps=5)
     assert list(barriers.columns) == ["k", "barrier", "metric", "split", "error_a", "error_b",
-                                      "path_max", "total_steps"]
+                                      "path_max", "total_steps", "density"]
+    assert (barriers["density"] == 1.0).all()
     assert barriers["k"].tolist() == [0, 4, 10] and (barriers["total_steps"] == 10).all()
     assert list(paths.columns) == ["k", "t", "loss", "error"] and len(paths) == 3 * 5
     assert not barriers.attrs["interrupted"]
@@ -209,6 +210,46 @@ def test_instability_curve(digits):
             C.instability_curve(init, b, ks=bad, recipe=recipe)
     with pytest.raises(ValueError, match="metric"):
         C.instability_curve(init, b, ks=[0], recipe=recipe, metric="accuracy")
+
+
+def test_sparse_instability_rewinds_the_magnitude_ticket_of_theta_t(digits):
+    """Frankle et al. Figs. 5-6: the two copies start from m ⊙ θ_k, m = magnitude mask of θ_T."""
+    b, _, _ = digits
+    init = pl.models.build("mlp", b, hidden=(16,), activation="relu", seed=0)
+    recipe = Recipe(lr=1e-2, epochs=1, batch_size=100)  # T = 10 steps
+    barriers, paths = C.instability_curve(init, b, ks=[0, 4], recipe=recipe, steps=5,
+                                          sparsity=0.8)
+    # the mask by hand: phase 1 (seed 0) to T, global magnitude of θ_T
+    theta_t = copy.deepcopy(init)
+    fit(theta_t, b.train.tensors, recipe=recipe, seed=0, progress=False)
+    masks = pl.prune(theta_t, "mp", sparsity=0.8).masks
+    kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert barriers["density"].tolist() == [kept, kept] and abs(kept - 0.2) < 1e-3
+    # same numbers with the mask passed explicitly
+    same, same_paths = C.instability_curve(init, b, ks=[0, 4], recipe=recipe, steps=5,
+                                           masks=masks)
+    pd.testing.assert_frame_equal(barriers, same)
+    pd.testing.assert_frame_equal(paths, same_paths)
+    # and the endpoints of k = 4 are the rewound subnetwork trained by hand with the mask held
+    start = copy.deepcopy(init)
+    fit(start, b.train.tensors, recipe=recipe.replace(max_steps=4), seed=0, progress=False)
+    ends = []
+    for s in (0, 1):
+        m = pl.masks.apply(start, masks)
+        fit(m, b.train.tensors, recipe=recipe.replace(max_steps=6), seed=s, progress=False)
+        for n, w in pl.masks.remove(m).named_parameters():
+            if n in masks:
+                assert (w[~masks[n]] == 0).all()
+        ends.append(evaluate(m, b.test)["error"])
+    row = barriers.set_index("k").loc[4]
+    assert row["error_a"] == pytest.approx(ends[0]) and row["error_b"] == pytest.approx(ends[1])
+    # differs from the dense run
+    dense, _ = C.instability_curve(init, b, ks=[4], recipe=recipe, steps=5)
+    assert dense["error_a"].iloc[0] != row["error_a"] or dense["error_b"].iloc[0] != row["error_b"]
+    with pytest.raises(ValueError, match="not both"):
+        C.instability_curve(init, b, ks=[0], recipe=recipe, sparsity=0.5, masks=masks)
+    with pytest.raises(ValueError, match="sparsity"):
+        C.instability_curve(init, b, ks=[0], recipe=recipe, sparsity=1.5)
 
 
 def test_instability_reraises_an_interrupt_caught_by_fit(monkeypatch):

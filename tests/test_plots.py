@@ -331,6 +331,14 @@ def test_instability_plot_sorted_by_k():
                                           "metric": "error"}))
     assert list(fig.data[0].x) == [0, 5, 10] and list(fig.data[0].y) == [0.3, 0.1, 0.0]
     assert "error barrier" in fig.layout.yaxis.title.text
+    both = pd.DataFrame({"k": [5, 0, 0, 5], "barrier": [0.1, 0.3, 0.2, 0.0],
+                         "network": ["dense", "dense", "sparse", "sparse"], "metric": "error"})
+    fig = plots.instability(both, color="network")
+    assert [t.name for t in fig.data] == ["dense", "sparse"]
+    assert list(fig.data[0].y) == [0.3, 0.1] and list(fig.data[1].y) == [0.2, 0.0]
+    ax = figures.instability(both, color="network")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["dense", "sparse"]
+    assert list(ax.lines[1].get_ydata()) == [0.2, 0.0]
 
 
 def test_mrp_plots_from_a_recorder_like_frame():

@@ -354,6 +354,9 @@ after_training = pd.concat([
 pl.plots.collapse_curves(after_training, title="MLP on digits, pruned at init then trained: "
                          "test accuracy vs compression")
 """),
+    code("""
+pl.figures.save(pl.figures.collapse_curves(after_training), "04_accuracy_vs_compression")
+"""),
     md("""
 ## Part 3: *Missing the mark* ablations
 
@@ -611,6 +614,32 @@ show_path()
 widgets.VBox([widgets.HBox([k_slider, t_slider]), readout, path_fig])
 """),
     md("""
+## Sparse subnetworks rewound to k (Frankle et al. 2020, Sec. 4, Figs. 5–6)
+
+The same question for pruned networks. Iterative magnitude pruning (IMP) finds a mask m on the
+trained network θ_T, *rewinds* the kept weights to their values θ_k at step k, and trains
+m ⊙ θ_k again. Frankle et al. find that at high sparsity a subnetwork rewound to k = 0 is
+unstable and misses the dense accuracy, while one rewound to a k early in training is stable and
+*matching*. Here m is one round of global magnitude pruning of θ_T; the two copies of m ⊙ θ_k
+are trained with m held, and the segment between them keeps m. The table gives each curve's
+barrier and the mean test error of its two copies.
+"""),
+    code("""
+REWIND_SPARSITIES = (0.9, 0.98)
+curves = [barriers_k.assign(network="dense")]
+for sp in REWIND_SPARSITIES:
+    sparse_k, _ = pl.connectivity.instability_curve(init, bundle, ks=ks, recipe=recipe,
+                                                    steps=STEPS, sparsity=sp)
+    curves.append(sparse_k.assign(network=f"{1 - sp:.0%} of weights, rewound to k"))
+rewound = pd.concat(curves, ignore_index=True)
+rewound["error"] = (rewound.error_a + rewound.error_b) / 2
+rewound.pivot_table(index="network", columns="k", values=["barrier", "error"], sort=False).round(3)
+"""),
+    code("""
+pl.plots.instability(rewound, color="network",
+                     title="Instability of dense and rewound sparse MLPs on digits")
+"""),
+    md("""
 ## The loss surface on the plane through a, b and the curve's bend (Garipov et al. Fig. 1)
 
 The plane is spanned by the two endpoints and the midpoint φ(½) of the trained Bézier curve.
@@ -624,7 +653,7 @@ pl.plots.loss_plane(surface, labels=("a", "b", "φ(½)"),
 """),
     code("""
 # Static figures: figures/03_*.{pdf,png}
-pl.figures.save(pl.figures.instability(barriers_k), "03_instability_vs_k")
+pl.figures.save(pl.figures.instability(rewound, color="network"), "03_instability_vs_k")
 pl.figures.save(pl.figures.loss_plane(surface, labels=("a", "b", "φ(½)")), "03_loss_plane")
 pl.figures.save(pl.figures.interpolation(paths), "03_segment_vs_bezier_loss")
 pl.figures.save(pl.figures.interpolation(paths, y="error"), "03_segment_vs_bezier_error")
