@@ -389,8 +389,9 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
         model: Model whose prunable layers form a chain around the chosen layers (each consumer
             reads the chosen layer alone; residual adds raise ``ValueError``).
         fraction: Fraction of the units of each layer to prune, in (0, 1); rounded to the nearest
-            count. Exactly one of ``fraction`` and ``count``.
-        count: Number of units to prune in each layer.
+            count. Exactly one of ``fraction`` and ``count``. A mapping module name -> fraction
+            gives each layer its own (its keys are then the layers; ``layers`` may be omitted).
+        count: Number of units to prune in each layer, or a mapping module name -> count.
         score: A tag of :data:`SCORES`.
         layers: Module names (``"features.0"``); default every prunable layer but the last.
         batch: ``(x, y)``; needed by the Taylor scores and by every ``bp_`` score.
@@ -423,11 +424,24 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
     if (fraction is None) == (count is None):
         raise ValueError(f"give exactly one of fraction and count (got fraction={fraction!r}, "
                          f"count={count!r})")
-    if fraction is not None and not (isinstance(fraction, (int, float))
-                                     and 0.0 < float(fraction) < 1.0):
-        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
-        raise ValueError(f"count must be a non-negative int, got {count!r}")
+    per_layer = fraction if fraction is not None else count
+    if isinstance(per_layer, Mapping):  # one value per layer: the layers are its keys
+        if not per_layer:
+            raise ValueError("a per-layer fraction/count mapping must name at least one layer")
+        if layers is None:
+            layers = list(per_layer)
+        elif isinstance(layers, str) or set(layers) != set(per_layer):
+            raise ValueError(f"the per-layer {'fraction' if fraction is not None else 'count'} "
+                             f"names layers {sorted(per_layer)}, but layers={layers!r}; give "
+                             "the same layers (or leave layers=None)")
+    values = per_layer.items() if isinstance(per_layer, Mapping) else [(None, per_layer)]
+    for name, v in values:
+        where = f"[{name!r}]" if name is not None else ""
+        if fraction is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                         and 0.0 < float(v) < 1.0):
+            raise ValueError(f"fraction{where} must be in (0, 1), got {v!r}")
+        if count is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"count{where} must be a non-negative int, got {v!r}")
     needs_data = base in _DATA_SCORES or bp
     if needs_data and batch is None and _stats is None:
         raise ValueError(f"score {score!r} is data-dependent (Taylor scores and bp_ mean "
@@ -436,7 +450,11 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
         raise ValueError("inplace=True on a model with parametrizations (masks) is not "
                          "supported; pass inplace=False to get a pruned plain copy")
     units = _units(model, layers)
-    counts = {u.module: _count(u.n, u.module, fraction, count) for u in units}
+    def _per(value, name):
+        return value[name] if isinstance(value, Mapping) else value
+
+    counts = {u.module: _count(u.n, u.module, _per(fraction, u.module), _per(count, u.module))
+              for u in units}
 
     if _stats is not None:
         stats = _stats

@@ -287,6 +287,23 @@ def test_inplace_and_default_layers():
     torch.testing.assert_close(model(MLP_BATCH[0]), res.model(MLP_BATCH[0]))
 
 
+def test_per_layer_fraction_and_count():
+    model = _mlp()
+    res = units.prune(model, fraction={"fc1": 0.3, "fc2": 0.5}, score="bp_abs_mrs",
+                      batch=MLP_BATCH)
+    sizes = res.sizes
+    assert {k: len(v) for k, v in res.pruned.items()} == {
+        "fc1": 3, "fc2": 4}  # 0.3 of 10 and 0.5 of 8 units
+    # the same as pruning each layer with its own count, all at once
+    counts = {k: len(v) for k, v in res.pruned.items()}
+    same = units.prune(model, count=counts, score="bp_abs_mrs", batch=MLP_BATCH,
+                       layers=["fc2", "fc1"])
+    assert same.pruned == res.pruned
+    torch.testing.assert_close(same.model(MLP_BATCH[0]), res.model(MLP_BATCH[0]))
+    only = units.prune(model, count={"fc2": 1}, score="norm")
+    assert list(only.pruned) == ["fc2"] and len(only.pruned["fc2"]) == 1
+
+
 def test_consumer_without_bias_gets_one():
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2, bias=False)).double()
     x, y = _batch((4,), n=10, classes=2)
@@ -311,6 +328,11 @@ def test_consumer_without_bias_gets_one():
     (dict(fraction=0.1, score="bp_norm", batch=None), "bp_norm"),
     (dict(count=10, layers=["fc1"]), "fc1"),
     (dict(fraction=0.99, layers=["fc1"]), "fc1"),
+    (dict(fraction={"fc1": 0.5, "fc2": 1.2}), r"fraction\['fc2'\]"),
+    (dict(count={"fc1": 2, "fc2": True}), r"count\['fc2'\]"),
+    (dict(fraction={"fc1": 0.5}, layers=["fc1", "fc2"]), "same layers"),
+    (dict(count={}), "at least one layer"),
+    (dict(count={"fc9": 1}), "fc9"),
 ])
 def test_bad_input_raises_and_leaves_model_unchanged(kwargs, needle):
     model = _mlp()
