@@ -170,9 +170,20 @@ def empirical_fisher(model: nn.Module, batch, names: list[str], *, diagonal: tup
 _BUDGET = 1 << 22  # float64 entries per batched block (32 MB): bounds memory, keeps batches big
 
 
+def _singular(a: Tensor, chol: Tensor, info: Tensor) -> bool:
+    """Cholesky failed, or a pivot is at round-off level (a rank-deficient PSD matrix often
+    factors "successfully" with pivots ~ eps·‖A‖, depending on the BLAS and its threads)."""
+    if bool((info != 0).any()):
+        return True
+    d = a.shape[-1]
+    pivots = chol.diagonal(dim1=-2, dim2=-1) ** 2
+    scale = a.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True)
+    return bool((pivots <= d * torch.finfo(a.dtype).eps * scale).any())
+
+
 def _spd_inverse(a: Tensor, name: str) -> Tensor:
     chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) != 0:
+    if _singular(a, chol, info):
         raise ValueError(f"obs: the curvature of {name} is singular; increase damp (e.g. 1e-4)")
     return torch.cholesky_inverse(chol)
 
@@ -200,7 +211,7 @@ def _blocks(rows: Tensor, idx: Tensor, valid: Tensor) -> Tensor:
 
 def _cholesky(a: Tensor) -> Tensor:
     chol, info = torch.linalg.cholesky_ex(a)
-    if bool((info != 0).any()):
+    if _singular(a, chol, info):
         raise ValueError("obs: a curvature block is numerically singular; increase damp")
     return chol
 
