@@ -622,7 +622,10 @@ m ⊙ θ_k again. Frankle et al. find that at high sparsity a subnetwork rewound
 unstable and misses the dense accuracy, while one rewound to a k early in training is stable and
 *matching*. Here m is one round of global magnitude pruning of θ_T; the two copies of m ⊙ θ_k
 are trained with m held, and the segment between them keeps m. The table gives each curve's
-barrier and the mean test error of its two copies.
+barrier and the mean test error of its two copies. In the full run this MLP's subnetworks are as
+stable as the dense network at every k (barriers of at most two test images), like LeNet in the
+paper. What sparsity costs here is accuracy, not stability: with 10 % of the weights the copies
+reach about 3 % test error (dense about 2 %), with 2 % about 11 %.
 """),
     code("""
 REWIND_SPARSITIES = (0.9, 0.98)
@@ -700,7 +703,7 @@ import prunelab as pl
 
 SEEDS = (0,) if FAST else (0, 1)
 STEPS = 40 if FAST else 3000          # training steps (batch 64)
-EVERY = 20 if FAST else 500           # measure the penalties every EVERY steps
+EVERY = 20 if FAST else 250           # measure the penalties every EVERY steps (MRP: 250)
 SAMPLE = 100 if FAST else 500         # fixed sample of training images for the penalties
 FINETUNE = 2 if FAST else 10          # MRP Fig. 4: penalty again after N fine-tuning steps
 FRACTIONS = (FRACTION,) if FAST else (FRACTION, 0.3)
