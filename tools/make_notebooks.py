@@ -751,6 +751,15 @@ check this). It does not always lower the *loss*, because there are nonlineariti
 layer. It helps most where the penalty is large: the signed scores `rs` and `mrs` select units
 whose removal changes the loss a lot. The absolute-valued scores select units whose removal
 hardly matters, so their penalties are close to zero and the comparison is mostly noise.
+
+In the full run (two seeds, 1,440 pairs) mean replacement lowered the penalty in 60 % of the
+pairs; MRP reports almost all of them on CIFAR-10. It helped in 65–71 % of the pairs when the
+first conv, the last conv or the first dense layer was pruned, but in only 44 % for the middle
+conv. A spot check (seed 0, end of training, 30 % of the middle conv's channels) found the
+library's `bp_` loss equal to that of the dense model with the pruned channels replaced by their
+mean on the way into the next conv, so this is how the network behaves, not a bookkeeping
+error. Replacing them by a mean per position instead of per channel helped `rs` there and was
+worse for `rand`, `norm` and `abs_mrs`.
 """),
     code("""
 pairs = pl.units.bp_pairs(frame)
@@ -788,7 +797,9 @@ For each measurement j (a seed, layer set and training step), the threshold is
 t_j = τ·(best penalty) + (1 − τ)·(worst penalty) over the 12 scores. A score's curve p(τ) is
 the fraction of measurements where its penalty is strictly below t_j. A higher curve is a
 better score: at τ = 0 it counts how often a score beats the worst one, and near τ = 1 how
-often it is (almost) the best. The table gives the area under each curve.
+often it is (almost) the best. The table gives the area under each curve. In the full run
+the absolute-valued scores (area ≈ 0.94) beat the signed ones (≈ 0.42), and every `bp_` curve
+lies above its plain one, as in MRP Sec. 4.3 and Fig. 5.
 """),
     code("""
 profile = pl.units.penalty_profile(frame)
