@@ -154,6 +154,11 @@ def _units(model: nn.Module, layers: Iterable[str] | None) -> list[_Unit]:
     return out
 
 
+def _of_layer(value, name: str):
+    """A per-layer mapping's value for ``name``; a plain value as it is."""
+    return value[name] if isinstance(value, Mapping) else value
+
+
 def _count(n: int, name: str, fraction: float | None, count: int | None) -> int:
     if fraction is not None:
         k = int(math.floor(fraction * n + 0.5))
@@ -450,11 +455,8 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
         raise ValueError("inplace=True on a model with parametrizations (masks) is not "
                          "supported; pass inplace=False to get a pruned plain copy")
     units = _units(model, layers)
-    def _per(value, name):
-        return value[name] if isinstance(value, Mapping) else value
-
-    counts = {u.module: _count(u.n, u.module, _per(fraction, u.module), _per(count, u.module))
-              for u in units}
+    counts = {u.module: _count(u.n, u.module, _of_layer(fraction, u.module),
+                               _of_layer(count, u.module)) for u in units}
 
     if _stats is not None:
         stats = _stats
