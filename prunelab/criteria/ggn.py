@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunelab import batches as B
 from prunelab import graph as G
 
 Method = Literal["auto", "chain", "autograd"]
@@ -51,6 +52,8 @@ _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GE
 _PER_EXAMPLE_BUDGET = 2**24
 # Bytes of activations and propagated factors per chunk of examples when ``chunk=None``.
 _CHUNK_BUDGET_BYTES = 2**29
+# Backward columns per example above which the exact diagonal is refused (use mc_samples=).
+MAX_EXACT_COLUMNS = 4096
 
 
 @dataclass
@@ -71,8 +74,8 @@ class LossGradGGN:
 
 
 def ggn_diagonal(model: nn.Module, batch: tuple[Tensor, Tensor], *, mc_samples: int = 0,
-                 seed: int = 0, chunk: int | None = None,
-                 method: Method = "auto") -> dict[str, Tensor]:
+                 seed: int = 0, chunk: int | None = None, method: Method = "auto",
+                 loss="cross_entropy", output=None) -> dict[str, Tensor]:
     """Diagonal of the GGN of the mean cross-entropy w.r.t. every prunable weight (LM paper App. A).
 
     Args:
@@ -85,17 +88,18 @@ def ggn_diagonal(model: nn.Module, batch: tuple[Tensor, Tensor], *, mc_samples: 
         chunk: examples per pass; ``None`` picks it from a memory budget.
         method: ``"chain"`` (hand-written propagation, sequential models only), ``"autograd"``
             (any graph) or ``"auto"``.
+        loss, output: the loss and output rule (:func:`prunelab.batches.objective`).
 
     Returns:
         ``{name: tensor shaped like the weight}``, keyed as :func:`prunelab.graph.prunable_names`.
     """
     return loss_grad_ggn(model, batch, mc_samples=mc_samples, seed=seed, chunk=chunk,
-                         method=method, grad=False).ggn
+                         method=method, grad=False, loss=loss, output=output).ggn
 
 
 def loss_grad_ggn(model: nn.Module, batch: tuple[Tensor, Tensor], *, mc_samples: int = 0,
                   seed: int = 0, chunk: int | None = None, method: Method = "auto",
-                  grad: bool = True) -> LossGradGGN:
+                  grad: bool = True, loss="cross_entropy", output=None) -> LossGradGGN:
     """Loss, gradient and GGN diagonal of the mean cross-entropy in one pass (LM paper App. A).
 
     The gradient rides along as one extra backward column, p − e_y, so the quadratic model
@@ -109,6 +113,11 @@ def loss_grad_ggn(model: nn.Module, batch: tuple[Tensor, Tensor], *, mc_samples:
         chunk: examples per pass; ``None`` picks it from a memory budget.
         method: ``"auto"``, ``"chain"`` or ``"autograd"``.
         grad: also return the gradient of the loss w.r.t. the prunable weights.
+        loss: ``"cross_entropy"`` (per example, or per token for (N, T, C) outputs with
+            ignore_index -100), ``"mse"`` or a callable ``(output, target) -> mean loss`` whose
+            Hessian w.r.t. the output is taken by autograd per example (it must be a mean over
+            examples; non-convex parts of it are clipped to the positive semi-definite part).
+        output: optional ``model output -> tensor`` (see :func:`prunelab.batches.output_tensor`).
 
     Returns:
         :class:`LossGradGGN` with loss, grad, ggn and the number of examples.
@@ -117,10 +126,11 @@ def loss_grad_ggn(model: nn.Module, batch: tuple[Tensor, Tensor], *, mc_samples:
         ValueError: bad batch, logits not (N, C) with C >= 2, bad ``mc_samples``, ``chunk`` or
             ``method``.
     """
+    obj = B.objective(loss, output)
     x, y = batch
-    if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"batch x and y must have the same non-zero length, got {len(x)} and "
-                         f"{len(y)}")
+    if B.length(x) != len(y) or len(y) == 0:
+        raise ValueError(f"batch x and y must have the same non-zero length, got {B.length(x)} "
+                         f"and {len(y)}")
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 0:
         raise ValueError(f"mc_samples must be an int >= 0, got {mc_samples!r}")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
@@ -130,20 +140,29 @@ def loss_grad_ggn(model: nn.Module, batch: tuple[Tensor, Tensor], *, mc_samples:
 
     names = G.prunable_names(model)
     modules = {n: G.module_of(model, n) for n in names}
-    chain = _chain(model) if method != "autograd" else None
+    plain_ce = obj.loss == "cross_entropy" and obj.output is None and y.dim() == 1
+    chain = _chain(model) if method != "autograd" and isinstance(x, Tensor) and plain_ce else None
     if method == "chain" and chain is None:
         raise ValueError("method='chain' needs a model made of nested nn.Sequential containers "
-                         "with Linear/Conv layers (zero padding mode); use method='autograd'")
+                         "with Linear/Conv layers (zero padding mode), tensor inputs and "
+                         "loss='cross_entropy' over classes; use method='autograd'")
 
     modes = {m: m.training for m in model.modules()}
     model.eval()  # BN becomes the affine map of its running statistics; dropout is off
     try:
-        n_total = len(x)
-        gen = torch.Generator().manual_seed(seed)
-        # Uniforms drawn up front so the sampled labels do not depend on the chunking.
-        uniforms = (torch.rand(n_total, mc_samples, generator=gen, dtype=torch.float64)
-                    if mc_samples else None)
-        step = chunk or _auto_chunk(model, x, chain, mc_samples, grad)
+        n_total = len(y)
+        shape = None if plain_ce else _output_shape(model, x, obj)
+        cols = _columns(obj, y, shape, mc_samples)
+        if not mc_samples and cols > MAX_EXACT_COLUMNS:
+            raise ValueError(
+                f"the exact GGN diagonal of loss {obj.name!r} with outputs shaped "
+                f"{(n_total, *shape) if shape else tuple(y.shape)} needs {cols} backward columns "
+                f"per example (limit {MAX_EXACT_COLUMNS}, e.g. a wide vocabulary); pass "
+                f"mc_samples=1 for the unbiased Monte-Carlo estimate instead")
+        # Random draws made up front so the estimate does not depend on the chunking.
+        uniforms = _draws(obj, y, shape, mc_samples, seed)
+        units = _units(obj, y)
+        step = chunk or _auto_chunk(model, x, chain, mc_samples, grad, obj, cols)
         acc = _Accumulator(modules, grad)
         loss_sum = 0.0
         for start in range(0, n_total, step):
@@ -152,16 +171,16 @@ def loss_grad_ggn(model: nn.Module, batch: tuple[Tensor, Tensor], *, mc_samples:
             if chain is not None:
                 loss_sum += _chain_pass(chain, x[sl], y[sl], u, acc)
             else:
-                loss_sum += _autograd_pass(model, modules, x[sl], y[sl], u, acc)
+                loss_sum += _autograd_pass(model, modules, B.take(x, sl), y[sl], u, acc, obj)
     finally:
         for m, mode in modes.items():
             m.training = mode
-    ggn, grads = acc.result(n_total)
+    ggn, grads = acc.result(units)
     for n, m in modules.items():
         if m not in acc.seen:
             warnings.warn(f"{n} was never called through its module during the forward pass; its "
                           f"GGN diagonal and gradient are reported as zero", stacklevel=2)
-    return LossGradGGN(loss=loss_sum / n_total,
+    return LossGradGGN(loss=loss_sum / units,
                        grad={n: grads[modules[n]] for n in names} if grad else {},
                        ggn={n: ggn[modules[n]] for n in names}, examples=n_total)
 
@@ -169,8 +188,32 @@ def loss_grad_ggn(model: nn.Module, batch: tuple[Tensor, Tensor], *, mc_samples:
 # --------------------------------------------------------------------------------------------
 # Output-side factors: columns V[j, n, :] with Σ_j V[j,n] V[j,n]ᵀ = ∇²_z ℓ_n (or its MC estimate).
 # --------------------------------------------------------------------------------------------
-def output_factor(z: Tensor, y: Tensor, uniforms: Tensor | None,
-                  grad: bool) -> tuple[Tensor, int, Tensor]:
+def output_factor(z: Tensor, y: Tensor, uniforms: Tensor | None, grad: bool,
+                  objective: B.Objective | None = None) -> tuple[Tensor, int, Tensor]:
+    """Columns V (cols, *z.shape) with Σ_j V_j V_jᵀ = ∇²_z ℓ per unit, the gradient of the summed
+    loss as the last column when ``grad``, and the summed loss, for the objective's loss:
+
+    * cross-entropy over classes (N, C): :func:`_softmax_factor`;
+    * per-token cross-entropy (N, T, C): one block of C − 1 columns per position (exact) or one
+      sampled label per token and column (Monte-Carlo: tokens are independent, so summing their
+      zero-mean columns keeps the estimate unbiased); ignored tokens get zero columns;
+    * ``"mse"`` (mean over the D output elements): H = (2/D)·I, so R = √(2/D)·I (D columns), or
+      √(2/D)·ε/√k with ε ~ N(0, I) for Monte-Carlo;
+    * a callable: the per-example Hessian by autograd, factored as Q·√max(Λ, 0) (Monte-Carlo:
+      R·ε/√k).
+    """
+    obj = objective or B.Objective()
+    if obj.loss == "cross_entropy" and z.dim() == 2:
+        return _softmax_factor(z, y, uniforms, grad)
+    if obj.loss == "cross_entropy":
+        return _token_factor(z, y, uniforms, grad, obj.ignore_index)
+    if obj.loss == "mse":
+        return _mse_factor(z, y, uniforms, grad)
+    return _callable_factor(z, y, uniforms, grad, obj)
+
+
+def _softmax_factor(z: Tensor, y: Tensor, uniforms: Tensor | None,
+                    grad: bool) -> tuple[Tensor, int, Tensor]:
     """Columns to propagate: the Hessian factor (and the loss gradient as the last column).
 
     Exact: C − 1 columns R = S Q with S = diag(√p) − p √pᵀ (S Sᵀ = diag(p) − p pᵀ) and Q the
@@ -219,6 +262,136 @@ def output_factor(z: Tensor, y: Tensor, uniforms: Tensor | None,
     if grad:
         v[k].copy_(gcol)
     return v, k, loss
+
+
+def _token_factor(z: Tensor, y: Tensor, uniforms: Tensor | None, grad: bool,
+                  ignore: int) -> tuple[Tensor, int, Tensor]:
+    """Per-token cross-entropy on (N, T, C) logits with (N, T) targets (see :func:`output_factor`)."""
+    if y.is_floating_point():
+        raise TypeError("per-token cross-entropy needs integer class indices (N, T), got float "
+                        "targets")
+    n, t, c = z.shape
+    valid = y != ignore
+    yv = y.masked_fill(~valid, 0)
+    flat_v, kk, loss = _softmax_factor(z.reshape(n * t, c), yv.reshape(n * t),
+                                       None if uniforms is None else uniforms.reshape(n * t, -1),
+                                       grad)
+    keep = valid.reshape(1, n * t, 1).to(flat_v.dtype)
+    flat_v = flat_v * keep  # ignored tokens contribute nothing
+    loss = F.cross_entropy(z.detach().reshape(-1, c), y.reshape(-1), ignore_index=ignore,
+                           reduction="sum")
+    per_tok = flat_v.reshape(-1, n, t, c)
+    if uniforms is not None:  # one sampled label per token and column, tokens summed
+        return per_tok, kk, loss
+    # Exact: the Hessian is block-diagonal over tokens, so column (τ, j) is token τ's j-th
+    # column placed at position τ and zero elsewhere.
+    k = t * kk
+    v = z.new_zeros(k + int(grad), n, t, c)
+    for tau in range(t):
+        v[tau * kk:(tau + 1) * kk, :, tau] = per_tok[:kk, :, tau]
+    if grad:
+        v[k] = per_tok[kk]
+    return v, k, loss
+
+
+def _mse_factor(z: Tensor, y: Tensor, uniforms: Tensor | None,
+                grad: bool) -> tuple[Tensor, int, Tensor]:
+    """Mean squared error, ℓ_n = 1/D Σ_d (z_nd − y_nd)² (see :func:`output_factor`)."""
+    z = z.detach()
+    n = len(z)
+    d = z[0].numel()
+    diff = (z - y).reshape(n, d)
+    loss = diff.square().sum() / d
+    s = math.sqrt(2.0 / d)
+    if uniforms is None:
+        k = d
+        v = z.new_zeros(k + int(grad), n, d)
+        idx = torch.arange(d, device=z.device)
+        v[idx, :, idx] = s
+    else:
+        k = uniforms.shape[1]
+        v = z.new_empty(k + int(grad), n, d)
+        v[:k] = uniforms.to(z).permute(1, 0, 2) * (s / math.sqrt(k))
+    if grad:
+        v[k] = diff * (2.0 / d)
+    return v.reshape(k + int(grad), *z.shape), k, loss
+
+
+def _callable_factor(z: Tensor, y: Tensor, uniforms: Tensor | None, grad: bool,
+                     obj: B.Objective) -> tuple[Tensor, int, Tensor]:
+    """A user's loss: per-example output Hessians by autograd (see :func:`output_factor`)."""
+    z = z.detach()
+    n = len(z)
+    d = z[0].numel()
+
+    def one(zi: Tensor, yi: Tensor) -> Tensor:
+        return obj.loss(zi.reshape(1, *z.shape[1:]), yi.unsqueeze(0))
+
+    with torch.enable_grad():
+        zz = z.clone().requires_grad_(True)
+        per = torch.stack([one(zz[i], y[i]) for i in range(n)])
+        whole = obj.loss(zz, y)
+        if not isinstance(whole, Tensor) or whole.dim() != 0:
+            raise ValueError("the loss callable must return a scalar tensor (the mean loss)")
+        if not torch.allclose(per.mean(), whole, rtol=1e-4, atol=1e-6 * max(1.0, abs(float(whole)))):
+            raise ValueError(f"the loss callable is not a mean over examples: the mean of its "
+                             f"per-example values is {float(per.mean()):.6g}, on the whole batch it "
+                             f"gives {float(whole):.6g}; the GGN needs L = 1/N Σ_n ℓ(z_n, y_n)")
+        gz = torch.autograd.grad(per.sum(), zz)[0] if grad else None
+    hess = torch.stack([
+        torch.autograd.functional.hessian(lambda zi, i=i: one(zi, y[i]), z[i]).reshape(d, d)
+        for i in range(n)])
+    hess = 0.5 * (hess + hess.transpose(1, 2))
+    lam, q = torch.linalg.eigh(hess)
+    r = q * lam.clamp(min=0).sqrt().unsqueeze(1)  # (N, D, D): H ≈ R Rᵀ, negative part clipped
+    if uniforms is None:
+        k = d
+        cols = r.permute(2, 0, 1)  # column j of every R_n
+    else:
+        k = uniforms.shape[1]
+        cols = torch.einsum("nde,nke->knd", r, uniforms.to(r)) / math.sqrt(k)
+    v = z.new_empty(k + int(grad), n, d)
+    v[:k] = cols
+    if grad:
+        v[k] = gz.reshape(n, d)
+    return v.reshape(k + int(grad), *z.shape), k, per.detach().sum()
+
+
+def _output_shape(model: nn.Module, x, obj: B.Objective) -> tuple[int, ...]:
+    """Shape of one example's output (a forward pass on the first example)."""
+    with torch.no_grad():
+        return tuple(obj.forward(model, B.take(x, slice(0, 1))).shape[1:])
+
+
+def _columns(obj: B.Objective, y: Tensor, shape: tuple[int, ...] | None, mc_samples: int) -> int:
+    """Backward columns per example of the output factor."""
+    if mc_samples:
+        return mc_samples
+    if shape is None:  # plain classes: C − 1, known only after the forward; not limited here
+        return 0
+    if obj.loss == "cross_entropy":
+        return (math.prod(shape[:-1]) or 1) * (shape[-1] - 1)
+    return math.prod(shape)
+
+
+def _draws(obj: B.Objective, y: Tensor, shape: tuple[int, ...] | None, mc_samples: int,
+           seed: int) -> Tensor | None:
+    """Monte-Carlo draws for every example, made up front (independent of the chunking)."""
+    if not mc_samples:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    n = len(y)
+    if obj.loss == "cross_entropy":
+        per = () if shape is None else tuple(shape[:-1])
+        return torch.rand(n, *per, mc_samples, generator=gen, dtype=torch.float64)
+    return torch.randn(n, mc_samples, math.prod(shape), generator=gen, dtype=torch.float64)
+
+
+def _units(obj: B.Objective, y: Tensor) -> int:
+    """What the mean loss divides by: examples, or non-ignored tokens of per-token CE."""
+    if obj.loss == "cross_entropy" and y.dim() >= 2 and not y.is_floating_point():
+        return max(1, int(torch.count_nonzero(y != obj.ignore_index)))
+    return len(y)
 
 
 # --------------------------------------------------------------------------------------------
@@ -592,17 +765,18 @@ def _back_other(m: nn.Module, a: Tensor, out: Tensor, v: Tensor, indices: Tensor
 # --------------------------------------------------------------------------------------------
 # Engine 2: autograd through any graph, one backward per factor column.
 # --------------------------------------------------------------------------------------------
-def _autograd_pass(model: nn.Module, modules: dict[str, nn.Module], x: Tensor, y: Tensor,
-                   uniforms: Tensor | None, acc: _Accumulator) -> float:
+def _autograd_pass(model: nn.Module, modules: dict[str, nn.Module], x, y: Tensor,
+                   uniforms: Tensor | None, acc: _Accumulator,
+                   obj: B.Objective | None = None) -> float:
     """Forward with hooks on the prunable layers, then one ``autograd.grad`` per column."""
+    obj = obj or B.Objective()
     unique = list(dict.fromkeys(modules.values()))
-    z, calls, versions = _hooked_forward(model, unique, x, clone=False)
+    z, calls, versions = _hooked_forward(model, unique, x, clone=False, obj=obj)
     if any(t._version != ver for t, ver in versions):
         # An in-place op changed a captured input or output; capture copies instead.
-        z, calls, _ = _hooked_forward(model, unique, x, clone=True)
-    if z.dim() != 2 or z.shape[1] < 2:
-        raise ValueError(f"the model must return logits of shape (N, C >= 2), got {tuple(z.shape)}")
-    v, k, loss = output_factor(z, y, uniforms, acc.grad)
+        z, calls, _ = _hooked_forward(model, unique, x, clone=True, obj=obj)
+    obj.check(z, y)
+    v, k, loss = output_factor(z, y, uniforms, acc.grad, obj)
     flat = [(m, i) for m in unique for i in range(len(calls[m]))]
     outs = [calls[m][i][1] for m, i in flat]
     if not outs:
@@ -635,7 +809,8 @@ def _autograd_pass(model: nn.Module, modules: dict[str, nn.Module], x: Tensor, y
     return float(loss)
 
 
-def _hooked_forward(model: nn.Module, modules: list[nn.Module], x: Tensor, *, clone: bool):
+def _hooked_forward(model: nn.Module, modules: list[nn.Module], x, *, clone: bool,
+                    obj: B.Objective | None = None):
     """Run ``model(x)`` recording (input, output) of every call of ``modules``.
 
     Returns the logits, the calls per module and (tensor, version) pairs to detect in-place
@@ -661,33 +836,33 @@ def _hooked_forward(model: nn.Module, modules: list[nn.Module], x: Tensor, *, cl
     handles += [m.register_forward_hook(post) for m in modules]
     try:
         with torch.enable_grad():
-            z = model(x)
+            z = (obj or B.Objective()).forward(model, x)
     finally:
         for h in handles:
             h.remove()
     return z, calls, versions
 
 
-def _auto_chunk(model: nn.Module, x: Tensor, chain: list[nn.Module] | None, mc_samples: int,
-                grad: bool) -> int:
+def _auto_chunk(model: nn.Module, x, chain: list[nn.Module] | None, mc_samples: int,
+                grad: bool, obj: B.Objective | None = None, columns: int | None = None) -> int:
     """Examples per pass so activations, propagated factors and im2col stay within a budget."""
     known = _dense_chain_sizes(chain, x)
     if known is not None:
         sizes, unfold, classes = known, 0, known[-1]
     else:
-        sizes, unfold, classes = _probe_sizes(model, x)
-    cols = (mc_samples or max(1, classes - 1)) + int(grad)
+        sizes, unfold, classes = _probe_sizes(model, x, obj)
+    cols = (columns if columns is not None else (mc_samples or max(1, classes - 1))) + int(grad)
     per_example = 2 * sum(sizes) + 3 * cols * max(sizes, default=1) + unfold
     if chain is None:  # autograd keeps every prunable output's factor for every column
         per_example += cols * sum(sizes)
     param = next(model.parameters(), None)
     itemsize = param.element_size() if param is not None else 4
-    return max(1, min(len(x), _CHUNK_BUDGET_BYTES // (per_example * itemsize)))
+    return max(1, min(B.length(x), _CHUNK_BUDGET_BYTES // (per_example * itemsize)))
 
 
 def _dense_chain_sizes(chain: list[nn.Module] | None, x: Tensor) -> list[int] | None:
     """Per-example output sizes of a chain of Linear/elementwise/reshape modules (no probe)."""
-    if chain is None or x.dim() < 2:
+    if chain is None or not isinstance(x, Tensor) or x.dim() < 2:
         return None
     f, sizes = x[0].numel(), []
     for m in chain:
@@ -702,7 +877,8 @@ def _dense_chain_sizes(chain: list[nn.Module] | None, x: Tensor) -> list[int] | 
     return sizes or None
 
 
-def _probe_sizes(model: nn.Module, x: Tensor) -> tuple[list[int], int, int]:
+def _probe_sizes(model: nn.Module, x, obj: B.Objective | None = None
+                 ) -> tuple[list[int], int, int]:
     """Per-example sizes of every leaf output, the largest im2col and the number of classes."""
     sizes: list[int] = []
     unfold = 0
@@ -718,7 +894,7 @@ def _probe_sizes(model: nn.Module, x: Tensor) -> tuple[list[int], int, int]:
     handles = [m.register_forward_hook(post) for m in leaves]
     try:
         with torch.no_grad():
-            z = model(x[:1])
+            z = (obj or B.Objective()).forward(model, B.take(x, slice(0, 1)))
     finally:
         for h in handles:
             h.remove()
