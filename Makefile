@@ -1,7 +1,7 @@
 # prunelab: two commands from a fresh clone — `make demo` and `make test`.
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
-EXTRAS  ?= notebooks,test
+EXTRAS  ?= notebooks,test,hf
 STAMP   := $(VENV)/.prunelab-installed
 PYTEST_ARGS ?=
 

@@ -19,7 +19,7 @@ floating inputs take the model's dtype, integer ones (token ids, labels) keep th
 """
 from __future__ import annotations
 
-import math
+import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 __all__ = ["Objective", "objective", "LOSSES", "TARGET_KEYS", "IGNORE_INDEX", "call",
            "output_tensor", "as_batch", "length", "take", "to_model", "model_device_dtype",
-           "chunks", "check_inputs"]
+           "chunks", "check_inputs", "evaluating"]
 
 LOSSES = ("cross_entropy", "mse")
 IGNORE_INDEX = -100
@@ -399,5 +399,14 @@ def chunks(x, y, size: int) -> Iterator[tuple[object, Tensor]]:
         yield take(x, sl), y[sl]
 
 
-def finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """Eval mode for the call; every module's OWN training flag restored afterwards (a
+    BatchNorm or Dropout the caller put in eval stays in eval; ``model.train(was)`` would not)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode

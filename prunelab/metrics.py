@@ -25,25 +25,35 @@ __all__ = ["loss", "delta_loss", "evaluate", "spearman", "seed_table", "best_ove
 
 
 # ----------------------------------------------------------------------------- models
-def loss(model: nn.Module, batch) -> float:
-    """Mean cross-entropy of ``model`` (eval mode, restored afterwards) on a (x, y) batch."""
+def loss(model: nn.Module, batch, *, loss="cross_entropy", output=None) -> float:
+    """Mean loss of ``model`` (eval mode; every module's flag restored) on a batch.
+
+    ``batch``: (x, y) tensors, a Dataset or a DataLoader; ``loss``: ``"cross_entropy"``,
+    ``"mse"`` or a callable ``(output, target) -> mean loss`` (see :mod:`prunelab.batches`).
+    Runs on the model's device and dtype.
+    """
     import torch
-    import torch.nn.functional as F
 
-    x, y = batch
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return float(F.cross_entropy(model(x), y))
-    finally:
-        model.train(was)
+    from prunelab import batches as B
+
+    obj = B.objective(loss, output)
+    x, y = B.as_batch(batch, what="batch")
+    x, y = B.to_model(x, model), B.to_model(y, model)
+    with B.evaluating(model), torch.no_grad():
+        z = obj.forward(model, x)
+        obj.check(z, y)
+        return float(obj.value(z, y))
 
 
-def delta_loss(model: nn.Module, pruned: nn.Module, batch) -> float:
+def delta_loss(model: nn.Module, pruned: nn.Module, batch, *, loss="cross_entropy",
+               output=None) -> float:
     """ΔL(θ, Δθ) = |L(θ + Δθ) − L(θ)| on ``batch`` (LM paper Sec. 4, the quantity criteria
     try to minimise), with ``model`` at θ and ``pruned`` at θ + Δθ."""
-    return abs(loss(pruned, batch) - loss(model, batch))
+    kw = {"loss": loss, "output": output}
+    return abs(_loss(pruned, batch, **kw) - _loss(model, batch, **kw))
+
+
+_loss = loss
 
 
 def __getattr__(name: str):

@@ -18,9 +18,9 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset, TensorDataset
+
+from prunelab import batches as B
 
 Batch = tuple[Tensor, Tensor]
 
@@ -43,6 +43,8 @@ class Recipe:
         patience: early stopping: stop after this many epochs without a better validation loss
             and restore the best weights; ``None`` trains all epochs and keeps the last weights.
         max_steps: optional cap on optimiser steps (the LAP paper counts steps, not epochs).
+        device: where to train (e.g. ``"cuda"``); ``None`` trains where the model's parameters
+            are. Data is moved there per mini-batch.
     """
 
     optimizer: str = "adam"
@@ -55,6 +57,7 @@ class Recipe:
     gamma: float = 0.1
     patience: int | None = None
     max_steps: int | None = None
+    device: str | None = None
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -68,11 +71,21 @@ class Recipe:
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be None or >= 1, got {self.patience!r}")
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"device must be None or a torch device name such as 'cpu' or "
+                                 f"'cuda:0', got {self.device!r}") from err
+            object.__setattr__(self, "device", str(self.device))
 
     def to_dict(self) -> dict[str, Any]:
-        """The recipe as JSON-friendly plain values."""
+        """The recipe as JSON-friendly plain values (``device`` only when set, so manifests of
+        recipes without one are unchanged)."""
         d = dataclasses.asdict(self)
         d["milestones"] = list(d["milestones"])
+        if d["device"] is None:
+            del d["device"]
         return d
 
     @classmethod
@@ -89,44 +102,45 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
-def _tensors(data) -> Batch:
-    """(x, y) tensors from a (x, y) tuple, a TensorDataset or any map-style Dataset."""
-    if isinstance(data, tuple) and len(data) == 2:
-        return data
-    if isinstance(data, TensorDataset):
-        return data.tensors[0], data.tensors[1]
-    if isinstance(data, Dataset):
-        xs, ys = zip(*(data[i] for i in range(len(data))))
-        return torch.stack(xs), torch.as_tensor(ys)
-    raise TypeError(f"expected a (x, y) tuple or a torch Dataset, got {type(data).__name__}")
+def _tensors(data, what: str = "data") -> Batch:
+    """(x, y) from (x, y) tensors, a Dataset or a DataLoader (see :func:`prunelab.batches.as_batch`)."""
+    return B.as_batch(data, what=what)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, *, batch_size: int = 1000) -> dict[str, float]:
-    """Mean cross-entropy loss, accuracy and error of ``model`` on ``data``.
+def evaluate(model: nn.Module, data, *, batch_size: int = 1000, loss="cross_entropy",
+             output=None) -> dict[str, float]:
+    """Mean loss, accuracy and error of ``model`` on ``data``.
 
     Args:
-        model: any classifier returning logits; evaluated in eval mode and restored afterwards.
-        data: a (x, y) tuple of tensors or a torch Dataset.
+        model: any model (see :mod:`prunelab.batches` for inputs and outputs); evaluated in eval
+            mode, every module's own training flag restored afterwards. Runs on the device and in
+            the dtype of its parameters; data is moved there per batch.
+        data: (x, y) tensors, a Dataset or a DataLoader.
         batch_size: examples per forward pass.
+        loss: ``"cross_entropy"`` (default), ``"mse"`` or a callable ``(output, target) -> mean``.
+        output: optional ``model output -> tensor``.
 
     Returns:
-        ``{"loss": float, "accuracy": float, "error": float, "n": int}``.
+        ``{"loss": float, "accuracy": float, "error": float, "n": int}``; accuracy and error are
+        NaN for a loss that does not classify. Per-token cross-entropy averages over the tokens
+        that are not ignored and counts accuracy per token.
     """
+    obj = B.objective(loss, output)
     x, y = _tensors(data)
-    was_training = model.training
-    model.eval()
-    total, correct, n = 0.0, 0, len(y)
-    try:
-        for i in range(0, n, batch_size):
-            out = model(x[i:i + batch_size])
-            yb = y[i:i + batch_size]
-            total += float(F.cross_entropy(out, yb, reduction="sum"))
-            correct += int((out.argmax(1) == yb).sum())
-    finally:
-        model.train(was_training)
-    acc = correct / max(n, 1)
-    return {"loss": total / max(n, 1), "accuracy": acc, "error": 1.0 - acc, "n": n}
+    total, correct, units, counted = 0.0, 0, 0, 0
+    with B.evaluating(model):
+        for xb, yb in B.chunks(x, y, batch_size):
+            xb, yb = B.to_model(xb, model), B.to_model(yb, model)
+            out = obj.forward(model, xb)
+            obj.check(out, yb)
+            total += float(obj.value(out, yb, reduction="sum"))
+            units += obj.units(out, yb)
+            hit, cnt = obj.correct(out, yb)
+            correct += hit
+            counted += cnt
+    acc = correct / counted if counted else math.nan
+    return {"loss": total / max(units, 1), "accuracy": acc, "error": 1.0 - acc, "n": len(y)}
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -159,7 +173,8 @@ class FitResult:
 def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
         progress: bool = True, step_callback: Callable[[nn.Module, int], None] | None = None,
         desc: str = "train",
-        regularizer: Callable[[nn.Module], Tensor] | None = None) -> FitResult:
+        regularizer: Callable[[nn.Module], Tensor] | None = None, loss="cross_entropy",
+        output=None) -> FitResult:
     """Train ``model`` in place with ``recipe``; one history row per epoch.
 
     Deterministic on the CPU for a given ``seed``: the shuffling order comes from a generator
@@ -180,6 +195,8 @@ def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
             before ``backward`` (e.g. ``λ·R_s(γ)`` of the polarization regularizer,
             :func:`prunelab.structured.polarization_regularizer`); called in train mode after
             the forward pass. The recipe's ``weight_decay`` still acts in the optimiser.
+        loss, output: the loss (``"cross_entropy"``, ``"mse"`` or a callable) and output rule
+            (:mod:`prunelab.batches`).
 
     Returns:
         :class:`FitResult` with columns epoch, step, lr, train_loss, train_accuracy, val_loss,
@@ -188,10 +205,13 @@ def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
         ``train_regularizer`` (its mean over the epoch's steps) follows ``train_accuracy``.
         Without one, training and history are exactly as before the option existed.
     """
-    x, y = _tensors(train)
+    obj = B.objective(loss, output)
+    x, y = _tensors(train, "train")
     n = len(y)
     if val is not None:
-        val = _tensors(val)
+        val = _tensors(val, "val")
+    if recipe.device is not None:
+        model.to(recipe.device)
     if recipe.patience is not None and val is None:
         raise ValueError("early stopping (recipe.patience) needs a validation set: pass val=")
     gen = torch.Generator().manual_seed(seed)
@@ -209,15 +229,17 @@ def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
         model.train()
         for epoch in range(1, recipe.epochs + 1):
             order = torch.randperm(n, generator=gen)
-            run_loss, run_correct, seen, run_reg, steps = 0.0, 0, 0, 0.0, 0
+            run_loss, run_correct, seen, run_reg, steps, run_counted = 0.0, 0, 0, 0.0, 0, 0
             for i in range(0, n, recipe.batch_size):
                 if step >= total_steps:
                     break
                 idx = order[i:i + recipe.batch_size]
-                xb, yb = x[idx], y[idx]
+                xb, yb = B.to_model(B.take(x, idx), model), B.to_model(y[idx], model)
                 opt.zero_grad(set_to_none=True)
-                out = model(xb)
-                loss = F.cross_entropy(out, yb)
+                out = obj.forward(model, xb)
+                if step == 0:
+                    obj.check(out, yb)
+                loss = obj.value(out, yb)
                 if regularizer is None:
                     loss.backward()
                 else:
@@ -232,18 +254,20 @@ def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
                 if step_callback is not None:
                     step_callback(model, step)
                 run_loss += loss.item() * len(yb)
-                run_correct += int((out.argmax(1) == yb).sum())
+                hit, cnt = obj.correct(out.detach(), yb)
+                run_correct += hit
+                run_counted += cnt
                 seen += len(yb)
                 steps += 1
                 bar.update(1)
             sched.step()
             row = {"epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"],
                    "train_loss": run_loss / max(seen, 1),
-                   "train_accuracy": run_correct / max(seen, 1)}
+                   "train_accuracy": run_correct / max(run_counted, 1) if obj.classifies else math.nan}
             if regularizer is not None:
                 row["train_regularizer"] = run_reg / max(steps, 1)
             if val is not None:
-                ev = evaluate(model, val)
+                ev = evaluate(model, val, loss=obj)
                 row.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
                 model.train()
                 if ev["loss"] < best:

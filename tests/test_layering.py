@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parent.parent / "prunelab"
 #            < units, connectivity, collapse, lottery < experiments < plots < figures < widgets
 # (figures reuses the frame helpers of plots: the static versions of the same views)
 LAYERS = [
-    {"paths", "_parametrize", "store"}, {"data"}, {"models"}, {"train"}, {"metrics"}, {"zoo"}, {"graph"},
+    {"paths", "_parametrize", "store"}, {"batches"}, {"data"}, {"models"}, {"train"}, {"metrics"}, {"zoo"}, {"graph"},
     {"criteria"}, {"masks"}, {"pruning"}, {"units", "connectivity", "collapse", "lottery", "at_init", "compression"},
     {"structured"}, {"experiments"}, {"plots"}, {"figures"}, {"widgets"},
 ]
