@@ -62,9 +62,38 @@ class ChecksumError(ValueError):
     """A checkpoint's bytes do not match the sha256 recorded in its manifest."""
 
 
+def check_seed(seed) -> int:
+    """``seed`` as an int >= 0 (numpy integers accepted), or ValueError naming the value."""
+    import numbers
+
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    return int(seed)
+
+
 def key(arch: str, dataset: str, seed: int) -> str:
     """File stem of a checkpoint, e.g. ``mlp-mnist1d-s0``."""
-    return f"{arch}-{dataset}-s{int(seed)}"
+    return f"{arch}-{dataset}-s{check_seed(seed)}"
+
+
+def read_manifest(path: Path) -> dict:
+    """A checkpoint's manifest entry; ValueError naming the file when it is not a JSON object,
+    ChecksumError when it has no sha256 (verification is never optional)."""
+    try:
+        entry = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"zoo manifest {path} is not valid JSON ({err}); delete it and the "
+                         f"checkpoint beside it to retrain") from err
+    if not isinstance(entry, dict):
+        raise ValueError(f"zoo manifest {path} must hold a JSON object, got "
+                         f"{type(entry).__name__}")
+    digest = entry.get("sha256")
+    if not (isinstance(digest, str) and len(digest) == 64
+            and all(c in "0123456789abcdef" for c in digest)):
+        raise ChecksumError(f"zoo manifest {path} has no valid sha256 (got {digest!r}): the "
+                            f"checkpoint cannot be verified and is not loaded; delete both files "
+                            f"to retrain")
+    return entry
 
 
 def _zoo_dir(root: Path | None) -> Path:
@@ -129,7 +158,7 @@ def manifest(root: Path | None = None) -> pd.DataFrame:
     """One row per checkpoint in the zoo: arch, dataset, seed, metrics, sha256, file."""
     rows = []
     for p in sorted(_zoo_dir(root).glob("*.json")):
-        entry = json.loads(p.read_text())
+        entry = read_manifest(p)
         flat = {k: v for k, v in entry.items() if k not in ("recipe", "metrics")}
         flat.update({f"{k}": v for k, v in entry.get("metrics", {}).items()})
         flat["present"] = (p.parent / entry["file"]).exists()
@@ -156,6 +185,7 @@ def load(arch: str, dataset: str, seed: int = 0, *, train_if_missing: bool = Tru
     Raises:
         ChecksumError: the cached file does not match its manifest (nothing is loaded).
     """
+    seed = check_seed(seed)
     bundle = D.load(dataset)
     model = M.build(arch, bundle, seed=seed)
     stem = key(arch, dataset, seed)
@@ -168,7 +198,7 @@ def load(arch: str, dataset: str, seed: int = 0, *, train_if_missing: bool = Tru
                 f"seed={seed}, train_if_missing=True) or `python -m prunelab.zoo ensure {arch} "
                 f"{dataset} --seed {seed}` to train it with its recorded recipe")
         train_and_save(arch, dataset, seed, root=folder, progress=progress)
-    entry = json.loads(meta_path.read_text())
+    entry = read_manifest(meta_path)
     state = read_state_dict(weights_path, expected_sha256=entry["sha256"])
     missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
     if missing or unexpected:

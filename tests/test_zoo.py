@@ -74,3 +74,35 @@ def test_pickle_carrying_code_is_refused(tmp_path):
 def test_plain_tensor_pt_checkpoint_is_read(tmp_path):
     torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
     assert torch.equal(zoo.read_state_dict(tmp_path / "ok.pt")["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    (lambda e: e.update(sha256=None), zoo.ChecksumError, "no valid sha256"),
+    (lambda e: e.pop("sha256"), zoo.ChecksumError, "no valid sha256"),
+    (lambda e: e.update(sha256="00"), zoo.ChecksumError, "no valid sha256"),
+])
+def test_manifest_without_a_checksum_never_loads(tmp_zoo, edit, error, match):
+    zoo.train_and_save("mlp", "digits", seed=0, root=tmp_zoo, recipe=FAST, progress=False)
+    path = tmp_zoo / "mlp-digits-s0.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF  # corrupted AND unverifiable: must not load
+    path.write_bytes(bytes(raw))
+    meta = tmp_zoo / "mlp-digits-s0.json"
+    entry = json.loads(meta.read_text())
+    edit(entry)
+    meta.write_text(json.dumps(entry))
+    with pytest.raises(error, match=match):
+        zoo.load("mlp", "digits", seed=0, root=tmp_zoo, train_if_missing=False)
+
+
+def test_manifest_that_is_not_json_names_the_file(tmp_zoo):
+    zoo.train_and_save("mlp", "digits", seed=0, root=tmp_zoo, recipe=FAST, progress=False)
+    (tmp_zoo / "mlp-digits-s0.json").write_text("{not json")
+    with pytest.raises(ValueError, match="mlp-digits-s0.json is not valid JSON"):
+        zoo.load("mlp", "digits", seed=0, root=tmp_zoo, train_if_missing=False)
+
+
+@pytest.mark.parametrize("seed", [0.7, -1, True, "0", 1.5])
+def test_bad_seeds_are_refused(tmp_zoo, seed):
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        zoo.load("mlp", "digits", seed=seed, root=tmp_zoo, train_if_missing=False)
