@@ -165,14 +165,17 @@ class Layer:
 class LayerGraph:
     """The prunable layers of a model in execution order, with their neighbours.
 
-    ``traced`` is False when torch.fx could not trace the model and the layers were chained in
-    registration order instead (``reason`` says why).
+    ``source`` says where the connections come from: ``"fx"`` (torch.fx trace), ``"autograd"``
+    (the autograd graph of one forward pass on an example batch, for models fx cannot trace) or
+    ``"chain"`` (neither was possible: layers chained in registration order, with a warning).
+    ``traced`` is False for ``"chain"``; ``reason`` says why fx failed.
     """
 
     layers: Mapping[str, Layer]  # read-only: graphs are cached and shared
     traced: bool
     reason: str = ""
     notes: tuple[str, ...] = ()
+    source: str = "fx"
 
     def __getitem__(self, name: str) -> Layer:
         return self.layers[name]
@@ -340,7 +343,7 @@ class _Builder:
                 self.act.setdefault(src, name)
         return {s: replace(p, direct=False, act_ok=False) for s, p in state.items()}
 
-    def build(self, traced: bool, reason: str = "") -> LayerGraph:
+    def build(self, traced: bool, reason: str = "", source: str = "fx") -> LayerGraph:
         order = self.order + [w for w, _ in self.layers.values() if w not in self.order]
         out = {}
         for w in order:
@@ -356,7 +359,8 @@ class _Builder:
                 bn = None  # a branch bypasses the BN (pre-activation shortcut): not this layer's
             out[w] = Layer(w, mname, kind, din, dout, groups, tuple(ins.values()),
                            tuple(outs.values()), bn, self.act.get(w))
-        return LayerGraph(MappingProxyType(out), traced, reason, tuple(dict.fromkeys(self.notes)))
+        return LayerGraph(MappingProxyType(out), traced, reason, tuple(dict.fromkeys(self.notes)),
+                          source)
 
 
 def _shape_args(node) -> tuple:
@@ -383,8 +387,25 @@ def _reduce_spatial(node) -> bool:
     return bool(dims) and all(isinstance(d, int) and d >= 2 for d in dims)
 
 
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, but a torch.nn container that holds prunable layers (e.g.
+    ``nn.TransformerEncoderLayer``) is traced through instead of kept as one opaque leaf."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, PRUNABLE_TYPES):
+            return True
+        if any(isinstance(s, PRUNABLE_TYPES) for s in m.modules()):
+            return False
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> torch.fx.GraphModule:
+    """``model`` as an fx GraphModule, prunable layers as leaves (see :class:`_Tracer`)."""
+    return torch.fx.GraphModule(model, _Tracer().trace(model))
+
+
 def _trace_graph(model: nn.Module) -> LayerGraph:
-    gm = torch.fx.symbolic_trace(model)
+    gm = trace(model)
     b = _Builder(model)
     states: dict = {}
 
@@ -494,7 +515,184 @@ def _chain_graph(model: nn.Module, reason: str) -> LayerGraph:
         else:
             state = {k: replace(p, direct=False, act_ok=False) for k, p in state.items()}
     b.leave(state, OUTPUT)
-    return b.build(traced=False, reason=reason)
+    return b.build(traced=False, reason=reason, source="chain")
+
+
+# Autograd node names (without the trailing version digit) by what they do to channels.
+_AG_ACT = {"ReluBackward", "GeluBackward", "TanhBackward", "SigmoidBackward", "SiluBackward",
+           "EluBackward", "LeakyReluBackward", "HardtanhBackward", "SoftplusBackward",
+           "MishBackward", "HardswishBackward", "HardsigmoidBackward", "ThresholdBackward",
+           "PreluKernelBackward", "PreluBackward", "RreluWithNoiseBackward", "LogSigmoidBackward",
+           "CeluBackward", "SeluBackward", "Relu6Backward"}
+_AG_PASS = {"CloneBackward", "ToCopyBackward", "AliasBackward", "NativeDropoutBackward",
+            "DropoutBackward", "FeatureDropoutBackward", "ContiguousBackward"}
+_AG_POOL = {"MaxPool1DWithIndicesBackward", "MaxPool2DWithIndicesBackward",
+            "MaxPool3DWithIndicesBackward", "AvgPool2DBackward", "AvgPool3DBackward",
+            "AvgPool1DBackward", "AdaptiveAvgPool2DBackward", "AdaptiveAvgPool3DBackward",
+            "AdaptiveMaxPool2DBackward", "AdaptiveMaxPool3DBackward", "SqueezeBackward",
+            "UnsqueezeBackward"}
+_AG_NORM = {"NativeLayerNormBackward", "NativeGroupNormBackward"}
+_AG_BN = {"NativeBatchNormBackward", "CudnnBatchNormBackward", "MiopenBatchNormBackward"}
+_AG_ADD = {"AddBackward", "SubBackward"}
+_AG_MUL = {"MulBackward", "DivBackward", "NegBackward"}
+_AG_REDUCE = {"MeanBackward", "SumBackward", "AmaxBackward"}
+_AG_SELECT = {"SelectBackward", "SliceBackward"}
+_AG_VIEW = {"ViewBackward", "ReshapeAliasBackward", "UnsafeViewBackward", "ReshapeBackward"}
+
+
+def _ag_kind(node) -> str:
+    return node.name().rstrip("0123456789")
+
+
+def _ag_out_shape(node) -> tuple | None:
+    meta = getattr(node, "_input_metadata", None)
+    return tuple(meta[0].shape) if meta else None
+
+
+def _autograd_graph(model: nn.Module, example, forward, reason: str) -> LayerGraph:
+    """The layer graph read from the autograd graph of one forward pass on ``example``.
+
+    For models torch.fx cannot trace (HuggingFace models, data-dependent control flow): hooks
+    record which autograd node each prunable layer and BatchNorm produced; the nodes are then
+    visited inputs-first and the signal of every producer is followed through the same rules as
+    the fx walk (activations, BatchNorm, pooling, norms, residual adds, flatten; anything else,
+    e.g. attention's matrix products or a concatenation, is opaque).
+    """
+    from prunelab import batches as B
+
+    b = _Builder(model)
+    produced: dict = {}   # autograd node -> ("layer", weight, input tensor) | ("bn", name, module)
+    inputs: set[int] = set()
+
+    def leafy(t):
+        if isinstance(t, Tensor) and t.is_floating_point():
+            t = t.detach().requires_grad_(True)
+            inputs.add(id(t))
+        return t
+
+    x = B._map(example, leafy)
+    handles = []
+    for mname, m in model.named_modules():
+        if isinstance(m, PRUNABLE_TYPES):
+            def post(mod, args, out, w=b.layers[mname][0]):
+                if w not in b.order:
+                    b.order.append(w)  # execution order, as the fx walk records it
+                if isinstance(out, Tensor) and out.grad_fn is not None:
+                    produced[out.grad_fn] = ("layer", w, args[0] if args else None)
+        elif isinstance(m, _BN_MODULES):
+            def post(mod, args, out, name=mname):
+                if isinstance(out, Tensor) and out.grad_fn is not None:
+                    produced[out.grad_fn] = ("bn", name, mod)
+        else:
+            continue
+        handles.append(m.register_forward_hook(post))
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad(), B.evaluating(model):
+            z = forward(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+        for p in frozen:
+            p.requires_grad_(False)
+    if not isinstance(z, Tensor) or z.grad_fn is None:
+        raise ValueError(f"the output of {type(model).__name__} does not depend on any "
+                         f"parameter; no layer graph can be read from it")
+    # Topological order, inputs first (iterative post-order DFS over next_functions).
+    order, seen, stack = [], set(), [(z.grad_fn, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.append((node, True))
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in seen:
+                stack.append((nxt, False))
+    states: dict = {}
+
+    def union(node) -> dict[str, _Path] | None:
+        merged: dict[str, _Path] = {}
+        for nxt, _ in node.next_functions:
+            for src, path in (states.get(nxt) or {}).items():
+                merged.setdefault(src, path)
+        return merged or None
+
+    def update(s, **kw):
+        return {k: replace(p, **kw) for k, p in s.items()} if s else s
+
+    def state_of(t) -> dict[str, _Path] | None:
+        if not isinstance(t, Tensor):
+            return None
+        if t.grad_fn is not None:
+            return states.get(t.grad_fn)
+        return {INPUT: _Path()} if id(t) in inputs else None
+
+    for i, node in enumerate(order):
+        kind = _ag_kind(node)
+        if node in produced:
+            tag = produced[node]
+            if tag[0] == "layer":
+                states[node] = b.enter(tag[1], state_of(tag[2]))
+            else:
+                states[node] = b.batchnorm(tag[1], tag[2], union(node))
+            continue
+        if kind == "AccumulateGrad":
+            states[node] = {INPUT: _Path()} if id(node.variable) in inputs else None
+            continue
+        s = union(node)
+        if s is None:
+            states[node] = None
+        elif kind in _AG_ACT:
+            states[node] = b.activation(f"{kind}#{i}", s)
+        elif kind in _AG_PASS:
+            states[node] = s
+        elif kind in _AG_POOL or kind in _AG_NORM or kind in _AG_BN:
+            states[node] = update(s, direct=False, act_ok=False)
+        elif kind in _AG_ADD:
+            states[node] = update(s, direct=False)
+        elif kind in _AG_MUL:
+            states[node] = update(s, direct=False, act_ok=False)
+        elif kind in _AG_REDUCE or kind in _AG_SELECT:
+            # A pool over positions (spatial mean, mean over tokens, the CLS token's select)
+            # keeps the channels; over the channel axis it is opaque.
+            sizes = tuple(getattr(node, "_saved_self_sym_sizes", ()) or ())
+            dims = getattr(node, "_saved_dim", None)
+            dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+            nd = len(sizes)
+            dims = tuple(d % nd for d in dims) if nd else ()
+            after = _ag_out_shape(node)
+
+            def channel(src: str) -> int:
+                return 1 if b.sizes(b.by_weight[src][1])[0] == "conv" else nd - 1
+            if dims and 0 not in dims and all(channel(src) not in dims
+                                              for src in s if src not in MARKERS):
+                flat = after is not None and len(after) == 2 and nd > 2
+                states[node] = update(s, direct=False, act_ok=False, flat=flat)
+            else:
+                b.leave(s, EXTERNAL)
+                states[node] = {EXTERNAL: _Path()}
+        elif kind in _AG_VIEW:
+            before = tuple(getattr(node, "_saved_self_sym_sizes", ()) or ())
+            after = _ag_out_shape(node)
+            if after is not None and before == after:
+                states[node] = s
+            elif after is not None and len(after) == 2 and len(before) > 2 \
+                    and after[0] == before[0]:
+                states[node] = update(s, flat=True, direct=False, act_ok=False)
+            else:
+                b.leave(s, EXTERNAL)
+                states[node] = {EXTERNAL: _Path()}
+        else:
+            b.leave(s, EXTERNAL)
+            states[node] = {EXTERNAL: _Path()}
+    b.leave(states.get(z.grad_fn), OUTPUT)
+    return b.build(traced=True, reason=reason, source="autograd")
 
 
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
@@ -522,44 +720,64 @@ _GRAPHS: OrderedDict[tuple, LayerGraph] = OrderedDict()
 _GRAPHS_MAX = 64
 
 
-def _build_graph(model: nn.Module) -> LayerGraph:
+def _build_graph(model: nn.Module, example=None, forward=None) -> LayerGraph:
     plain = plain_copy(model) if is_parametrized(model) else model
     try:
         graph = _trace_graph(plain)
     except Exception as err:  # noqa: BLE001 - any tracing failure means: fall back
-        graph = _chain_graph(plain, f"{type(err).__name__}: {err}".split("\n")[0][:300])
+        reason = f"{type(err).__name__}: {err}".split("\n")[0][:300]
+        if example is not None:
+            graph = _autograd_graph(plain, example, forward, reason)
+        else:
+            graph = _chain_graph(plain, reason)
     for note in graph.notes:
         warnings.warn(f"prunelab.graph: {note}", stacklevel=3)
     return graph
 
 
-def layer_graph(model: nn.Module) -> LayerGraph:
-    """How the prunable layers of ``model`` connect, from ``torch.fx.symbolic_trace``.
+def layer_graph(model: nn.Module, example=None, *, forward=None) -> LayerGraph:
+    """How the prunable layers of ``model`` connect: from ``torch.fx.symbolic_trace``, else from
+    the autograd graph of one forward pass on ``example``.
 
     For every prunable weight: the prunable layers whose outputs feed its input (``prev``:
     through activations, BatchNorm, pooling, dropout, flatten/view, identities and residual
     adds, where several producers can meet) and those that consume its output (``next``), the
     BatchNorm directly after it (``bn``), the features per channel at a conv -> flatten -> Linear
     boundary (``flatten``) and the activation gating its outputs (``act``). A model with
-    parametrizations (masks) is traced through a plain copy. A model torch.fx cannot trace (data-
-    dependent control flow) falls back to a chain in registration order, with a warning, and
-    ``traced=False``.
+    parametrizations (masks) is traced through a plain copy.
 
-    Graphs are cached by :func:`structure_key`, so repeated calls on (copies of) the same
-    architecture cost a key computation, not a trace.
+    A model torch.fx cannot trace (HuggingFace models, data-dependent control flow) is read from
+    the autograd graph of ``forward(model, example)`` (``source="autograd"``; ``example``: the
+    model inputs, a tensor, mapping or tuple; ``forward`` defaults to calling the model and
+    taking its logits). Without an example it falls back to a chain in registration order, with
+    a warning saying so, ``traced=False`` and ``source="chain"``.
+
+    Graphs are cached by :func:`structure_key` (and the source), so repeated calls on (copies of)
+    the same architecture cost a key computation, not a trace.
     """
+    if forward is None:
+        from prunelab import batches as B
+
+        def forward(m, x):
+            return B.output_tensor(B.call(m, x))
     key = structure_key(model)
     graph = _GRAPHS.get(key)
+    if graph is not None and graph.source == "chain" and example is not None:
+        graph = _GRAPHS.get((key, "autograd"))
+        if graph is None:
+            graph = _build_graph(model, example, forward)
+            _GRAPHS[(key, "autograd")] = graph
     if graph is None:
-        graph = _build_graph(model)
+        graph = _build_graph(model, example, forward)
         _GRAPHS[key] = graph
         while len(_GRAPHS) > _GRAPHS_MAX:
             _GRAPHS.popitem(last=False)
     else:
-        _GRAPHS.move_to_end(key)
-    if not graph.traced:
+        _GRAPHS.move_to_end(key if key in _GRAPHS else (key, "autograd"))
+    if graph.source == "chain":
         warnings.warn(f"prunelab.graph: torch.fx cannot trace {type(model).__name__} "
                       f"({graph.reason}); treating its prunable layers as a chain in "
                       f"registration order, so neighbour-based criteria (the LAP family) may pick "
-                      f"the wrong neighbours in branching models", stacklevel=2)
+                      f"the wrong neighbours in branching models; pass an example batch "
+                      f"(batch=) to read the graph from one forward pass instead", stacklevel=2)
     return graph
