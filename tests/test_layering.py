@@ -8,12 +8,12 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "prunelab"
 
-# DESIGN.md: data < models < train < metrics < zoo < graph < selection < criteria < masks < prune
+# DESIGN.md: data < models < train < metrics < zoo < graph < selection < criteria < masks < config < prune
 #            < units, connectivity, collapse, lottery < experiments < plots < figures < widgets
 # (figures reuses the frame helpers of plots: the static versions of the same views)
 LAYERS = [
     {"paths", "_parametrize", "store"}, {"data"}, {"models"}, {"train"}, {"metrics"}, {"zoo"}, {"graph"},
-    {"selection"}, {"criteria"}, {"masks"}, {"pruning"}, {"units", "connectivity", "collapse", "lottery", "at_init", "compression"},
+    {"selection"}, {"criteria"}, {"masks"}, {"config"}, {"pruning"}, {"units", "connectivity", "collapse", "lottery", "at_init", "compression"},
     {"structured"}, {"experiments"}, {"plots"}, {"figures"}, {"widgets"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}

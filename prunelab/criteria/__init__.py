@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from prunelab import graph as G
+from prunelab import selection as S
 
 Scores = G.Scores
 Masks = G.Masks
@@ -114,10 +115,12 @@ def check_batch(batch, name: str) -> tuple[Tensor, Tensor]:
 
 
 def check_lam(lam) -> float:
-    """λ as a float, or ValueError: it must be finite and >= 0."""
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"lam (the step-size penalty λ) must be a finite number >= 0, got {lam!r}")
-    return float(lam)
+    """λ as a float (numpy scalars too), or ValueError: it must be finite and >= 0."""
+    what, allowed = "lam (the step-size penalty λ)", "a finite number >= 0"
+    value = S.as_real(lam, what, allowed)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be {allowed}, got {lam!r}")
+    return value
 
 
 def check_finite_weights(model: nn.Module) -> None:
@@ -172,8 +175,8 @@ def compute(model: nn.Module, name: str, *, batch=None, masks: Masks | None = No
     mode with its pruned weights zeroed: scoring it directly saves a deep copy per stage.
     """
     s = spec(name)
-    lam = check_lam(lam)
-    if copy:  # the pruning loop (copy=False) validated its inputs once, before the first stage
+    if copy:  # the pruning loop (copy=False) validated its inputs once (a PruneConfig): trust them
+        lam = check_lam(lam)
         if s.needs_data or batch is not None:
             batch = check_batch(batch, name)
         if masks:
