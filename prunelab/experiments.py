@@ -7,9 +7,14 @@ batch and the train / val / test loss and error, fine-tune with the original tra
 (App. B), measure again, and commit one row per run to a :class:`prunelab.store.Store`.
 
 Runs execute inline, in local worker processes (``executor="local"``) or on a Dask cluster
-(``executor="dask"`` or a ``dask.distributed.Client``). Workers only compute: the process that
-calls :meth:`Sweep.run` commits each result as it arrives, so a cluster needs no shared database,
-and an interrupted or killed sweep resumes where it stopped when run again.
+(``executor="dask"`` or a ``dask.distributed.Client``; the machinery is :mod:`prunelab.executors`).
+Workers only compute: the process that calls :meth:`Sweep.run` commits each result as it arrives,
+so a cluster needs no shared database, and an interrupted or killed sweep resumes where it stopped
+when run again. A run's pruning fields are validated once, as a
+:class:`~prunelab.config.PruneConfig`, when the sweep (or :func:`run_one`) is built.
+
+Longer than 500 lines because it is one idea, the LM paper's workflow: the grid's fields and
+their validation, one run, and the driver that commits results are read together.
 """
 from __future__ import annotations
 
