@@ -155,7 +155,8 @@ class PruneConfig:
         set_(self, "lam", C.check_lam(self.lam))
         set_(self, "seed", check_integer(self.seed, "seed", 0))
         if not isinstance(self.options, Mapping):
-            raise ValueError(f"options must be a mapping of criterion options, got {self.options!r}")
+            raise ValueError(f"options must be a mapping of criterion options, "
+                             f"got {self.options!r}")
         set_(self, "options", dict(self.options))  # our own copy
         for name in ("loss", "device"):
             if getattr(self, name) is not None:

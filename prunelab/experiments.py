@@ -22,7 +22,6 @@ import itertools
 import json
 import numbers
 import os
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager

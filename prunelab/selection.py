@@ -251,8 +251,8 @@ class Ranking:
             self.ranks = {n: self._rank(s.flatten()).view(s.shape) for n, s in ranked.items()}
         else:
             flat = torch.cat([s.flatten() for s in ranked.values()])
-            self.ranks = dict(zip(self.names, (r.view(self.shapes[n]) for n, r in
-                                               zip(self.names, self._rank(flat).split(self.numels)))))
+            parts = self._rank(flat).split(self.numels)
+            self.ranks = {n: r.view(self.shapes[n]) for n, r in zip(self.names, parts)}
         self.total = sum(self.numels)
 
     @staticmethod

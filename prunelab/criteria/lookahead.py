@@ -53,7 +53,6 @@ neighbours count as zero, as they should) and never modify it.
 """
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Mapping
 
