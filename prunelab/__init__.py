@@ -11,9 +11,9 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "paths", "store", "data", "models", "train", "metrics", "zoo", "graph", "criteria", "masks",
-    "pruning", "units", "structured", "connectivity", "collapse", "lottery", "at_init",
-    "compression", "experiments", "plots", "figures", "widgets",
+    "paths", "store", "executors", "batches", "data", "models", "train", "metrics", "zoo", "graph",
+    "selection", "criteria", "masks", "config", "pruning", "units", "structured", "connectivity",
+    "collapse", "lottery", "at_init", "compression", "experiments", "plots", "figures", "widgets",
 )
 _FUNCTIONS = {"score": ("criteria", "score"), "prune": ("pruning", "prune")}
 

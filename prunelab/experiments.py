@@ -7,9 +7,14 @@ batch and the train / val / test loss and error, fine-tune with the original tra
 (App. B), measure again, and commit one row per run to a :class:`prunelab.store.Store`.
 
 Runs execute inline, in local worker processes (``executor="local"``) or on a Dask cluster
-(``executor="dask"`` or a ``dask.distributed.Client``). Workers only compute: the process that
-calls :meth:`Sweep.run` commits each result as it arrives, so a cluster needs no shared database,
-and an interrupted or killed sweep resumes where it stopped when run again.
+(``executor="dask"`` or a ``dask.distributed.Client``; the machinery is :mod:`prunelab.executors`).
+Workers only compute: the process that calls :meth:`Sweep.run` commits each result as it arrives,
+so a cluster needs no shared database, and an interrupted or killed sweep resumes where it stopped
+when run again. A run's pruning fields are validated once, as a
+:class:`~prunelab.config.PruneConfig`, when the sweep (or :func:`run_one`) is built.
+
+Longer than 500 lines because it is one idea, the LM paper's workflow: the grid's fields and
+their validation, one run, and the driver that commits results are read together.
 """
 from __future__ import annotations
 
@@ -17,12 +22,8 @@ import itertools
 import json
 import numbers
 import os
-import sys
-import threading
 import time
-import traceback
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from prunelab import criteria as C
 from prunelab import data as D
+from prunelab import executors as X
 from prunelab import masks as M
 from prunelab import models as models_
 from prunelab import paths, zoo
 from prunelab.metrics import loss as batch_loss
-from prunelab.pruning import SCHEDULES, prune
+from prunelab.config import PruneConfig, check_integer, check_recipe_fields
+from prunelab.pruning import prune, prune_with
 from prunelab.store import Store, canonical_json, config_key
 from prunelab.train import Recipe, evaluate, finetune as finetune_model
 
@@ -106,19 +108,6 @@ class SweepError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- configs
-def _int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _real(value):
-    """Numbers (numpy ones too) as Python floats, so the library's checks accept them."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
 def _normalize_finetune(value) -> str:
     """The canonical spelling of a fine-tuning spec: "recipe", "none" or 'recipe{json}'."""
     if value is None or value == "none":
@@ -139,10 +128,8 @@ def _normalize_finetune(value) -> str:
     if not isinstance(value, Mapping):
         raise ValueError(f"finetune must be 'recipe', None, a dict of Recipe fields or a "
                          f"prunelab.train.Recipe, got {value!r}")
-    overrides = dict(value)
-    if "milestones" in overrides:
-        overrides["milestones"] = [int(m) for m in overrides["milestones"]]
-    # Validates names and values (Recipe checks them) before anything runs.
+    # Every field checked (types and ranges) before anything runs; numbers made plain Python.
+    overrides = check_recipe_fields(value)
     Recipe.from_dict({**Recipe().to_dict(), **overrides})
     return "recipe" + canonical_json(overrides) if overrides else "recipe"
 
@@ -160,31 +147,30 @@ def normalize_config(config: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         ValueError: an unknown field or a bad value, naming it.
     """
+    return _normalize(config)[0]
+
+
+def _normalize(config: Mapping[str, Any]) -> tuple[dict[str, Any], PruneConfig]:
+    """:func:`normalize_config` and the run's validated :class:`PruneConfig`."""
     unknown = set(config) - set(FIELDS)
     if unknown:
         raise ValueError(f"unknown sweep field(s) {sorted(unknown)}; fields: {list(FIELDS)}")
     c = {**DEFAULTS, **config}
-    out: dict[str, Any] = {}
     if c["arch"] not in models_.names():
         raise ValueError(f"unknown arch {c['arch']!r}; valid names: {', '.join(models_.names())}")
-    out["arch"] = c["arch"]
     dataset = str(c["dataset"]).strip().lower().replace("_", "-")
     if dataset not in D.names():
         raise ValueError(f"unknown dataset {c['dataset']!r}; valid names: {', '.join(D.names())}")
-    out["dataset"] = dataset
-    out["seed"] = _int(c["seed"], "seed", 0)
-    C.spec(c["criterion"])  # ValueError listing the valid names
-    out["criterion"] = c["criterion"]
-    out["sparsity"] = M.check_sparsity(_real(c["sparsity"]))
-    out["stages"] = _int(c["stages"], "stages (π)", 1)
-    out["lam"] = C.check_lam(_real(c["lam"]))
-    if c["schedule"] not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {c['schedule']!r}")
-    out["schedule"] = c["schedule"]
-    out["scope"] = M.check_scope(c["scope"])
-    out["finetune"] = _normalize_finetune(c["finetune"])
-    out["examples"] = _int(c["examples"], "examples", 1)
-    return out
+    # The pruning fields are validated (and numbers canonicalised: np.float32(0.9) is 0.9) by
+    # the one config the pruning loop runs; the key is computed from these canonical values.
+    pc = PruneConfig(c["criterion"], sparsity=c["sparsity"], scope=c["scope"],
+                     stages=c["stages"], schedule=c["schedule"], lam=c["lam"], seed=c["seed"])
+    out = {"arch": c["arch"], "dataset": dataset, "seed": pc.seed, "criterion": pc.criterion,
+           "sparsity": pc.sparsity, "stages": pc.stages, "lam": pc.lam,
+           "schedule": pc.schedule, "scope": pc.scope,
+           "finetune": _normalize_finetune(c["finetune"]),
+           "examples": check_integer(c["examples"], "examples", 1)}
+    return out, pc
 
 
 def _as_values(value) -> list:
@@ -211,12 +197,15 @@ def finetune_recipe(config: Mapping[str, Any], *, zoo_root: str | os.PathLike | 
     """The fine-tuning recipe of a run: None for ``finetune="none"``; otherwise the recipe
     recorded with the zoo checkpoint (LM paper Sec. 4: fine-tune with the original training
     hyper-parameters) with the config's overrides applied."""
-    cfg = normalize_config(config)
+    return _recipe(normalize_config(config), Path(zoo_root) if zoo_root is not None else None)
+
+
+def _recipe(cfg: Mapping[str, Any], root: Path | None) -> Recipe | None:
+    """:func:`finetune_recipe` of a normalised config (trusted)."""
     spec = cfg["finetune"]
     if spec == "none":
         return None
-    base = _original_recipe(cfg["arch"], cfg["dataset"], cfg["seed"],
-                            Path(zoo_root) if zoo_root is not None else None)
+    base = _original_recipe(cfg["arch"], cfg["dataset"], cfg["seed"], root)
     overrides = json.loads(spec[len("recipe"):]) if spec != "recipe" else {}
     return Recipe.from_dict({**base.to_dict(), **overrides})
 
@@ -243,16 +232,25 @@ def _splits(model: nn.Module, bundle, suffix: str) -> dict[str, float]:
 
 
 def _measure(config: Mapping[str, Any], zoo_root: str | None = None,
-             progress: bool = False) -> dict[str, Any]:
-    """The measured values of one run (see :func:`run_one`)."""
+             progress: bool = False, prune_config: PruneConfig | None = None) -> dict[str, Any]:
+    """The measured values of one run (see :func:`run_one`).
+
+    ``config`` is already normalised (by :class:`Sweep` or :func:`run_one`) and trusted. A
+    worker process receives it as a plain dict and builds its :class:`PruneConfig` from it
+    (the one check on that side of the process boundary); the stages check nothing again.
+    """
     t_start = time.perf_counter()
-    cfg = normalize_config(config)
+    cfg = config
+    if prune_config is None:
+        prune_config = PruneConfig(cfg["criterion"], sparsity=cfg["sparsity"], scope=cfg["scope"],
+                                   stages=cfg["stages"], schedule=cfg["schedule"],
+                                   lam=cfg["lam"], seed=cfg["seed"])
     root = Path(zoo_root) if zoo_root is not None else None
     seed = cfg["seed"]
     with _one_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # for any code that draws from the global generator
         model, bundle = zoo.load(cfg["arch"], cfg["dataset"], seed, root=root, progress=progress)
-        recipe = finetune_recipe(cfg, zoo_root=root)
+        recipe = _recipe(cfg, root)
         if cfg["examples"] > len(bundle.train):
             raise ValueError(f"examples={cfg['examples']} exceeds the {len(bundle.train)} "
                              f"training examples of {cfg['dataset']}")
@@ -261,9 +259,7 @@ def _measure(config: Mapping[str, Any], zoo_root: str | None = None,
         dense = _splits(model, bundle, "_dense")
 
         t0 = time.perf_counter()
-        result = prune(model, cfg["criterion"], sparsity=cfg["sparsity"], scope=cfg["scope"],
-                       stages=cfg["stages"], schedule=cfg["schedule"], lam=cfg["lam"],
-                       batch=batch, seed=seed, progress=progress)
+        result = prune_with(model, prune_config, batch=batch, progress=progress)
         prune_seconds = time.perf_counter() - t0
         if result.interrupted:  # prune() swallows the interrupt; a sweep must stop
             raise KeyboardInterrupt("pruning was interrupted")
@@ -330,12 +326,12 @@ def run_one(config: Mapping[str, Any], *, zoo_root: str | os.PathLike | None = N
     Raises:
         KeyboardInterrupt: interrupted while pruning or fine-tuning (nothing is returned).
     """
-    cfg = normalize_config(config)
+    cfg, pc = _normalize(config)
     return {"key": config_key(cfg), **cfg,
-            **_measure(cfg, None if zoo_root is None else str(zoo_root), progress)}
+            **_measure(cfg, None if zoo_root is None else str(zoo_root), progress, pc)}
 
 
-# ---------------------------------------------------------------------------- executors
+# ---------------------------------------------------------------------------- worker tasks
 def _task(config: dict, zoo_root: str | None) -> dict[str, Any]:
     """What a worker runs: the measurements only (the parent holds the config)."""
     return _measure(config, zoo_root)
@@ -347,173 +343,6 @@ def _ensure_zoo(arch: str, dataset: str, seed: int, zoo_root: str | None) -> str
         zoo.load(arch, dataset, seed, root=None if zoo_root is None else Path(zoo_root),
                  progress=False)
     return zoo.key(arch, dataset, seed)
-
-
-def _init_worker(parent_pid: int) -> None:
-    """Local worker set-up: one torch thread, and exit if the sweep's process dies (kill -9)."""
-    torch.set_num_threads(1)
-    from tqdm import tqdm
-
-    # tqdm's default lock is a multiprocessing semaphore; a worker stopped on Ctrl-C would leak
-    # it (a resource_tracker warning). Workers show no bars, so a thread lock does.
-    tqdm.set_lock(threading.RLock())
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os._exit(1)  # orphaned: nobody would commit our results
-
-    threading.Thread(target=watch, daemon=True, name="prunelab-parent-watch").start()
-
-
-# An outcome: (index into the submitted list, ok, result or traceback text).
-_Outcome = tuple[int, bool, Any]
-
-
-def _error_text(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-
-
-class _Inline:
-    """Runs tasks one after the other in this process (``workers`` 0 or 1)."""
-
-    name = "inline"
-
-    def unordered(self, fn: Callable, calls: list[tuple]) -> Iterator[_Outcome]:
-        for i, args in enumerate(calls):
-            try:
-                value = fn(*args)
-            except Exception as exc:  # a failed run must not stop the others
-                yield i, False, _error_text(exc)
-            else:
-                yield i, True, value
-
-    def close(self, cancel: bool = False) -> None:
-        pass
-
-
-class _Local:
-    """A ``ProcessPoolExecutor`` of ``workers`` spawned processes."""
-
-    def __init__(self, workers: int):
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        self.name = f"local ({workers} processes)"
-        # spawn: forking a process whose torch thread pools already started is unsafe.
-        self.pool = ProcessPoolExecutor(max_workers=workers,
-                                        mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_init_worker, initargs=(os.getpid(),))
-
-    def unordered(self, fn: Callable, calls: list[tuple]) -> Iterator[_Outcome]:
-        from concurrent.futures import as_completed
-
-        index = {}
-        for i, args in enumerate(calls):
-            index[self.pool.submit(fn, *args)] = i
-        for fut in as_completed(index):
-            exc = fut.exception()
-            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C in a terminal reaches workers too
-                raise KeyboardInterrupt
-            yield (index[fut], True, fut.result()) if exc is None else \
-                (index[fut], False, _error_text(exc))
-
-    def close(self, cancel: bool = False) -> None:
-        if not cancel:
-            self.pool.shutdown(wait=True)
-            return
-        # Runs in flight would finish unseen (nobody commits them): stop them now. Python < 3.14
-        # has no public call for this, hence the private mapping of worker processes. Pending
-        # work is cancelled by shutdown() first: cancelling futures one by one races with the
-        # pool's own clean-up of a broken pool (InvalidStateError in its thread on 3.11).
-        procs = list((getattr(self.pool, "_processes", None) or {}).values())
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.join(timeout=10)
-        self.pool.shutdown(wait=True)
-
-
-class _Dask:
-    """A ``dask.distributed.Client``: ours on a fresh ``LocalCluster``, or the user's."""
-
-    def __init__(self, client=None, workers: int = 2):
-        try:
-            from distributed import Client, LocalCluster
-        except ImportError as exc:
-            raise ImportError("executor='dask' needs dask.distributed: pip install "
-                              "'dask[distributed]>=2024.1'") from exc
-        self.cluster = None
-        if client is None:
-            import logging
-
-            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                        dashboard_address=None, silence_logs=logging.ERROR)
-            client = Client(self.cluster)
-        self.client = client
-        if self.cluster is not None:
-            self.name = f"dask LocalCluster ({workers} workers)"
-        else:
-            self.name = f"dask client ({len(client.scheduler_info().get('workers', {}))} workers)"
-        self.futures: list = []
-
-    def unordered(self, fn: Callable, calls: list[tuple]) -> Iterator[_Outcome]:
-        from distributed import as_completed
-
-        token = uuid.uuid4().hex[:8]  # never reuse another sweep's cached task on a shared client
-        keys = [f"prunelab-{fn.__name__.strip('_')}-{token}-{i}" for i in range(len(calls))]
-        futs = self.client.map(fn, *zip(*calls), key=keys, pure=False) if calls else []
-        self.futures.extend(futs)
-        index = {f.key: i for i, f in enumerate(futs)}
-        for fut in as_completed(futs):
-            try:
-                value = fut.result()
-            except Exception as exc:
-                yield index[fut.key], False, _error_text(exc)
-            else:
-                yield index[fut.key], True, value
-            finally:
-                fut.release()
-
-    def close(self, cancel: bool = False) -> None:
-        if cancel and self.futures:
-            try:
-                self.client.cancel(self.futures)
-            except Exception:  # the cluster may already be going down
-                pass
-        if self.cluster is not None:  # a user's client stays open
-            self.client.close()
-            self.cluster.close()
-
-
-def _check_executor(executor, workers) -> None:
-    """ValueError for a bad ``executor`` or ``workers``, before anything starts."""
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
-                                or workers < 0):
-        raise ValueError(f"workers must be None or an integer >= 0, got {workers!r}")
-    if isinstance(executor, str):
-        if executor not in ("local", "dask"):
-            raise ValueError(f"executor must be 'local', 'dask' or a dask.distributed.Client, "
-                             f"got {executor!r}")
-        return
-    try:
-        from distributed import Client
-    except ImportError:
-        Client = None
-    if Client is None or not isinstance(executor, Client):
-        raise ValueError(f"executor must be 'local', 'dask' or a dask.distributed.Client, "
-                         f"got {type(executor).__name__}")
-
-
-def _executor(executor, workers: int | None, n_tasks: int):
-    """The runner for a checked ``executor`` and ``workers``; one worker per core by default."""
-    n = workers if workers is not None else max(1, min(os.cpu_count() or 1, n_tasks))
-    if executor == "local":
-        return _Inline() if n <= 1 else _Local(n)
-    if executor == "dask":
-        return _Dask(None, max(1, n))
-    return _Dask(executor)
 
 
 def _store(store: Store | str | os.PathLike | None) -> Store:
@@ -652,7 +481,7 @@ class Sweep:
                 ``examples`` larger than a dataset's training split (before anything runs).
             SweepError: some runs raised; the others are committed.
         """
-        _check_executor(executor, workers)
+        X.check_executor(executor, workers)
         st = _store(store)
         configs, keys = self.configs(), self.keys()
         done = set(st.keys())
@@ -676,10 +505,10 @@ class Sweep:
         from tqdm.auto import tqdm
 
         ran, failures, interrupted, finished = 0, [], False, False
-        runner, bar = _Inline(), None
+        runner, bar = X.Inline(), None
         try:
             if pending:
-                runner = _executor(executor, workers, len(pending))
+                runner = X.make_executor(executor, workers, len(pending))
                 say(f"sweep: running on {runner.name}")
             self._ensure_zoo(runner, pending, root, progress)
             bar = tqdm(total=len(pending), desc="sweep", unit="run", disable=not progress)

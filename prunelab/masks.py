@@ -1,9 +1,11 @@
-"""Scores -> masks, and masks on models.
+"""Masks on models: attach, read, remove, save, convert, summarise.
 
 Masks are plain data: ``dict[name, bool Tensor]`` (True = kept), keyed by the prunable weight names
-of :mod:`prunelab.graph`. Selection is exact: a requested sparsity prunes exactly
-``floor(sparsity · n)`` entries even when scores tie (zeros, pruned weights), ties broken by index
-(lower index pruned first), and an entry pruned before stays pruned.
+of :mod:`prunelab.graph`. Choosing them from scores is :mod:`prunelab.selection` (exact counts,
+ties by index, pruned stays pruned); its public names (:func:`select`, :class:`Ranking`,
+:func:`schedule`, :func:`check_sparsity`, :func:`check_scope`, :func:`n_pruned`,
+:func:`lap_layer_sparsity`, :data:`SCOPES`) are re-exported here, so ``pl.masks.select`` keeps
+working.
 
 Masks are attached to a model with ``torch.nn.utils.parametrize`` (a :class:`WeightMask` holding a
 bool buffer, as ``torch.ao.pruning`` does): the optimiser keeps updating the original parameter but
@@ -14,7 +16,6 @@ plus the masks (safetensors), never a pickled parametrized module.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -25,262 +26,11 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from prunelab import graph as G
+from prunelab.selection import (SCOPES, Ranking, check_scope, check_sparsity,  # noqa: F401
+                                lap_layer_sparsity, n_pruned, schedule, select)
 
 Masks = G.Masks
 Scores = G.Scores
-SCOPES = ("global", "layerwise", "normalized")
-
-
-# ----------------------------------------------------------------------------- validation
-def check_sparsity(sparsity, what: str = "sparsity") -> float:
-    """``sparsity`` as a float in [0, 1), or ValueError naming the value and the allowed range."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise ValueError(f"{what} must be a number in [0, 1), got {sparsity!r}")
-    s = float(sparsity)
-    if not math.isfinite(s) or not 0.0 <= s < 1.0:
-        raise ValueError(f"{what} must be a finite number in [0, 1), got {sparsity!r}")
-    return s
-
-
-def check_scope(scope) -> str:
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    return scope
-
-
-def n_pruned(sparsity: float, n: int) -> int:
-    """floor(sparsity · n), robust to float round-off (0.29 · 100 prunes 29, not 28)."""
-    x = sparsity * n
-    r = round(x)
-    return int(r) if abs(x - r) < 1e-6 * max(1.0, x) else int(math.floor(x))
-
-
-def _check_scores(scores: Scores, previous: Masks | None) -> None:
-    if not scores:
-        raise ValueError("scores is empty: nothing to prune")
-    for name, s in scores.items():
-        if torch.isnan(s).any():
-            raise ValueError(f"scores of {name} contain NaN; refusing to rank them")
-        if previous is not None and name in previous and previous[name].shape != s.shape:
-            raise ValueError(f"previous mask of {name} has shape {tuple(previous[name].shape)}, "
-                             f"scores have {tuple(s.shape)}")
-
-
-# ----------------------------------------------------------------------------- selection
-def _prune_lowest(flat: Tensor, k: int) -> Tensor:
-    """Bool keep-mask of ``flat`` with exactly the ``k`` lowest entries pruned (ties by index)."""
-    n = flat.numel()
-    keep = torch.ones(n, dtype=torch.bool, device=flat.device)
-    if k <= 0:
-        return keep
-    if k >= n:
-        return ~keep
-    dead = torch.isneginf(flat)  # entries pruned in earlier stages (see _prepare)
-    n_dead = int(torch.count_nonzero(dead))  # ~30x faster than a bool sum
-    if k > n_dead > n // 4:
-        # Late stages of a schedule: select among the surviving entries only.
-        alive = torch.nonzero(~dead).flatten()
-        keep = torch.zeros(n, dtype=torch.bool, device=flat.device)
-        keep[alive[_prune_lowest(flat[alive], k - n_dead)]] = True
-        return keep
-    # Ties at the threshold are resolved by index below, so counts are exact.
-    t = _kth_smallest(flat, k)
-    below = flat < t
-    keep &= ~below
-    need = k - int(torch.count_nonzero(below))
-    if need > 0:
-        tied = torch.nonzero(flat == t).flatten()[:need]
-        keep[tied] = False
-    return keep
-
-
-def _kth_smallest(flat: Tensor, k: int) -> Tensor:
-    """The k-th smallest value (1-based), exactly.
-
-    Large inputs: a seeded random sample brackets the k-th value, and ``kthvalue`` runs only on the
-    ~1 % of entries inside the bracket (falling back to the full ``kthvalue`` if the bracket
-    missed, which the 5-sigma margin makes rare). The answer never depends on the sample.
-    """
-    n = flat.numel()
-    if n < 2_000_000:
-        return torch.kthvalue(flat, k).values
-    m = 50_000
-    gen = torch.Generator().manual_seed(0)
-    sample = flat[torch.randint(0, n, (m,), generator=gen)].sort().values
-    q = k / n
-    margin = 5 * math.sqrt(q * (1 - q) / m) + 2 / m
-    lo_i, hi_i = math.floor((q - margin) * m), math.ceil((q + margin) * m)
-    lo = sample[lo_i] if lo_i > 0 else None
-    hi = sample[hi_i] if hi_i < m else None
-    inside = torch.ones_like(flat, dtype=torch.bool) if lo is None else flat >= lo
-    below = 0 if lo is None else n - int(torch.count_nonzero(inside))
-    if hi is not None:
-        inside &= flat <= hi
-    candidates = flat[inside]
-    if below < k <= below + candidates.numel():
-        return torch.kthvalue(candidates, k - below).values
-    return torch.kthvalue(flat, k).values
-
-
-def _prepare(scores: Scores, previous: Masks | None) -> dict[str, Tensor]:
-    out = {}
-    for name, s in scores.items():
-        s = s.detach().float()
-        if previous is not None and name in previous:
-            s = s.masked_fill(~previous[name].to(torch.bool), -math.inf)
-        out[name] = s
-    return out
-
-
-def select(scores: Scores, sparsity: float | None = None, *, scope: str = "global",
-           layer_sparsity: dict[str, float] | None = None,
-           previous: Masks | None = None, _checked: bool = False) -> Masks:
-    """Keep the highest-scoring weights so that ``sparsity`` of them are pruned.
-
-    Args:
-        scores: name -> score tensor (higher = more important).
-        sparsity: total fraction of weights to prune, in [0, 1) (not a fraction of survivors).
-        scope: ``"global"`` ranks all layers together; ``"layerwise"`` prunes ``sparsity`` of
-            each layer; ``"normalized"`` ranks globally after dividing each layer's scores by their
-            Frobenius norm (LAP paper App. I).
-        layer_sparsity: explicit per-layer sparsities (name -> fraction); layers not named keep all
-            their weights. Overrides ``sparsity`` and ``scope``.
-        previous: masks of an earlier stage; what they pruned stays pruned.
-
-    Returns:
-        name -> bool mask, True = kept.
-    """
-    if not _checked:  # the pruning loop's scores were checked by criteria.compute
-        _check_scores(scores, previous)
-    out = _select(scores, sparsity, scope, layer_sparsity, previous)
-    if previous:  # pruned stays pruned, also when the new target is below the old sparsity
-        out = {n: m & previous[n].to(torch.bool) if n in previous else m for n, m in out.items()}
-    return out
-
-
-def _select(scores: Scores, sparsity, scope: str, layer_sparsity, previous) -> Masks:
-    ranked = _prepare(scores, previous)
-    if layer_sparsity is not None:
-        unknown = set(layer_sparsity) - set(scores)
-        if unknown:
-            raise ValueError(f"layer_sparsity names unknown layers {sorted(unknown)}; "
-                             f"prunable weights: {list(scores)}")
-        targets = {n: check_sparsity(v, f"layer_sparsity[{n!r}]") for n, v in layer_sparsity.items()}
-        return {n: _prune_lowest(s.flatten(), n_pruned(targets.get(n, 0.0), s.numel())).view_as(s)
-                for n, s in ranked.items()}
-    sparsity = check_sparsity(sparsity)
-    check_scope(scope)
-    if scope == "layerwise":
-        return {n: _prune_lowest(s.flatten(), n_pruned(sparsity, s.numel())).view_as(s)
-                for n, s in ranked.items()}
-    if scope == "normalized":
-        normed = {}
-        for n, s in ranked.items():
-            finite = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
-            norm = torch.linalg.vector_norm(finite)
-            normed[n] = s / norm if norm > 0 else s
-        ranked = normed
-    flat = torch.cat([s.flatten() for s in ranked.values()])
-    keep = _prune_lowest(flat, n_pruned(sparsity, flat.numel()))
-    parts = keep.split([s.numel() for s in ranked.values()])
-    return {n: m.view_as(s) for (n, s), m in zip(ranked.items(), parts)}
-
-
-class Ranking:
-    """Scores sorted once, so that the mask of any sparsity is a comparison, not a sort.
-
-    This is what makes a sparsity slider cheap: ``Ranking(scores).masks(0.9)`` costs one
-    ``>=`` per weight. Same selection rule as :func:`select` (global or layerwise, ties by index).
-    """
-
-    def __init__(self, scores: Scores, *, scope: str = "global", previous: Masks | None = None):
-        check_scope(scope)
-        _check_scores(scores, previous)
-        ranked = _prepare(scores, previous)
-        self.previous = {n: m.to(torch.bool) for n, m in (previous or {}).items()}
-        self.scope = scope
-        self.names = list(ranked)
-        self.shapes = {n: s.shape for n, s in ranked.items()}
-        self.numels = [s.numel() for s in ranked.values()]
-        if scope == "normalized":
-            ranked = {n: s / n_ if (n_ := torch.linalg.vector_norm(
-                torch.where(torch.isfinite(s), s, torch.zeros_like(s)))) > 0 else s
-                for n, s in ranked.items()}
-        if scope == "layerwise":
-            self.ranks = {n: self._rank(s.flatten()).view(s.shape) for n, s in ranked.items()}
-        else:
-            flat = torch.cat([s.flatten() for s in ranked.values()])
-            self.ranks = dict(zip(self.names, (r.view(self.shapes[n]) for n, r in
-                                               zip(self.names, self._rank(flat).split(self.numels)))))
-        self.total = sum(self.numels)
-
-    @staticmethod
-    def _rank(flat: Tensor) -> Tensor:
-        # Stable ascending sort: among ties the lower index gets the lower rank (pruned first).
-        order = torch.sort(flat, stable=True).indices
-        ranks = torch.empty_like(order)
-        ranks[order] = torch.arange(flat.numel(), device=flat.device)
-        return ranks
-
-    def masks(self, sparsity: float, out: Masks | None = None) -> Masks:
-        """Masks at ``sparsity``; written into ``out``'s tensors when given (no allocation)."""
-        sparsity = check_sparsity(sparsity)
-        result = {} if out is None else out
-        for n, r in self.ranks.items():
-            k = n_pruned(sparsity, r.numel() if self.scope == "layerwise" else self.total)
-            if out is None:
-                result[n] = r >= k
-            else:
-                torch.ge(r, k, out=out[n])
-            if n in self.previous:
-                result[n] &= self.previous[n]
-        return result
-
-
-def schedule(sparsity: float, stages: int, kind: str = "exponential",
-             start: float = 0.0) -> list[float]:
-    """Total sparsity after each of ``stages`` stages (LM paper Algorithm 1).
-
-    ``"linear"`` prunes the same number of weights per stage; ``"exponential"`` keeps the same
-    fraction of the remaining weights per stage: density_i = (1−start)·((1−s)/(1−start))^(i/π).
-    """
-    sparsity = check_sparsity(sparsity)
-    start = check_sparsity(start, "start")
-    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
-        raise ValueError(f"stages must be an integer >= 1, got {stages!r}")
-    if kind not in ("linear", "exponential"):
-        raise ValueError(f"schedule must be 'linear' or 'exponential', got {kind!r}")
-    if kind == "linear":
-        return [start + (sparsity - start) * i / stages for i in range(1, stages + 1)]
-    ratio = (1.0 - sparsity) / (1.0 - start)
-    out = [1.0 - (1.0 - start) * ratio ** (i / stages) for i in range(1, stages + 1)]
-    out[-1] = sparsity  # no round-off on the final target
-    return out
-
-
-def lap_layer_sparsity(model: nn.Module, tau: int, *, p: float, q: float,
-                       skip_first_conv: bool = False) -> dict[str, float]:
-    """Per-layer sparsities of the LAP paper's (p, q, τ) rule (Park et al. 2020, App. A).
-
-    Convolutions keep p^τ of their weights, fully-connected layers q^τ, the last layer
-    ((1+q)/2)^τ. The paper uses (p, q) = (0, 0.5) for FCN and (0.85, 0.8) for the conv nets, and
-    leaves the first convolution of ResNets unpruned (``skip_first_conv``).
-    """
-    names = G.prunable_names(model)
-    out, seen_conv = {}, False
-    for i, n in enumerate(names):
-        module = G.module_of(model, n)
-        if isinstance(module, nn.Linear):
-            keep = ((1 + q) / 2) ** tau if i == len(names) - 1 else q ** tau
-        else:
-            if skip_first_conv and not seen_conv:
-                seen_conv = True
-                out[n] = 0.0
-                continue
-            seen_conv = True
-            keep = p ** tau
-        out[n] = 1.0 - keep
-    return out
 
 
 # ----------------------------------------------------------------------------- summaries

@@ -21,10 +21,12 @@ from torch import nn
 from prunelab import criteria as C
 from prunelab import graph as G
 from prunelab import masks as M
+from prunelab import selection as S
+from prunelab.config import PruneConfig
 from prunelab.metrics import loss as batch_loss
 from prunelab.train import FitResult, Recipe, fit
 
-SCHEDULES = ("linear", "exponential")
+SCHEDULES = S.SCHEDULES
 
 
 @dataclass
@@ -52,15 +54,9 @@ class PruneResult:
     extra: dict = field(default_factory=dict)
 
 
-def _check_stages(stages) -> int:
-    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
-        raise ValueError(f"stages must be an integer >= 1, got {stages!r}")
-    return stages
-
-
 def _layer_targets(layer_sparsity: dict[str, float], stages: int, kind: str,
                    start: dict[str, float]) -> list[dict[str, float]]:
-    per_layer = {n: M.schedule(s, stages, kind, start=min(start.get(n, 0.0), s))
+    per_layer = {n: S.schedule(s, stages, kind, start=min(start.get(n, 0.0), s))
                  for n, s in layer_sparsity.items()}
     return [{n: per_layer[n][i] for n in per_layer} for i in range(stages)]
 
@@ -79,7 +75,7 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
             attached are kept (what they prune stays pruned).
         criterion: a name from :func:`prunelab.criteria.names`.
         sparsity: final total fraction of prunable weights pruned, in [0, 1).
-        scope: "global", "layerwise" or "normalized" (see :func:`prunelab.masks.select`).
+        scope: "global", "layerwise" or "normalized" (see :func:`prunelab.selection.select`).
         stages: number of pruning stages π >= 1, re-scoring the masked model at each.
         schedule: "linear" or "exponential" (LM paper Algorithm 1).
         lam: step-size penalty λ >= 0 added to every score as λ/2·θ² (LM paper Sec. 3.2).
@@ -101,24 +97,35 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
         ValueError: invalid sparsity, scope, stages, schedule, λ, unknown criterion or layer,
             a data-dependent criterion without ``batch``, NaN weights; the model is untouched.
     """
+    config = PruneConfig(criterion, sparsity=sparsity, layer_sparsity=layer_sparsity,
+                         scope=scope, stages=stages, schedule=schedule, lam=lam, seed=seed,
+                         options=options)
+    return prune_with(model, config, batch=batch, finetune=finetune, train_data=train_data,
+                      val_data=val_data, finetune_stages=finetune_stages, inplace=inplace,
+                      obs_update=obs_update, progress=progress, callback=callback)
+
+
+def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
+               finetune: Recipe | None = None, train_data=None, val_data=None,
+               finetune_stages: bool = False, inplace: bool = False, obs_update: bool = True,
+               progress: bool = False,
+               callback: Callable[[dict], bool | None] | None = None) -> PruneResult:
+    """:func:`prune` for a :class:`~prunelab.config.PruneConfig` (validated when it was built).
+
+    Checks only what needs the model and the data (layer names, the batch, the fine-tuning
+    data, finite weights), then runs the stages; see :func:`prune` for the arguments.
+    """
+    if not isinstance(config, PruneConfig):
+        raise ValueError(f"config must be a prunelab.config.PruneConfig, got {config!r}")
+    criterion, sparsity, layer_sparsity = config.criterion, config.sparsity, config.layer_sparsity
+    stages, seed = config.stages, config.seed
     spec = C.spec(criterion)
-    lam = C.check_lam(lam)
-    stages = _check_stages(stages)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    M.check_scope(scope)
     names = G.prunable_names(model)
     if layer_sparsity is not None:
         unknown = set(layer_sparsity) - set(names)
         if unknown:
             raise ValueError(f"layer_sparsity names unknown layers {sorted(unknown)}; prunable "
                              f"weights: {names}")
-        for n, v in layer_sparsity.items():
-            M.check_sparsity(v, f"layer_sparsity[{n!r}]")
-    elif sparsity is None:
-        raise ValueError("pass sparsity= (a fraction in [0, 1)) or layer_sparsity= (per layer)")
-    else:
-        sparsity = M.check_sparsity(sparsity)
     if spec.needs_data or batch is not None:
         batch = C.check_batch(batch, criterion)
     if finetune is not None:
@@ -137,19 +144,19 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
     start = M.sparsity(cur)
     if layer_sparsity is not None:
         start_layer = {n: 1.0 - float(cur[n].float().mean()) for n in names}
-        targets = _layer_targets(layer_sparsity, stages, schedule, start_layer)
-        target_totals = [None] * stages
+        # Per stage: {layer: its sparsity after the stage}; None where a total is the target.
+        stage_layer_targets = _layer_targets(layer_sparsity, stages, config.schedule, start_layer)
+        stage_targets = [None] * stages
     else:
         if start > sparsity + 1e-12:
             raise ValueError(f"the model already has sparsity {start:.4f} > the requested "
                              f"{sparsity}; pruned weights cannot be revived")
-        target_totals = M.schedule(sparsity, stages, schedule, start=start)
-        targets = [None] * stages
+        # Per stage: the total sparsity after the stage (LM paper Algorithm 1).
+        stage_targets = S.schedule(sparsity, stages, config.schedule, start=start)
+        stage_layer_targets = [None] * stages
 
-    config = {"criterion": criterion, "sparsity": sparsity, "scope": scope, "stages": stages,
-              "schedule": schedule, "lam": lam, "seed": seed,
-              "layer_sparsity": dict(layer_sparsity) if layer_sparsity else None,
-              "examples": len(batch[0]) if batch is not None else 0, **options}
+    record = {**config.to_dict(), "examples": len(batch[0]) if batch is not None else 0,
+              **config.options}
     # The loss after stage i is the loss the criterion of stage i+1 computes anyway (its forward
     # pass on the same batch): reuse it instead of an extra forward per stage. The last stage, or
     # a run with a callback (which wants its row at once), measures it directly.
@@ -165,12 +172,11 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
     try:
         for i in range(stages):
             t0 = time.perf_counter()
-            target = target_totals[i]
-            crit_target = targets[i] if layer_sparsity is not None else target
-            result = C.compute(work, criterion, batch=batch, lam=lam, seed=seed + i,
-                               sparsity=crit_target,
-                               scope="layerwise" if layer_sparsity is not None else scope,
-                               copy=False, **options)
+            target = stage_targets[i]
+            # Trusted: the config was validated when built (no per-stage re-checks).
+            result = C.compute(work, criterion, batch=batch, lam=config.lam, seed=seed + i,
+                               sparsity=stage_layer_targets[i] if target is None else target,
+                               scope=config.stage_scope, copy=False, **config.options)
             scores = result.scores
             crit_loss = result.info.get("loss") if batch is not None else None
             if i == 0:
@@ -179,8 +185,8 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
             elif pending is not None:
                 finish(pending, crit_loss if crit_loss is not None else batch_loss(prev_work, batch))
                 pending = None
-            new = M.select(scores, target, scope=scope, layer_sparsity=targets[i], previous=cur,
-                           _checked=True)
+            new = S.select(scores, target, scope=config.scope,
+                           layer_sparsity=stage_layer_targets[i], previous=cur, _checked=True)
             updates = result.update(new) if (obs_update and result.update is not None) else {}
             step_sq = 0.0
             with torch.no_grad():
@@ -231,4 +237,4 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
                     progress=progress, desc="fine-tune")
     target_model.eval()
     return PruneResult(target_model, {n: m.clone() for n, m in cur.items()}, history, scores,
-                       config, tuned, interrupted, {"loss0": loss0})
+                       record, tuned, interrupted, {"loss0": loss0})

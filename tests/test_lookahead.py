@@ -16,6 +16,7 @@ from prunelab import graph as G
 from prunelab import masks as M
 from prunelab import models
 from prunelab.criteria import lookahead as L
+from prunelab.criteria import lookahead_variants as LV
 
 
 def seeded(seed=0):
@@ -416,7 +417,7 @@ def naive_ordered(model, targets, backward=False, steps=1, groups=(1, 2, 1, 1, 1
     return {n: a for n, a in zip(names, alive)}
 
 
-@pytest.mark.parametrize("fn,backward", [(L.lap_forward, False), (L.lap_backward, True)])
+@pytest.mark.parametrize("fn,backward", [(LV.lap_forward, False), (LV.lap_backward, True)])
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.9, {"c2.weight": 0.7, "fc1.weight": 0.4}])
 def test_ordered_variants_reproduce_the_naive_procedure(fn, backward, target):
     seeded(9)
@@ -435,7 +436,7 @@ def test_ordered_variants_reproduce_the_naive_procedure(fn, backward, target):
         assert torch.equal(torch.isfinite(scores[n]), want[n]), n
 
 
-@pytest.mark.parametrize("fn,backward", [(L.lap_forward_seq, False), (L.lap_backward_seq, True)])
+@pytest.mark.parametrize("fn,backward", [(LV.lap_forward_seq, False), (LV.lap_backward_seq, True)])
 @pytest.mark.parametrize("target,steps", [(0.5, 5), (0.8, 5), (0.9, 3)])
 def test_sequential_variants_reproduce_the_naive_procedure(fn, backward, target, steps):
     seeded(10)
@@ -452,8 +453,8 @@ def test_sequential_variants_reproduce_the_naive_procedure(fn, backward, target,
 def test_sequential_differs_from_one_shot_ordering():
     seeded(11)
     m = f64(ChainNet())
-    one = L.lap_forward(m, sparsity=0.9, scope="layerwise")
-    seq = L.lap_forward_seq(m, sparsity=0.9, scope="layerwise")
+    one = LV.lap_forward(m, sparsity=0.9, scope="layerwise")
+    seq = LV.lap_forward_seq(m, sparsity=0.9, scope="layerwise")
     assert any(not torch.equal(torch.isfinite(one[n]), torch.isfinite(seq[n])) for n in one)
 
 
@@ -484,7 +485,7 @@ def test_lap_act_with_every_unit_active_is_lap():
         for p in m.parameters():
             p.abs_()
     x = torch.rand(32, 6, dtype=torch.float64)
-    got = L.lap_act(m, batch=(x, torch.zeros(32, dtype=torch.long)))
+    got = LV.lap_act(m, batch=(x, torch.zeros(32, dtype=torch.long)))
     for n, s in L.lap(m).items():
         torch.testing.assert_close(got[n], s)
 
@@ -499,7 +500,7 @@ def test_lap_act_matches_rescaled_weights_by_hand():
     # App. F Eq. 19: Ŵ_i[j, :] = sqrt(p_j) W_i[j, :], last layer (no ReLU) unscaled
     w = [m[0].weight * p1.sqrt().unsqueeze(1), m[2].weight * p2.sqrt().unsqueeze(1), m[4].weight]
     want = naive_lap([t.detach() for t in w], [1, 1, 1], [1, 1, 1])
-    got = L.lap_act(m, batch=(x, torch.zeros(200, dtype=torch.long)))
+    got = LV.lap_act(m, batch=(x, torch.zeros(200, dtype=torch.long)))
     for n, ww in zip(["0.weight", "2.weight", "4.weight"], want):
         torch.testing.assert_close(got[n], ww)
 
@@ -516,7 +517,7 @@ def test_lap_act_conv_sums_square_roots_over_positions():
     s2 = (z2 > 0).double().mean(0).sqrt().sum(dim=(1, 2))
     w = [m[0].weight * s1.view(-1, 1, 1, 1), m[2].weight * s2.view(-1, 1, 1, 1), m[5].weight]
     want = naive_lap([t.detach() for t in w], [1, 1, 1], [1, 4, 1])
-    got = L.lap_act(m, batch=(x, torch.zeros(100, dtype=torch.long)))
+    got = LV.lap_act(m, batch=(x, torch.zeros(100, dtype=torch.long)))
     for n, ww in zip(["0.weight", "2.weight", "5.weight"], want):
         torch.testing.assert_close(got[n], ww)
 
@@ -532,7 +533,7 @@ def test_lap_all_is_the_whole_network_distortion_of_a_linear_mlp():
     m = f64(nn.Sequential(nn.Linear(4, 5, bias=False), nn.Linear(5, 3, bias=False),
                           nn.Linear(3, 4, bias=False), nn.Linear(4, 2, bias=False)))
     mats = [m[i].weight.detach() for i in range(4)]
-    got = L.lap_all(m, input_shape=(4,))
+    got = LV.lap_all(m, input_shape=(4,))
     for i, name in enumerate(["0.weight", "1.weight", "2.weight", "3.weight"]):
         pre = torch.eye(4, dtype=torch.float64)
         for w in mats[:i]:
@@ -553,7 +554,7 @@ def test_lap_all_is_the_whole_network_distortion_of_a_linear_mlp():
 def test_lap_all_middle_of_three_layers_is_lap_and_ignores_activations():
     m = relu_mlp()
     x = torch.randn(8, 6, dtype=torch.float64)
-    got = L.lap_all(m, batch=(x, torch.zeros(8, dtype=torch.long)))
+    got = LV.lap_all(m, batch=(x, torch.zeros(8, dtype=torch.long)))
     torch.testing.assert_close(got["2.weight"], L.lap(m)["2.weight"])
     # the first layer looks through both later layers: ||(W3 W2)[:, k]||
     w1, w2, w3 = (m[i].weight.detach() for i in (0, 2, 4))
@@ -562,7 +563,7 @@ def test_lap_all_middle_of_three_layers_is_lap_and_ignores_activations():
 
 def test_lap_all_runs_on_conv_nets():
     m = conv_bn_net()
-    s = L.lap_all(m, input_shape=(2, 8, 8))
+    s = LV.lap_all(m, input_shape=(2, 8, 8))
     assert set(s) == set(G.prunable_names(m)) and all(torch.isfinite(v).all() for v in s.values())
 
 
@@ -578,7 +579,7 @@ def test_obd_lap_is_lap_of_obd_magnitudes():
     w = [(0.5 * ggn[n]).sqrt() * G.weight(m, n).detach().abs()
          for n in ("0.weight", "2.weight", "4.weight")]
     want = naive_lap(w, [1, 1, 1], [1, 1, 1])
-    got = L.obd_lap(m, batch=(x, y))
+    got = LV.obd_lap(m, batch=(x, y))
     for n, ww in zip(["0.weight", "2.weight", "4.weight"], want):
         torch.testing.assert_close(got[n], ww, rtol=1e-4, atol=1e-7)
 

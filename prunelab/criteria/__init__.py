@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from prunelab import graph as G
+from prunelab import selection as S
 
 Scores = G.Scores
 Masks = G.Masks
@@ -60,13 +61,13 @@ CRITERIA: dict[str, Spec] = {
     "lap": Spec("lookahead", "lap", False, "lookahead distortion, Park et al. 2020 Eq. 5 (Eq. 8 with BN)"),
     "lfp": Spec("lookahead", "lfp", False, "lookahead forward only (the succeeding layer), Park et al. Sec. 2.3"),
     "lbp": Spec("lookahead", "lbp", False, "lookahead backward only (the preceding layer), Park et al. Sec. 2.3"),
-    "lap-forward": Spec("lookahead", "lap_forward", False, "LAP layer by layer from input to output", True),
-    "lap-backward": Spec("lookahead", "lap_backward", False, "LAP layer by layer from output to input", True),
-    "lap-forward-seq": Spec("lookahead", "lap_forward_seq", False, "sequential LAP-forward", True),
-    "lap-backward-seq": Spec("lookahead", "lap_backward_seq", False, "sequential LAP-backward", True),
-    "lap-act": Spec("lookahead", "lap_act", True, "LAP weighted by activation probabilities, Park et al. App. F"),
-    "lap-all": Spec("lookahead", "lap_all", False, "LAP over all layers of the block, Park et al. App. J"),
-    "obd+lap": Spec("lookahead", "obd_lap", True, "OBD saliency with lookahead neighbours, Park et al."),
+    "lap-forward": Spec("lookahead_variants", "lap_forward", False, "LAP layer by layer from input to output", True),
+    "lap-backward": Spec("lookahead_variants", "lap_backward", False, "LAP layer by layer from output to input", True),
+    "lap-forward-seq": Spec("lookahead_variants", "lap_forward_seq", False, "sequential LAP-forward", True),
+    "lap-backward-seq": Spec("lookahead_variants", "lap_backward_seq", False, "sequential LAP-backward", True),
+    "lap-act": Spec("lookahead_variants", "lap_act", True, "LAP weighted by activation probabilities, Park et al. App. F"),
+    "lap-all": Spec("lookahead_variants", "lap_all", False, "LAP over all layers of the block, Park et al. App. J"),
+    "obd+lap": Spec("lookahead_variants", "obd_lap", True, "OBD saliency with lookahead neighbours, Park et al."),
     "obd": Spec("loss_model", "obd", True, "½·G_kk·θ_k², GGN diagonal (LM paper Eq. 3, App. A)"),
     "lm": Spec("loss_model", "lm", True, "linear model |g_k·θ_k| (LM paper Eq. 6)"),
     "qm": Spec("loss_model", "qm", True, "quadratic model |−g_k·θ_k + ½G_kk·θ_k²| (LM paper Eq. 5)"),
@@ -114,10 +115,12 @@ def check_batch(batch, name: str) -> tuple[Tensor, Tensor]:
 
 
 def check_lam(lam) -> float:
-    """λ as a float, or ValueError: it must be finite and >= 0."""
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"lam (the step-size penalty λ) must be a finite number >= 0, got {lam!r}")
-    return float(lam)
+    """λ as a float (numpy scalars too), or ValueError: it must be finite and >= 0."""
+    what, allowed = "lam (the step-size penalty λ)", "a finite number >= 0"
+    value = S.as_real(lam, what, allowed)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be {allowed}, got {lam!r}")
+    return value
 
 
 def check_finite_weights(model: nn.Module) -> None:
@@ -172,8 +175,8 @@ def compute(model: nn.Module, name: str, *, batch=None, masks: Masks | None = No
     mode with its pruned weights zeroed: scoring it directly saves a deep copy per stage.
     """
     s = spec(name)
-    lam = check_lam(lam)
-    if copy:  # the pruning loop (copy=False) validated its inputs once, before the first stage
+    if copy:  # the pruning loop (copy=False) validated its inputs once (a PruneConfig): trust them
+        lam = check_lam(lam)
         if s.needs_data or batch is not None:
             batch = check_batch(batch, name)
         if masks:

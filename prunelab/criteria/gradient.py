@@ -31,11 +31,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from prunelab import graph as G
+from prunelab import selection as S
 
 Scores = G.Scores
 Masks = G.Masks
 
-SCOPES = ("global", "layerwise", "normalized")
+SCOPES = S.SCOPES
 _SMALL_NET = 4_000_000  # prunable weights up to which SynFlow's rounds run on one thread
 
 
@@ -254,42 +255,6 @@ def synflow_scores(model: nn.Module, masks: Masks | None = None, *,
     return net(alive)[1]
 
 
-def _n_pruned(sparsity: float, n: int) -> int:
-    """floor(sparsity · n), robust to round-off: the count :func:`prunelab.masks.select` uses."""
-    x = sparsity * n
-    r = round(x)
-    return int(r) if abs(x - r) < 1e-6 * max(1.0, x) else int(math.floor(x))
-
-
-def _check_fraction(s, what: str) -> float:
-    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= float(s) < 1.0:
-        raise ValueError(f"{what} must be a number in [0, 1), got {s!r}")
-    return float(s)
-
-
-def _keep_highest(flat: Tensor, alive: Tensor, k: int) -> Tensor:
-    """Keep-mask with the ``k`` highest alive entries (k <= alive count); ties: lower index pruned.
-
-    Same rule as :func:`prunelab.masks.select` (the lowest n − k pruned, lower index first
-    among ties), with dead entries at −inf so they are never revived.
-    """
-    n = flat.numel()
-    ranked = flat.masked_fill(~alive, -math.inf)
-    n_prune = n - k
-    keep = torch.ones(n, dtype=torch.bool)
-    if n_prune <= 0:
-        return keep
-    if n_prune >= n:
-        return ~keep
-    t = torch.kthvalue(ranked, n_prune).values
-    below = ranked < t
-    keep &= ~below
-    need = n_prune - int(below.sum())
-    if need > 0:
-        keep[torch.nonzero(ranked == t).flatten()[:need]] = False
-    return keep
-
-
 def _separate(out: Tensor, kept: Tensor, dropped: Tensor) -> None:
     """Lower ``dropped`` entries that tie with or exceed the lowest kept one by one float step.
 
@@ -343,8 +308,7 @@ def synflow(model: nn.Module, *, batch=None, masks: Masks | None = None, seed: i
     """
     from prunelab.criteria import ScoreResult
 
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    S.check_scope(scope)
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
     net = _SynFlowNet(model, _input_shape(model, batch, input_shape), bias)
@@ -362,21 +326,18 @@ def synflow(model: nn.Module, *, batch=None, masks: Masks | None = None, seed: i
 
     # Groups ranked together and the number each keeps at the target.
     if isinstance(sparsity, Mapping):
-        unknown = set(sparsity) - set(names)
-        if unknown:
-            raise ValueError(f"sparsity names unknown layers {sorted(unknown)}; prunable: {names}")
         groups = [[n] for n in names]
-        final = [alive[n].numel() - _n_pruned(_check_fraction(sparsity.get(n, 0.0),
-                                                              f"sparsity[{n!r}]"), alive[n].numel())
-                 if n in sparsity else int(alive[n].sum()) for n in names]
+        counts = S.pruned_counts({n: alive[n].numel() for n in names}, sparsity)
+        final = [alive[n].numel() - counts[n] if n in sparsity else int(alive[n].sum())
+                 for n in names]
         per_layer_norm = False
     else:
-        s = _check_fraction(sparsity, "sparsity")
+        s = S.check_sparsity(sparsity)
         if scope == "layerwise":
             groups = [[n] for n in names]
         else:
             groups = [list(names)]
-        final = [sum(alive[n].numel() for n in g) - _n_pruned(s, sum(alive[n].numel() for n in g))
+        final = [sum(alive[n].numel() for n in g) - S.n_pruned(s, sum(alive[n].numel() for n in g))
                  for g in groups]
         per_layer_norm = scope == "normalized"
     start = [sum(int(alive[n].sum()) for n in g) for g in groups]
@@ -407,7 +368,9 @@ def synflow(model: nn.Module, *, batch=None, masks: Masks | None = None, seed: i
                 k = k_end if r == iterations else min(max(k, k_end), a0)
                 flat = torch.cat([raw[n].flatten() for n in g])
                 live = torch.cat([alive[n].flatten() for n in g])
-                keep = _keep_highest(flat, live, k)
+                # The selection rule of prunelab.selection: the n − k lowest pruned, ties by
+                # index, dead entries at −inf so they are never revived.
+                keep = S.prune_lowest(flat.masked_fill(~live, -math.inf), flat.numel() - k)
                 for n, m in zip(g, keep.split([alive[n].numel() for n in g])):
                     alive[n] = m.view_as(alive[n])
 
