@@ -20,6 +20,7 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
+from prunelab import batches as B
 from prunelab import criteria as C
 from prunelab import selection as S
 from prunelab.train import OPTIMIZERS
@@ -112,9 +113,13 @@ class PruneConfig:
         schedule: "linear" or "exponential" (LM paper Algorithm 1).
         lam: step-size penalty λ >= 0 (LM paper Sec. 3.2).
         seed: integer >= 0; stage i of a stochastic criterion uses ``seed + i``.
-        options: criterion-specific options (e.g. ``{"signed": True}``), checked by the criterion.
-        loss: reserved for a later issue (the loss the criteria model); must be None for now.
-        device: reserved for a later issue (where scoring runs); must be None for now.
+        options: criterion-specific options (e.g. ``{"signed": True}``); an option the
+            criterion does not take raises TypeError naming it and the valid ones.
+        loss: ``"cross_entropy"`` (default; per class or per token), ``"mse"`` or a callable
+            ``(output, target) -> mean loss`` (:mod:`prunelab.batches`).
+        output: optional callable ``model output -> tensor``.
+        device: where the pruning runs (e.g. ``"cuda"``); None: where the model's parameters
+            are. The pruned model is returned on that device.
     """
 
     criterion: str
@@ -126,8 +131,9 @@ class PruneConfig:
     lam: float = 0.0
     seed: int = 0
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    loss: None = None
-    device: None = None
+    loss: Any = "cross_entropy"
+    output: Any = None
+    device: str | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalised values are written once, here
@@ -158,13 +164,25 @@ class PruneConfig:
             raise ValueError(f"options must be a mapping of criterion options, "
                              f"got {self.options!r}")
         set_(self, "options", dict(self.options))  # our own copy
-        for name in ("loss", "device"):
-            if getattr(self, name) is not None:
-                raise ValueError(f"{name} is reserved for a later version and must be None, "
-                                 f"got {getattr(self, name)!r}")
+        C.check_options(self.criterion, self.options)
+        obj = B.objective(self.loss, self.output)  # ValueError/TypeError naming the loss
+        set_(self, "loss", obj.loss)
+        if self.device is not None:
+            import torch
+
+            try:
+                set_(self, "device", str(torch.device(self.device)))
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"device must be None or a torch device name such as 'cpu' or "
+                                 f"'cuda:0', got {self.device!r}") from err
+
+    @property
+    def objective(self) -> B.Objective:
+        """The loss and output rule as a :class:`prunelab.batches.Objective`."""
+        return B.objective(self.loss, self.output)
 
     FIELDS = ("criterion", "sparsity", "layer_sparsity", "scope", "stages", "schedule", "lam",
-              "seed")
+              "seed", "loss", "output", "device")
 
     @classmethod
     def from_kwargs(cls, criterion: str, **kwargs) -> PruneConfig:

@@ -168,7 +168,7 @@ class LayerGraph:
     ``source`` says where the connections come from: ``"fx"`` (torch.fx trace), ``"autograd"``
     (the autograd graph of one forward pass on an example batch, for models fx cannot trace) or
     ``"chain"`` (neither was possible: layers chained in registration order, with a warning).
-    ``traced`` is False for ``"chain"``; ``reason`` says why fx failed.
+    ``traced`` is True only for ``"fx"``; ``reason`` says why fx failed.
     """
 
     layers: Mapping[str, Layer]  # read-only: graphs are cached and shared
@@ -692,7 +692,7 @@ def _autograd_graph(model: nn.Module, example, forward, reason: str) -> LayerGra
             b.leave(s, EXTERNAL)
             states[node] = {EXTERNAL: _Path()}
     b.leave(states.get(z.grad_fn), OUTPUT)
-    return b.build(traced=True, reason=reason, source="autograd")
+    return b.build(traced=False, reason=reason, source="autograd")
 
 
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)

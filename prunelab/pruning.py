@@ -23,7 +23,7 @@ from prunelab import graph as G
 from prunelab import masks as M
 from prunelab import selection as S
 from prunelab.config import PruneConfig
-from prunelab.metrics import loss as batch_loss
+from prunelab.metrics import loss as metrics_loss
 from prunelab.train import FitResult, Recipe, fit
 
 SCHEDULES = S.SCHEDULES
@@ -67,7 +67,8 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
           finetune: Recipe | None = None, train_data=None, val_data=None,
           finetune_stages: bool = False, seed: int = 0, inplace: bool = False,
           obs_update: bool = True, progress: bool = False,
-          callback: Callable[[dict], bool | None] | None = None, **options) -> PruneResult:
+          callback: Callable[[dict], bool | None] | None = None, loss="cross_entropy",
+          output=None, device=None, **options) -> PruneResult:
     """Prune ``model`` with ``criterion`` to ``sparsity`` in ``stages`` stages.
 
     Args:
@@ -79,7 +80,8 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
         stages: number of pruning stages π >= 1, re-scoring the masked model at each.
         schedule: "linear" or "exponential" (LM paper Algorithm 1).
         lam: step-size penalty λ >= 0 added to every score as λ/2·θ² (LM paper Sec. 3.2).
-        batch: (x, y) used by data-dependent criteria and to record the loss per stage.
+        batch: (x, y) used by data-dependent criteria and to record the loss per stage: tensors
+            (x a tensor, a mapping -> ``model(**x)`` or a tuple), a Dataset or a DataLoader.
         layer_sparsity: explicit per-layer final sparsities (overrides ``sparsity``/``scope``).
         finetune: a training recipe; when given, the pruned model is fine-tuned at the end (and
             between stages when ``finetune_stages``) on ``train_data`` (with ``val_data``).
@@ -88,7 +90,13 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
         obs_update: apply a criterion's weight update (OBS) after each mask choice.
         progress: show a progress bar over stages.
         callback: called with each stage's history row; returning True stops after that stage.
-        **options: passed to the criterion (e.g. ``signed=True``, ``mc_samples=1``).
+        loss: ``"cross_entropy"`` (per class or per token), ``"mse"`` or a callable
+            ``(output, target) -> mean loss``: what the criteria model, the history records and
+            fine-tuning minimises.
+        output: optional ``model output -> tensor`` (default: tensor, first of a tuple, logits).
+        device: where to prune (None: the model's device); the result lives there.
+        **options: passed to the criterion (e.g. ``signed=True``, ``mc_samples=1``); an option
+            it does not take raises TypeError.
 
     Returns:
         :class:`PruneResult`.
@@ -99,7 +107,7 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
     """
     config = PruneConfig(criterion, sparsity=sparsity, layer_sparsity=layer_sparsity,
                          scope=scope, stages=stages, schedule=schedule, lam=lam, seed=seed,
-                         options=options)
+                         options=options, loss=loss, output=output, device=device)
     return prune_with(model, config, batch=batch, finetune=finetune, train_data=train_data,
                       val_data=val_data, finetune_stages=finetune_stages, inplace=inplace,
                       obs_update=obs_update, progress=progress, callback=callback)
@@ -126,8 +134,7 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
         if unknown:
             raise ValueError(f"layer_sparsity names unknown layers {sorted(unknown)}; prunable "
                              f"weights: {names}")
-    if spec.needs_data or batch is not None:
-        batch = C.check_batch(batch, criterion)
+    objective = config.objective
     if finetune is not None:
         if not isinstance(finetune, Recipe):
             raise ValueError(f"finetune must be a prunelab.train.Recipe or None, got {finetune!r}")
@@ -137,6 +144,11 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
 
     base_masks = M.current(model)
     work = G.plain_copy(model)
+    if config.device is not None:
+        work.to(config.device)
+    if spec.needs_data or batch is not None:
+        batch = C.check_batch(batch, criterion, work)
+    base_masks = {n: m.to(G.weight(work, n).device) for n, m in base_masks.items()}
     work.eval()
     for p in work.parameters():
         p.requires_grad_(True)
@@ -155,8 +167,13 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
         stage_targets = S.schedule(sparsity, stages, config.schedule, start=start)
         stage_layer_targets = [None] * stages
 
-    record = {**config.to_dict(), "examples": len(batch[0]) if batch is not None else 0,
+    record = {**config.to_dict(), "examples": len(batch[1]) if batch is not None else 0,
               **config.options}
+    if objective.name != "cross_entropy":
+        record["loss"] = objective.name
+
+    def batch_loss(m: nn.Module, data) -> float:
+        return metrics_loss(m, data, loss=objective)
     # The loss after stage i is the loss the criterion of stage i+1 computes anyway (its forward
     # pass on the same batch): reuse it instead of an extra forward per stage. The last stage, or
     # a run with a callback (which wants its row at once), measures it directly.
@@ -176,7 +193,8 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
             # Trusted: the config was validated when built (no per-stage re-checks).
             result = C.compute(work, criterion, batch=batch, lam=config.lam, seed=seed + i,
                                sparsity=stage_layer_targets[i] if target is None else target,
-                               scope=config.stage_scope, copy=False, **config.options)
+                               scope=config.stage_scope, copy=False, loss=objective,
+                               **config.options)
             scores = result.scores
             crit_loss = result.info.get("loss") if batch is not None else None
             if i == 0:
@@ -200,7 +218,8 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
             cur = new
             if finetune is not None and finetune_stages and i < stages - 1:
                 tuned = M.apply(work, cur)
-                fit(tuned, train_data, recipe=finetune, val=val_data, seed=seed, progress=False)
+                fit(tuned, train_data, recipe=finetune, val=val_data, seed=seed, progress=False,
+                    loss=objective)
                 work = M.remove(tuned)
                 work.eval()
                 changed = True
@@ -226,6 +245,8 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
         finish(pending, batch_loss(work, batch))
 
     target_model = model if inplace else copy.deepcopy(model)
+    if config.device is not None:
+        target_model.to(config.device)
     if changed:
         M.load_dense(target_model, {k: v for k, v in work.state_dict().items()})
     M.apply(target_model, cur, inplace=True)
@@ -234,7 +255,7 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
     tuned = None
     if finetune is not None and not interrupted:
         tuned = fit(target_model, train_data, recipe=finetune, val=val_data, seed=seed,
-                    progress=progress, desc="fine-tune")
+                    progress=progress, desc="fine-tune", loss=objective)
     target_model.eval()
     return PruneResult(target_model, {n: m.clone() for n, m in cur.items()}, history, scores,
                        record, tuned, interrupted, {"loss0": loss0})

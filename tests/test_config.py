@@ -48,12 +48,17 @@ def test_layer_sparsity_needs_a_mapping_and_valid_fractions():
     assert cfg.layer_sparsity == {"0.weight": 0.5} and cfg.stage_scope == "layerwise"
 
 
-def test_unknown_criterion_reserved_fields_and_frozen():
+def test_unknown_criterion_loss_device_options_and_frozen():
     with pytest.raises(ValueError, match="unknown criterion 'nope'"):
         PruneConfig("nope", sparsity=0.5)
-    for name in ("loss", "device"):
-        with pytest.raises(ValueError, match=f"{name} is reserved"):
-            PruneConfig("mp", sparsity=0.5, **{name: "cpu"})
+    with pytest.raises(ValueError, match="loss must be one of"):
+        PruneConfig("mp", sparsity=0.5, loss="cpu")
+    with pytest.raises(ValueError, match="device must be None or a torch device"):
+        PruneConfig("mp", sparsity=0.5, device="gpu")
+    with pytest.raises(TypeError, match=r"criterion 'lm' got unknown option\(s\) \['signd'\]; "
+                                        r"its options: \['signed'\]"):
+        PruneConfig("lm", sparsity=0.5, options={"signd": True})
+    assert PruneConfig("mp", sparsity=0.5, loss="mse", device="cpu").objective.name == "mse"
     cfg = PruneConfig("mp", sparsity=0.5)
     with pytest.raises(AttributeError):
         cfg.sparsity = 0.9

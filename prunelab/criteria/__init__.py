@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from prunelab import batches as B
 from prunelab import graph as G
 from prunelab import selection as S
 
@@ -98,20 +99,41 @@ def get(name: str) -> Callable:
     return getattr(importlib.import_module(f"{__name__}.{s.module}"), s.function)
 
 
-def check_batch(batch, name: str) -> tuple[Tensor, Tensor]:
-    """``batch`` as (x, y) tensors, or ValueError saying what ``name`` needs."""
+def check_batch(batch, name: str, model: nn.Module | None = None):
+    """``batch`` as (x, y) on the model's device and dtype (floating inputs take its dtype), from
+    (x, y) tensors (x a tensor, mapping or tuple), a Dataset or a DataLoader; ValueError/TypeError
+    saying what ``name`` needs otherwise."""
     if batch is None:
-        raise ValueError(f"criterion {name!r} is data-dependent: pass batch=(x, y), e.g. "
-                         f"bundle.batch('train', n=1000, seed=0)")
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2
-            and all(isinstance(t, Tensor) for t in batch)):
-        raise ValueError(f"batch must be a (x, y) pair of tensors, got {type(batch).__name__}")
-    x, y = batch
-    if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"batch x and y must have the same non-zero length, got {len(x)} and {len(y)}")
-    if x.is_floating_point() and not torch.isfinite(x).all():
-        raise ValueError("batch inputs contain NaN or inf")
+        raise ValueError(f"criterion {name!r} is data-dependent: pass batch=(x, y), a Dataset or "
+                         f"a DataLoader, e.g. bundle.batch('train', n=1000, seed=0)")
+    x, y = B.as_batch(batch, what="batch")
+    B.check_inputs(x)
+    if model is not None:
+        x, y = B.to_model(x, model), B.to_model(y, model)
     return x, y
+
+
+# Keywords every criterion receives from :func:`compute`; the rest of a function's keyword
+# parameters are its options.
+_COMMON = frozenset({"model", "batch", "masks", "seed", "sparsity", "scope", "objective"})
+
+
+def options_of(name: str) -> list[str]:
+    """The options criterion ``name`` accepts (its keyword parameters beyond the common ones)."""
+    import inspect
+
+    params = inspect.signature(get(name)).parameters.values()
+    return sorted(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+                  and p.name not in _COMMON and not p.name.startswith("_"))
+
+
+def check_options(name: str, options) -> None:
+    """TypeError naming any option criterion ``name`` does not take, and the ones it does."""
+    valid = options_of(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"criterion {name!r} got unknown option(s) {unknown}; its options: "
+                        f"{valid or 'none'}")
 
 
 def check_lam(lam) -> float:
@@ -168,22 +190,21 @@ def _scoring_view(model: nn.Module):
 
 def compute(model: nn.Module, name: str, *, batch=None, masks: Masks | None = None,
             lam: float = 0.0, seed: int = 0, sparsity=None, scope: str = "global",
-            copy: bool = True, **options) -> ScoreResult:
+            copy: bool = True, loss="cross_entropy", output=None, **options) -> ScoreResult:
     """Like :func:`score` but returns the full :class:`ScoreResult` (scores, update, examples).
 
     ``copy=False`` is for the pruning loop, which owns a plain working model already in eval
     mode with its pruned weights zeroed: scoring it directly saves a deep copy per stage.
     """
     s = spec(name)
+    objective = B.objective(loss, output)
     if copy:  # the pruning loop (copy=False) validated its inputs once (a PruneConfig): trust them
         lam = check_lam(lam)
+        check_options(name, options)
         if s.needs_data or batch is not None:
-            batch = check_batch(batch, name)
+            batch = check_batch(batch, name, model)
         if masks:
-            unknown = set(masks) - set(G.prunable_names(model))
-            if unknown:
-                raise ValueError(f"masks name unknown layers {sorted(unknown)}; prunable "
-                                 f"weights: {G.prunable_names(model)}")
+            masks = check_masks(masks, model)
         check_finite_weights(model)
     if not copy:
         work = model
@@ -199,15 +220,15 @@ def compute(model: nn.Module, name: str, *, batch=None, masks: Masks | None = No
         # criteria only read it; eval mode and requires_grad are set for the call and restored.
         with _scoring_view(model):
             out = get(name)(model, batch=batch, masks=masks, seed=seed, sparsity=sparsity,
-                            scope=scope, **options)
+                            scope=scope, objective=objective, **options)
         work = model
     else:
         out = get(name)(work, batch=batch, masks=masks, seed=seed, sparsity=sparsity,
-                        scope=scope, **options)
+                        scope=scope, objective=objective, **options)
     result = out if isinstance(out, ScoreResult) else ScoreResult(out)
     result.scores = check_scores(result.scores, work, name)
     if s.needs_data and not result.examples:
-        result.examples = len(batch[0])
+        result.examples = len(batch[1])
     if lam > 0:
         # Step-size penalty λ/2·θ² (LM paper Sec. 3.2): large weights become costly to remove.
         for n, sc in result.scores.items():
@@ -215,24 +236,60 @@ def compute(model: nn.Module, name: str, *, batch=None, masks: Masks | None = No
     return result
 
 
+def check_masks(masks, model: nn.Module) -> Masks:
+    """Masks keyed by prunable weights, bool (or 0/1) and shaped like them, on their device;
+    ValueError/TypeError naming the layer otherwise (a (1, n) mask must not broadcast, a float
+    2.0 must not scale scores)."""
+    if not isinstance(masks, dict):
+        raise TypeError(f"masks must be a dict name -> bool tensor, got {type(masks).__name__}")
+    names = G.prunable_names(model)
+    unknown = set(masks) - set(names)
+    if unknown:
+        raise ValueError(f"masks name unknown layers {sorted(unknown)}; prunable weights: {names}")
+    out = {}
+    for n, m in masks.items():
+        w = G.weight(model, n)
+        if not isinstance(m, Tensor):
+            raise TypeError(f"mask of {n} must be a tensor, got {type(m).__name__}")
+        if tuple(m.shape) != tuple(w.shape):
+            raise ValueError(f"mask of {n} has shape {tuple(m.shape)}, the weight has "
+                             f"{tuple(w.shape)}")
+        if m.dtype != torch.bool:
+            if m.is_complex() or not bool(((m == 0) | (m == 1)).all()):
+                raise ValueError(f"mask of {n} must be bool (True = kept) or hold only 0 and 1, "
+                                 f"got dtype {m.dtype} with other values")
+            m = m != 0
+        out[n] = m.to(w.device)
+    return out
+
+
 def score(model: nn.Module, name: str, *, batch=None, masks: Masks | None = None,
-          lam: float = 0.0, seed: int = 0, **options) -> Scores:
+          lam: float = 0.0, seed: int = 0, loss="cross_entropy", output=None,
+          **options) -> Scores:
     """Scores of every prunable weight of ``model`` under criterion ``name``.
 
     Args:
         model: any module made of Linear/Conv layers; never modified (masks attached as
             parametrizations are honoured: pruned weights are zero while scoring).
         name: a name from :func:`names`.
-        batch: (x, y) tensors; required by data-dependent criteria.
+        batch: (x, y) tensors (x a tensor, a mapping -> ``model(**x)`` or a tuple), a Dataset or
+            a DataLoader; required by data-dependent criteria. Moved to the model's device.
         masks: extra masks (name -> bool, True = kept) applied before scoring.
         lam: step-size penalty λ >= 0; adds λ/2·θ² to every score.
         seed: seed of any sampling the criterion does.
-        **options: criterion-specific options (e.g. ``signed=True`` for lm/qm).
+        loss: ``"cross_entropy"`` (per class or per token), ``"mse"`` or a callable
+            ``(output, target) -> mean loss``, for the data-dependent criteria.
+        output: optional ``model output -> tensor`` (default: the tensor, the first element of a
+            tuple, or ``logits``).
+        **options: criterion-specific options (e.g. ``signed=True`` for lm/qm); see
+            :func:`options_of`.
 
     Returns:
-        ``{name: float tensor}`` shaped like each weight; higher = more important.
+        ``{name: float tensor}`` shaped like each weight, on its device; higher = more important.
 
     Raises:
-        ValueError: unknown name, missing batch, λ < 0, NaN weights or NaN scores.
+        ValueError: unknown name, missing batch, labels that do not fit the outputs, λ < 0, NaN
+            weights or NaN scores. TypeError: an unknown option, an output with no logits.
     """
-    return compute(model, name, batch=batch, masks=masks, lam=lam, seed=seed, **options).scores
+    return compute(model, name, batch=batch, masks=masks, lam=lam, seed=seed, loss=loss,
+                   output=output, **options).scores

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from prunelab import batches as B
 from prunelab import graph as G
 from prunelab import selection as S
 
@@ -70,19 +71,27 @@ def _alive(model: nn.Module, masks: Masks | None) -> dict[str, Tensor]:
     return out
 
 
-def _loss(model: nn.Module, batch, temperature: float = 1.0) -> Tensor:
+def _loss(model: nn.Module, batch, temperature: float = 1.0,
+          objective: B.Objective | None = None) -> Tensor:
+    """The objective's mean loss (cross-entropy by default) of ``output / temperature``."""
+    obj = objective or B.Objective()
     x, y = batch
-    return F.cross_entropy(model(x) / temperature, y)
+    z = obj.forward(model, x)
+    obj.check(z, y)
+    return obj.value(z / temperature if temperature != 1.0 else z, y)
 
 
-def _grads(model: nn.Module, batch, *, create_graph: bool = False,
-           temperature: float = 1.0) -> tuple[list[str], list[Tensor], list[Tensor]]:
-    """Names, weights and g = ∂L/∂weight of the mean cross-entropy on ``batch``."""
+def _grads(model: nn.Module, batch, *, create_graph: bool = False, temperature: float = 1.0,
+           objective: B.Objective | None = None) -> tuple[list[str], list[Tensor], list[Tensor]]:
+    """Names, weights and g = ∂L/∂weight of the mean loss on ``batch``."""
     names = G.prunable_names(model)
     weights = [G.weight(model, n) for n in names]
-    loss = _loss(model, batch, temperature)
-    grads = torch.autograd.grad(loss, weights, create_graph=create_graph)
-    return names, weights, list(grads)
+    loss = _loss(model, batch, temperature, objective)
+    grads = torch.autograd.grad(loss, weights, create_graph=create_graph, allow_unused=True)
+    # A weight the loss does not reach (an MHA projection used by a fused kernel, a head on
+    # another output) has gradient zero.
+    grads = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
+    return names, weights, grads
 
 
 def _require_batch(batch, name: str):
@@ -92,33 +101,34 @@ def _require_batch(batch, name: str):
 
 
 # ----------------------------------------------------------------------------- first order
-def snip(model: nn.Module, *, batch=None, **_) -> Scores:
+def snip(model: nn.Module, *, batch=None, objective=None, **_) -> Scores:
     """Connection sensitivity |g ⊙ θ| (Lee et al. 2019, Eq. 5 as restated by Wang et al. Eq. 5)."""
     batch = _require_batch(batch, "snip")
     with parametrize.cached():
-        names, weights, grads = _grads(model, batch)
+        names, weights, grads = _grads(model, batch, objective=objective)
     return {n: (g * w).detach().abs() for n, w, g in zip(names, weights, grads)}
 
 
-def taylor_fo(model: nn.Module, *, batch=None, **_) -> Scores:
+def taylor_fo(model: nn.Module, *, batch=None, objective=None, **_) -> Scores:
     """First-order Taylor importance (g ⊙ θ)² (Molchanov et al. 2019, Eq. 8), one batch."""
     batch = _require_batch(batch, "taylor-fo")
     with parametrize.cached():
-        names, weights, grads = _grads(model, batch)
+        names, weights, grads = _grads(model, batch, objective=objective)
     return {n: (g * w).detach() ** 2 for n, w, g in zip(names, weights, grads)}
 
 
-def gradient_magnitude(model: nn.Module, *, batch=None, **_) -> Scores:
+def gradient_magnitude(model: nn.Module, *, batch=None, objective=None, **_) -> Scores:
     """Gradient magnitude |g| (Blalock et al. 2020, "gradient magnitude" baseline)."""
     batch = _require_batch(batch, "grad-mag")
     with parametrize.cached():
-        names, _, grads = _grads(model, batch)
+        names, _, grads = _grads(model, batch, objective=objective)
     return {n: g.detach().abs() for n, g in zip(names, grads)}
 
 
 # ----------------------------------------------------------------------------- GraSP
 def hessian_gradient_product(model: nn.Module, batch, *, masks: Masks | None = None,
-                             temperature: float = 1.0) -> dict[str, Tensor]:
+                             temperature: float = 1.0,
+                             objective: B.Objective | None = None) -> dict[str, Tensor]:
     """Hg over the prunable weights, by double backward (Wang et al. 2020, Algorithm 2).
 
     Hg = ∂/∂θ [stop_grad(g)ᵀ g]: the gradient in the product is detached, so one extra backward
@@ -137,7 +147,8 @@ def hessian_gradient_product(model: nn.Module, batch, *, masks: Masks | None = N
     """
     alive = _alive(model, masks)
     with parametrize.cached():
-        names, weights, grads = _grads(model, batch, create_graph=True, temperature=temperature)
+        names, weights, grads = _grads(model, batch, create_graph=True, temperature=temperature,
+                                       objective=objective)
         flow = sum((g.detach() * alive[n] * g).sum() for n, g in zip(names, grads))
         hg = torch.autograd.grad(flow, weights, allow_unused=True)
     return {n: (h.detach() if h is not None else torch.zeros_like(w))
@@ -145,7 +156,7 @@ def hessian_gradient_product(model: nn.Module, batch, *, masks: Masks | None = N
 
 
 def grasp(model: nn.Module, *, batch=None, masks: Masks | None = None,
-          temperature: float = 1.0, absolute: bool = False, **_) -> Scores:
+          temperature: float = 1.0, absolute: bool = False, objective=None, **_) -> Scores:
     """GraSP keep-score θ ⊙ Hg = −S(−θ) (Wang et al. 2020, Eq. 8 and Algorithm 1).
 
     GraSP removes the weights with the highest S(−θ) = −θ ⊙ Hg (their removal increases, or
@@ -157,7 +168,8 @@ def grasp(model: nn.Module, *, batch=None, masks: Masks | None = None,
         absolute: score |θ ⊙ Hg| instead (Frankle et al. 2021, App. H).
     """
     batch = _require_batch(batch, "grasp")
-    hg = hessian_gradient_product(model, batch, masks=masks, temperature=temperature)
+    hg = hessian_gradient_product(model, batch, masks=masks, temperature=temperature,
+                                  objective=objective)
     out = {}
     for n, h in hg.items():
         s = G.weight(model, n).detach() * h
@@ -171,7 +183,13 @@ def _input_shape(model: nn.Module, batch, input_shape) -> tuple[int, ...]:
     if input_shape is not None:
         return tuple(int(s) for s in input_shape)
     if batch is not None:
-        return tuple(batch[0].shape[1:])
+        x = batch[0]
+        if not (isinstance(x, Tensor) and x.is_floating_point()):
+            raise ValueError("synflow feeds an all-ones input in place of the data, so it needs a "
+                             "model whose input is one float tensor; this batch's inputs are "
+                             f"{type(x).__name__ if not isinstance(x, Tensor) else x.dtype} "
+                             "(token ids or several inputs): synflow cannot score this model")
+        return tuple(x.shape[1:])
     if getattr(model, "input_shape", None) is not None:
         return tuple(int(s) for s in model.input_shape)
     names = G.prunable_names(model)
@@ -212,7 +230,8 @@ class _SynFlowNet:
         self.names = G.prunable_names(net)
         self.weights = [G.weight(net, n).requires_grad_(True) for n in self.names]
         self.original = [w.detach().clone() for w in self.weights]
-        self.ones = torch.ones((1, *shape), dtype=torch.float64)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.ones = torch.ones((1, *shape), dtype=torch.float64, device=device)
 
     def __call__(self, alive: Mapping[str, Tensor] | None = None
                  ) -> tuple[float, dict[str, Tensor]]:
@@ -220,7 +239,7 @@ class _SynFlowNet:
         with torch.no_grad():
             for n, w, w0 in zip(self.names, self.weights, self.original):
                 w.copy_(w0 * alive[n] if alive is not None else w0)
-        flow = self.net(self.ones).sum()
+        flow = B.output_tensor(self.net(self.ones)).sum()
         grads = torch.autograd.grad(flow, self.weights, allow_unused=True)
         scores = {}
         for n, w, g in zip(self.names, self.weights, grads):

@@ -328,30 +328,37 @@ def scaled_abs(w: Tensor, r: Tensor | None, q: Tensor | None, groups: int) -> Te
 
 
 # ================================================================================ one-shot
+def graph_of(model: nn.Module, batch=None) -> G.LayerGraph:
+    """The layer graph of ``model``: torch.fx, else the autograd graph of one forward pass on
+    the batch's inputs (models fx cannot trace, e.g. HuggingFace transformers)."""
+    return G.layer_graph(model, None if batch is None else batch[0])
+
+
 def lap(model: nn.Module, *, batch=None, masks: Masks | None = None, seed: int = 0,
         sparsity=None, scope: str = "global", bn: str = "eq8", **_) -> Scores:
     """LAP score, Park et al. 2020, Eq. 5 (Eq. 8 with batch normalisation).
 
     ``L(w) = |w| · ||W_{i-1}[j,:]|| · ||W_{i+1}[:,k]||`` with the neighbours of the model's graph;
     squared norms summed over several producers/consumers (residual adds); BN per ``bn``
-    (``"eq8"``, ``"fold"``, ``"none"``; module docstring). Data-free; one pass over the weights.
+    (``"eq8"``, ``"fold"``, ``"none"``; module docstring). Data-free; one pass over the weights
+    (a ``batch`` only serves to read the graph of a model torch.fx cannot trace).
     """
-    return Lookahead(model, bn=bn).scores()
+    return Lookahead(model, graph_of(model, batch), bn=bn).scores()
 
 
-def lfp(model: nn.Module, *, bn: str = "eq8", **_) -> Scores:
+def lfp(model: nn.Module, *, batch=None, bn: str = "eq8", **_) -> Scores:
     """Lookahead-forward pruning (LFP), Park et al. Sec. 2.3: only the succeeding layer.
 
     "Looking forward, i.e., only considering the succeeding layer": ``|w| · ||W_{i+1}[:,k]||``
     (with Eq. 8's ``|a_i[k]|`` when the layer has a BN). The last layer reduces to MP.
     """
-    return Lookahead(model, bn=bn).scores(prev=False)
+    return Lookahead(model, graph_of(model, batch), bn=bn).scores(prev=False)
 
 
-def lbp(model: nn.Module, *, bn: str = "eq8", **_) -> Scores:
+def lbp(model: nn.Module, *, batch=None, bn: str = "eq8", **_) -> Scores:
     """Lookahead-backward pruning (LBP), Park et al. Sec. 2.3: only the preceding layer.
 
     "Looking backward ... the expected structure of input coming into the current layer":
     ``|w| · ||W_{i-1}[j,:]||`` (with Eq. 8's ``|a_{i-1}[j]|``). The first layer reduces to MP.
     """
-    return Lookahead(model, bn=bn).scores(next=False)
+    return Lookahead(model, graph_of(model, batch), bn=bn).scores(next=False)

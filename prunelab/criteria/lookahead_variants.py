@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunelab import batches as B
 from prunelab import graph as G
 from prunelab import selection as S
-from prunelab.criteria.lookahead import Lookahead, bn_scales, check_bn, scaled_abs, work_dtype
+from prunelab.criteria.lookahead import (Lookahead, bn_scales, check_bn, graph_of, scaled_abs,
+                                         work_dtype)
 
 Scores = G.Scores
 Masks = G.Masks
@@ -51,7 +53,7 @@ def layer_targets(model: nn.Module, sparsity, scope: str, criterion: str) -> dic
 
 @torch.no_grad()
 def _ordered(model: nn.Module, *, sparsity, scope: str, masks: Masks | None, backward: bool,
-             steps: int, bn: str, criterion: str) -> Scores:
+             steps: int, bn: str, criterion: str, batch=None) -> Scores:
     """Layer-by-layer LAP (Sec. 2.3, "Order of pruning" and "Sequential pruning").
 
     ``steps`` rounds; in round ``t`` every layer, in order, is pruned to
@@ -63,7 +65,7 @@ def _ordered(model: nn.Module, *, sparsity, scope: str, masks: Masks | None, bac
     targets = layer_targets(model, sparsity, scope, criterion)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    la = Lookahead(model, bn=bn)
+    la = Lookahead(model, graph_of(model, batch), bn=bn)
     order = list(la.graph)[::-1] if backward else list(la.graph)
     for n, m in (masks or {}).items():  # direct calls may pass masks not yet multiplied in
         if n in la.graph:
@@ -84,36 +86,36 @@ def _ordered(model: nn.Module, *, sparsity, scope: str, masks: Masks | None, bac
     return out
 
 
-def lap_forward(model: nn.Module, *, masks: Masks | None = None, sparsity=None,
+def lap_forward(model: nn.Module, *, batch=None, masks: Masks | None = None, sparsity=None,
                 scope: str = "global", bn: str = "eq8", **_) -> Scores:
     """LAP-forward, Park et al. Sec. 2.3: prune layers first to last, each scored with Eq. 5/8
     against its already-pruned predecessors. Needs per-layer targets (``scope="layerwise"``)."""
     return _ordered(model, sparsity=sparsity, scope=scope, masks=masks, backward=False, steps=1,
-                    bn=bn, criterion="lap-forward")
+                    bn=bn, criterion="lap-forward", batch=batch)
 
 
-def lap_backward(model: nn.Module, *, masks: Masks | None = None, sparsity=None,
+def lap_backward(model: nn.Module, *, batch=None, masks: Masks | None = None, sparsity=None,
                  scope: str = "global", bn: str = "eq8", **_) -> Scores:
     """LAP-backward, Park et al. Sec. 2.3: prune layers last to first, each scored against its
     already-pruned successors. Needs per-layer targets (``scope="layerwise"``)."""
     return _ordered(model, sparsity=sparsity, scope=scope, masks=masks, backward=True, steps=1,
-                    bn=bn, criterion="lap-backward")
+                    bn=bn, criterion="lap-backward", batch=batch)
 
 
-def lap_forward_seq(model: nn.Module, *, masks: Masks | None = None, sparsity=None,
+def lap_forward_seq(model: nn.Module, *, batch=None, masks: Masks | None = None, sparsity=None,
                     scope: str = "global", bn: str = "eq8", steps: int = 5, **_) -> Scores:
     """LAP-forward-seq, Park et al. Sec. 2.3 "Sequential pruning": each layer's budget is split
     into ``steps`` (5) equal parts, and ``steps`` forward passes each prune one part of every
     layer, first to last, re-scoring against the current neighbours (as the authors' code)."""
     return _ordered(model, sparsity=sparsity, scope=scope, masks=masks, backward=False,
-                    steps=steps, bn=bn, criterion="lap-forward-seq")
+                    steps=steps, bn=bn, criterion="lap-forward-seq", batch=batch)
 
 
-def lap_backward_seq(model: nn.Module, *, masks: Masks | None = None, sparsity=None,
+def lap_backward_seq(model: nn.Module, *, batch=None, masks: Masks | None = None, sparsity=None,
                      scope: str = "global", bn: str = "eq8", steps: int = 5, **_) -> Scores:
     """LAP-backward-seq: as :func:`lap_forward_seq`, each round going from last to first."""
     return _ordered(model, sparsity=sparsity, scope=scope, masks=masks, backward=True,
-                    steps=steps, bn=bn, criterion="lap-backward-seq")
+                    steps=steps, bn=bn, criterion="lap-backward-seq", batch=batch)
 
 
 # ==================================================================================== LAP-act
@@ -154,7 +156,7 @@ def activation_probabilities(model: nn.Module, x: Tensor,
     if not owners:
         return {}
     if graph.traced:
-        gm = torch.fx.symbolic_trace(model)
+        gm = G.trace(model)
 
         class _Probe(torch.fx.Interpreter):
             def run_node(self, node):
@@ -189,7 +191,7 @@ def activation_probabilities(model: nn.Module, x: Tensor,
                     probs[n] = p
             handles.append(module.register_forward_pre_hook(hook))
         try:
-            model(x)
+            B.call(model, x)
         finally:
             for h in handles:
                 h.remove()
@@ -226,7 +228,11 @@ def lap_act(model: nn.Module, *, batch=None, bn: str = "eq8", **_) -> Scores:
     x = batch[0]
     if G.is_parametrized(model):  # direct calls: trace and run the plain equivalent
         model = G.plain_copy(model)
-    graph = G.layer_graph(model)
+    graph = G.layer_graph(model, x)
+    if graph.source == "autograd":
+        raise ValueError(f"lap-act reads activation probabilities from the torch.fx graph, and "
+                         f"torch.fx cannot trace {type(model).__name__} ({graph.reason}); use "
+                         f"'lap' (its graph comes from a forward pass) instead")
     probs = activation_probabilities(model, x, graph)
     scale = {}
     for n, p in probs.items():
@@ -342,6 +348,9 @@ def lap_all(model: nn.Module, *, batch=None, bn: str = "eq8", input_shape=None,
     if not graph.traced:
         raise ValueError(f"lap-all needs a model torch.fx can trace ({graph.reason})")
     if batch is not None:
+        if not isinstance(batch[0], Tensor):
+            raise ValueError("lap-all pushes the identity basis of one input tensor through the "
+                             "network; this model takes several inputs or a mapping")
         shape = tuple(batch[0].shape[1:])
     elif input_shape is not None:
         shape = tuple(int(s) for s in input_shape)
@@ -353,7 +362,7 @@ def lap_all(model: nn.Module, *, batch=None, bn: str = "eq8", input_shape=None,
     dtype = next(iter(weights.values())).dtype
     scales = bn_scales(model, graph) if bn != "none" else {}
     scales = {k: v.to(dtype) for k, v in scales.items()}
-    gm = torch.fx.symbolic_trace(model)
+    gm = G.trace(model)
     d = math.prod(shape)
     prefix: dict[str, Tensor] = {}
     for start in range(0, d, chunk):
@@ -404,7 +413,7 @@ def lap_all(model: nn.Module, *, batch=None, bn: str = "eq8", input_shape=None,
 
 # ==================================================================================== OBD+LAP
 def obd_lap(model: nn.Module, *, batch=None, bn: str = "none", mc_samples: int = 0,
-            seed: int = 0, chunk: int | None = None, **_) -> Scores:
+            seed: int = 0, chunk: int | None = None, objective=None, **_) -> Scores:
     """OBD+LAP, Park et al. App. F.2: LAP "using OBD instead of weight magnitudes".
 
     Every weight, in the layer and in its neighbours, is replaced by its OBD magnitude
@@ -417,9 +426,10 @@ def obd_lap(model: nn.Module, *, batch=None, bn: str = "none", mc_samples: int =
         raise ValueError("obd+lap needs the GGN diagonal on data: pass batch=(x, y)")
     from prunelab.criteria.ggn import ggn_diagonal
 
-    ggn = ggn_diagonal(model, batch, mc_samples=mc_samples, seed=seed, chunk=chunk)
+    ggn = ggn_diagonal(model, batch, mc_samples=mc_samples, seed=seed, chunk=chunk,
+                       loss=objective or "cross_entropy")
     weights = {}
     for n, w in G.weights(model).items():
         w = work_dtype(w)
         weights[n] = w.abs() * (0.5 * ggn[n].detach().to(w.dtype).clamp_min(0)).sqrt()
-    return Lookahead(model, weights=weights, bn=bn).scores()
+    return Lookahead(model, graph_of(model, batch), weights=weights, bn=bn).scores()

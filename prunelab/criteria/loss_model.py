@@ -21,16 +21,16 @@ by :func:`prunelab.criteria.compute`, not here.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunelab import batches as B
 from prunelab import graph as G
 from prunelab.criteria import ScoreResult
 from prunelab.criteria.ggn import loss_grad_ggn
 
 
 def obd(model: nn.Module, *, batch: tuple[Tensor, Tensor], mc_samples: int = 0,
-        chunk: int | None = None, seed: int = 0, **_) -> ScoreResult:
+        chunk: int | None = None, seed: int = 0, objective=None, **_) -> ScoreResult:
     """OBD saliency ½·G_kk·θ_k² (LM paper Eq. 3; GGN diagonal, App. A).
 
     Args:
@@ -43,7 +43,8 @@ def obd(model: nn.Module, *, batch: tuple[Tensor, Tensor], mc_samples: int = 0,
     Returns:
         :class:`ScoreResult` with the saliencies and the number of examples used.
     """
-    res = loss_grad_ggn(model, batch, mc_samples=mc_samples, seed=seed, chunk=chunk, grad=False)
+    res = loss_grad_ggn(model, batch, mc_samples=mc_samples, seed=seed, chunk=chunk, grad=False,
+                        loss=objective or "cross_entropy")
     scores = {}
     for n, w in G.weights(model).items():
         w = w.detach()
@@ -52,7 +53,8 @@ def obd(model: nn.Module, *, batch: tuple[Tensor, Tensor], mc_samples: int = 0,
                        info={"loss": res.loss, "mc_samples": mc_samples})
 
 
-def lm(model: nn.Module, *, batch: tuple[Tensor, Tensor], signed: bool = False, **_) -> ScoreResult:
+def lm(model: nn.Module, *, batch: tuple[Tensor, Tensor], signed: bool = False,
+       objective=None, **_) -> ScoreResult:
     """Linear model: predicted loss change of removing θ_k, ΔL_LM = −g_k·θ_k (LM paper Eq. 6).
 
     Args:
@@ -64,20 +66,24 @@ def lm(model: nn.Module, *, batch: tuple[Tensor, Tensor], signed: bool = False, 
     Returns:
         :class:`ScoreResult` with the scores and the number of examples used.
     """
+    obj = objective or B.Objective()
     x, y = batch
     weights = G.weights(model)
     with torch.enable_grad():
-        loss = F.cross_entropy(model(x), y)
+        z = obj.forward(model, x)
+        obj.check(z, y)
+        loss = obj.value(z, y)
         grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
     scores = {}
     for (n, w), g in zip(weights.items(), grads):
         change = torch.zeros_like(w) if g is None else -(g * w).detach()
         scores[n] = change if signed else change.abs()
-    return ScoreResult(scores, examples=len(x), info={"loss": float(loss.detach())})
+    return ScoreResult(scores, examples=len(y), info={"loss": float(loss.detach())})
 
 
 def qm(model: nn.Module, *, batch: tuple[Tensor, Tensor], signed: bool = False,
-       mc_samples: int = 0, chunk: int | None = None, seed: int = 0, **_) -> ScoreResult:
+       mc_samples: int = 0, chunk: int | None = None, seed: int = 0, objective=None,
+       **_) -> ScoreResult:
     """Quadratic model: ΔL_QM = −g_k θ_k + ½ G_kk θ_k² for removing θ_k (LM paper Eq. 5, App. A).
 
     Gradient and GGN diagonal come from one pass of :func:`~prunelab.criteria.ggn.loss_grad_ggn`.
@@ -94,7 +100,8 @@ def qm(model: nn.Module, *, batch: tuple[Tensor, Tensor], signed: bool = False,
     Returns:
         :class:`ScoreResult` with the scores and the number of examples used.
     """
-    res = loss_grad_ggn(model, batch, mc_samples=mc_samples, seed=seed, chunk=chunk, grad=True)
+    res = loss_grad_ggn(model, batch, mc_samples=mc_samples, seed=seed, chunk=chunk, grad=True,
+                        loss=objective or "cross_entropy")
     scores = {}
     for n, w in G.weights(model).items():
         w = w.detach()

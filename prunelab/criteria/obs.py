@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunelab import batches as B
 from prunelab import graph as G
 from prunelab.criteria.gradient import single_threaded
 
@@ -128,17 +129,19 @@ def input_second_moments(model: nn.Module, x: Tensor, names: list[str] | None = 
     handles = [G.module_of(model, n).register_forward_pre_hook(hook_for(n)) for n in names]
     try:
         with torch.no_grad():
-            for i in range(0, len(x), chunk_size):
-                model(x[i:i + chunk_size])
+            for i in range(0, B.length(x), chunk_size):
+                B.call(model, B.take(x, slice(i, i + chunk_size)))
     finally:
         for h in handles:
             h.remove()
-    return {n: acc[n] / len(x) for n in names}
+    return {n: acc[n] / B.length(x) for n in names}
 
 
 def empirical_fisher(model: nn.Module, batch, names: list[str], *, diagonal: tuple[str, ...] = (),
-                     chunk_size: int | None = None) -> dict[str, Tensor]:
-    """F = (1/N) Σ_n g_n g_nᵀ per layer from per-example cross-entropy gradients (vmap).
+                     chunk_size: int | None = None,
+                     objective: B.Objective | None = None) -> dict[str, Tensor]:
+    """F = (1/N) Σ_n g_n g_nᵀ per layer from per-example loss gradients (vmap; cross-entropy
+    unless ``objective`` says otherwise).
 
     Returns ``{name: (numel, numel) float64}`` (``(numel,)`` for ``diagonal`` names).
     """
@@ -149,21 +152,26 @@ def empirical_fisher(model: nn.Module, batch, names: list[str], *, diagonal: tup
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     weights = {n: params[n] for n in names}
 
-    def loss_one(w: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-        out = functional_call(model, ({**params, **w}, buffers), (xi.unsqueeze(0),))
-        return F.cross_entropy(out, yi.unsqueeze(0))
+    obj = objective or B.Objective()
+
+    def loss_one(w: dict[str, Tensor], xi, yi: Tensor) -> Tensor:
+        one = B._map(xi, lambda t: t.unsqueeze(0))
+        args, kwargs = ((), one) if isinstance(one, dict) else (
+            (tuple(one) if isinstance(one, (tuple, list)) else (one,)), {})
+        out = functional_call(model, ({**params, **w}, buffers), args, kwargs)
+        return obj.value(B.output_tensor(out, obj.output), yi.unsqueeze(0))
 
     per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
     total = sum(w.numel() for w in weights.values())
     step = chunk_size or max(1, (1 << 23) // max(1, total))
     acc: dict[str, Tensor] = {}
-    for i in range(0, len(x), step):
-        gs = per_example(weights, x[i:i + step], y[i:i + step])
+    for i in range(0, len(y), step):
+        gs = per_example(weights, B.take(x, slice(i, i + step)), y[i:i + step])
         for n in names:
             g = gs[n].reshape(gs[n].shape[0], -1).to(torch.float64)
             part = (g * g).sum(0) if n in diagonal else g.T @ g
             acc[n] = acc[n] + part if n in acc else part
-    return {n: acc[n] / len(x) for n in names}
+    return {n: acc[n] / len(y) for n in names}
 
 
 # ----------------------------------------------------------------------------- linear algebra
@@ -346,7 +354,8 @@ def _damped(h: Tensor, damp: float) -> tuple[Tensor, float]:
 # ----------------------------------------------------------------------------- criterion
 def obs(model: nn.Module, *, batch=None, masks: Masks | None = None, seed: int = 0,
         sparsity=None, scope: str = "global", block: str = "row", damp: float = 1e-4,
-        max_row: int = 2048, max_block: int = 4096, chunk_size: int = 256, **_):
+        max_row: int = 2048, max_block: int = 4096, chunk_size: int = 256, objective=None,
+        **_):
     """Optimal Brain Surgeon saliency w_q² / (2 [H⁻¹]_qq) with the OBS update of the kept weights.
 
     Hassibi & Stork (1993), Eq. 5, with block-diagonal H: layer-input second moments per output
@@ -398,7 +407,7 @@ def obs(model: nn.Module, *, batch=None, masks: Masks | None = None, seed: int =
     else:
         groups = {n: 1 for n in names}
         diagonal = tuple(n for n in names if weights[n].numel() > max_block)
-        stats = empirical_fisher(model, (x, y), names, diagonal=diagonal)
+        stats = empirical_fisher(model, (x, y), names, diagonal=diagonal, objective=objective)
         stats = {n: s.unsqueeze(0) for n, s in stats.items()}
     if diagonal:
         limit = f"max_row={max_row} inputs per row" if block == "row" else \
