@@ -176,10 +176,13 @@ def loss_grad_ggn(model: nn.Module, batch: tuple[Tensor, Tensor], *, mc_samples:
         for m, mode in modes.items():
             m.training = mode
     ggn, grads = acc.result(units)
-    for n, m in modules.items():
-        if m not in acc.seen:
-            warnings.warn(f"{n} was never called through its module during the forward pass; its "
-                          f"GGN diagonal and gradient are reported as zero", stacklevel=2)
+    unseen = [n for n, m in modules.items() if m not in acc.seen]
+    if unseen:
+        _check_unused(model, x, obj, unseen)
+        for n in unseen:
+            warnings.warn(f"{n} was never called through its module during the forward pass and "
+                          f"does not affect the output; its GGN diagonal and gradient are zero",
+                          stacklevel=2)
     return LossGradGGN(loss=loss_sum / units,
                        grad={n: grads[modules[n]] for n in names} if grad else {},
                        ggn={n: ggn[modules[n]] for n in names}, examples=n_total)
@@ -355,6 +358,24 @@ def _callable_factor(z: Tensor, y: Tensor, uniforms: Tensor | None, grad: bool,
     if grad:
         v[k] = gz.reshape(n, d)
     return v.reshape(k + int(grad), *z.shape), k, per.detach().sum()
+
+
+def _check_unused(model: nn.Module, x, obj: B.Objective, names: list[str]) -> None:
+    """ValueError when weights whose module was never called still shape the output (used by a
+    functional kernel, as nn.MultiheadAttention uses its out_proj): their GGN diagonal cannot be
+    read from module calls, and zero would be wrong."""
+    ws = [G.weight(model, n) for n in names]
+    with torch.enable_grad():
+        z = obj.forward(model, B.take(x, slice(0, 1)))
+        grads = torch.autograd.grad(z.sum(), ws, allow_unused=True) if z.requires_grad else []
+    used = [n for n, g in zip(names, grads) if g is not None]
+    if used:
+        raise ValueError(
+            f"the GGN diagonal is read from the calls of each prunable module, and {used} shape "
+            f"the output without their module being called (e.g. nn.MultiheadAttention's "
+            f"out_proj inside F.multi_head_attention_forward): obd, qm and obd+lap cannot score "
+            f"this model; use lm, snip, taylor-fo or mp, or write attention with nn.Linear "
+            f"projections (as pl.models' vit and HuggingFace models do)")
 
 
 def _output_shape(model: nn.Module, x, obj: B.Objective) -> tuple[int, ...]:
@@ -805,7 +826,9 @@ def _autograd_pass(model: nn.Module, modules: dict[str, nn.Module], x, y: Tensor
     for m in fast:
         acc.add_linear(m, calls[m][0][0], sq[m], gcol.get(m))
     for m, per_call in kept.items():
-        acc.add_calls(m, [(calls[m][i][0], torch.stack(bl)) for i, bl in enumerate(per_call)], k)
+        if per_call:
+            acc.add_calls(m, [(calls[m][i][0], torch.stack(bl)) for i, bl in enumerate(per_call)],
+                          k)
     return float(loss)
 
 

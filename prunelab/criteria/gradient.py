@@ -21,6 +21,7 @@ Sign conventions (our "keep the highest" rule must reproduce each paper's prunin
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -146,13 +147,26 @@ def hessian_gradient_product(model: nn.Module, batch, *, masks: Masks | None = N
         ``{name: Hg}`` shaped like each prunable weight.
     """
     alive = _alive(model, masks)
-    with parametrize.cached():
+    with parametrize.cached(), _double_backward_attention():
         names, weights, grads = _grads(model, batch, create_graph=True, temperature=temperature,
                                        objective=objective)
         flow = sum((g.detach() * alive[n] * g).sum() for n, g in zip(names, grads))
         hg = torch.autograd.grad(flow, weights, allow_unused=True)
     return {n: (h.detach() if h is not None else torch.zeros_like(w))
             for n, w, h in zip(names, weights, hg)}
+
+
+@contextlib.contextmanager
+def _double_backward_attention():
+    """Scaled-dot-product attention on its math kernel: the fused kernels (flash, memory-
+    efficient) have no second derivative, which GraSP's Hg needs (same numbers, slower)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: nothing to switch
+        yield
+        return
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 def grasp(model: nn.Module, *, batch=None, masks: Masks | None = None,
