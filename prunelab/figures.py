@@ -136,6 +136,21 @@ def _readable_log(axis, max_ticks: int = 5) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
+def _labels(ax, xlabel: str | None = None, ylabel: str | None = None) -> None:
+    """Axis labels, wrapped onto a second line where they are longer than their axis."""
+    import textwrap
+
+    fig_w, fig_h = ax.figure.get_size_inches()
+    box = ax.get_position()
+    for text, length, setter, label in ((xlabel, box.width * fig_w, ax.set_xlabel, ax.xaxis),
+                                        (ylabel, box.height * fig_h, ax.set_ylabel, ax.yaxis)):
+        if text is None:
+            continue
+        # ~0.55 em per character of the label font
+        chars = max(16, int(length * 72 / (0.55 * label.label.get_size())))
+        setter(textwrap.fill(text, chars) if len(text) > chars else text)
+
+
 def _band(ax, x, mean, std, color, label, *, marker="o", linestyle="-"):
     ax.plot(x, mean, color=color, marker=marker, markersize=3, linewidth=1.3,
             linestyle=linestyle, label=label)
@@ -176,8 +191,8 @@ def accuracy_vs_density(frame: pd.DataFrame, *, x: str = "density", y: str = "ac
     else:
         _readable_log(ax.xaxis)
     ax.invert_xaxis()
-    ax.set_xlabel(V.axis_label(x, frame))
-    ax.set_ylabel(V.axis_label(y, frame))
+    _labels(ax, V.axis_label(x, frame))
+    _labels(ax, None, V.axis_label(y, frame))
     _outside_legend(ax, title=hue)
     return ax
 
@@ -237,9 +252,9 @@ def delta_loss_vs_lambda(frame: pd.DataFrame, *, criterion_col: str = "criterion
         # mathtext for "0" too, so it sits on the baseline of the 10^k labels
         ax.set_xticklabels(["$0$" if k is None else f"$10^{{{k}}}$" for k in view.tickexps])
         ax.set_title(V.display_name(crit))
-        ax.set_xlabel(V.axis_label(x))
+        _labels(ax, V.axis_label(x))
     _readable_log(axes[0].yaxis, 6)
-    axes[0].set_ylabel(V.axis_label(y))
+    _labels(axes[0], None, V.axis_label(y))
     sym = "π" if line == "stages" else line
     handles = [Line2D([], [], color=colors[v], marker="o", markersize=3, linewidth=1.2)
                for v in view.line_levels]
@@ -279,6 +294,7 @@ def stage_trajectories(history: pd.DataFrame, *, x: str = "sparsity",
     agg = V.summary(data, [*keys, "stage"], values).sort_values([*keys, "stage"])
     if axes is None:
         fig, axes = _axes_row(2, 6.4, 2.6)
+        fig.subplots_adjust(wspace=0.35)  # room for the right panel's y label
     elif len(axes) != 2:
         raise ValueError(f"need 2 axes, got {len(axes)}")
     fig = axes[0].figure
@@ -290,10 +306,10 @@ def stage_trajectories(history: pd.DataFrame, *, x: str = "sparsity",
         xs = g["stage"] if x == "stage" else g[f"{x}_mean"]
         _band(axes[0], xs, g["delta_loss_mean"], g["delta_loss_std"], color, name)
         _band(axes[1], g["stage"], g["step_norm_mean"], g["step_norm_std"], color, name)
-    axes[0].set_xlabel(V.axis_label(x))
-    axes[0].set_ylabel("ΔL after the stage (nats)")
-    axes[1].set_xlabel(V.axis_label("stage"))
-    axes[1].set_ylabel("‖Δθ‖ of the stage")
+    _labels(axes[0], V.axis_label(x))
+    _labels(axes[0], None, "ΔL after the stage (nats)")
+    _labels(axes[1], V.axis_label("stage"))
+    _labels(axes[1], None, "‖Δθ‖ of the stage")
     if log_y:
         axes[0].set_yscale("log")
         _readable_log(axes[0].yaxis, 6)
@@ -333,8 +349,8 @@ def delta_loss_scatter(frame: pd.DataFrame, *, x: str = "delta_loss",
                    marker=_MARKERS[i % len(_MARKERS)], label=V.display_name(name))
     ax.set_xscale("log")
     _readable_log(ax.xaxis)
-    ax.set_xlabel(V.axis_label(x))
-    ax.set_ylabel(V.axis_label(y, frame))
+    _labels(ax, V.axis_label(x))
+    _labels(ax, None, V.axis_label(y, frame))
     ax.set_title(V.spearman_title(stat, ci), fontsize="medium")
     if hue:
         _outside_legend(ax, title=hue)
@@ -368,14 +384,14 @@ def performance_profile(profile: pd.DataFrame, *, method: str = "method", tau: s
                 linestyle="--" if dashed else "-", label=V.display_name(name))
     if kind == "mrp":
         ax.set_xlim(0, 1)
-        ax.set_xlabel("τ (threshold τ·best + (1 − τ)·worst)")
-        ax.set_ylabel("fraction below the threshold")
+        _labels(ax, "τ (threshold τ·best + (1 − τ)·worst)")
+        _labels(ax, None, "fraction below the threshold")
     else:
         ax.set_xscale("log", base=2)
         ax.set_xlim(1, right)
         _readable_log(ax.xaxis)
-        ax.set_xlabel("τ (ratio to the best)")
-        ax.set_ylabel("fraction with ratio ≤ τ")
+        _labels(ax, "τ (ratio to the best)")
+        _labels(ax, None, "fraction with ratio ≤ τ")
     ax.set_ylim(-0.02, 1.02)
     _outside_legend(ax, title=method)
     return ax
@@ -396,8 +412,8 @@ def penalty_scatter(pairs: pd.DataFrame, *, hue: str = "base", ax=None):
     lo = float(min(pairs["without"].min(), pairs["with"].min()))
     hi = float(max(pairs["without"].max(), pairs["with"].max()))
     ax.plot([lo, hi], [lo, hi], color="black", linestyle="--", linewidth=0.8, label="y = x")
-    ax.set_xlabel("penalty without mean replacement (nats)")
-    ax.set_ylabel("penalty with mean replacement, bp_ (nats)")
+    _labels(ax, "penalty without mean replacement (nats)")
+    _labels(ax, None, "penalty with mean replacement, bp_ (nats)")
     ax.set_title(f"{pairs['with'].lt(pairs['without']).mean():.0%} of points below y = x",
                  fontsize="medium")
     _outside_legend(ax, title=hue)
@@ -416,8 +432,8 @@ def penalty_over_training(frame: pd.DataFrame, *, y: str = "penalty", x: str = "
         part = agg[agg[hue] == name].sort_values(x)
         ax.plot(part[x], part["mean"], color=color, linestyle="--" if dashed else "-",
                 linewidth=1.2, label=V.display_name(name))
-    ax.set_xlabel(V.axis_label(x))
-    ax.set_ylabel(V.axis_label(y))
+    _labels(ax, V.axis_label(x))
+    _labels(ax, None, V.axis_label(y))
     _outside_legend(ax, title=hue)
     return ax
 
@@ -432,8 +448,8 @@ def selection_consistency(frame: pd.DataFrame, *, ax=None):
         ax.plot(part["step"], part["fraction_ever_selected"], color=color,
                 linestyle="--" if dashed else "-", linewidth=1.2, label=V.display_name(name))
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel(V.axis_label("step"))
-    ax.set_ylabel(V.axis_label("fraction_ever_selected"))
+    _labels(ax, V.axis_label("step"))
+    _labels(ax, None, V.axis_label("fraction_ever_selected"))
     _outside_legend(ax, title="score")
     return ax
 
@@ -451,8 +467,8 @@ def activation_histogram(frame: pd.DataFrame, *, scores: Sequence[str] | None = 
         vals = data.loc[data["score"] == name, "log10"].to_numpy()
         ax.hist(vals, bins=edges, histtype="step", linewidth=1.3, color=colors[name],
                 label=V.display_name(name))
-    ax.set_xlabel("log10 mean squared activation of the selected units")
-    ax.set_ylabel("units selected (count)")
+    _labels(ax, "log10 mean squared activation of the selected units")
+    _labels(ax, None, "units selected (count)")
     _outside_legend(ax, title="score")
     return ax
 
@@ -485,8 +501,8 @@ def loss_plane(frame: pd.DataFrame, *, z: str = "loss", split: str | None = None
             ax.plot(u, v, "o", color="white", markeredgecolor="black", markersize=6)
             ax.annotate(label, (u, v), textcoords="offset points", xytext=(4, 4), color="white")
     ax.set_aspect("equal", adjustable="box")
-    ax.set_xlabel("u (along b − a)")
-    ax.set_ylabel("v")
+    _labels(ax, "u (along b − a)")
+    _labels(ax, None, "v")
     return ax
 
 
@@ -506,8 +522,8 @@ def instability(barriers: pd.DataFrame, *, x: str = "k", y: str = "barrier",
     if color:
         _outside_legend(ax, title=color)
     metric = str(barriers["metric"].iloc[0]) if "metric" in barriers and len(barriers) else "error"
-    ax.set_xlabel("splitting step k (training steps)")
-    ax.set_ylabel(f"{metric} barrier" + (" (fraction)" if metric == "error" else " (nats)"))
+    _labels(ax, "splitting step k (training steps)")
+    _labels(ax, None, f"{metric} barrier" + (" (fraction)" if metric == "error" else " (nats)"))
     return ax
 
 
@@ -562,8 +578,8 @@ def collapse_curves(frame: pd.DataFrame, *, y: str | None = None, hue: str = "cr
     if log_y:
         ax.set_yscale("log")
         _readable_log(ax.yaxis, 6)
-    ax.set_xlabel(V.axis_label(x))
-    ax.set_ylabel(V.axis_label(y, frame) + (" (0 drawn at the bottom)" if log_y else ""))
+    _labels(ax, V.axis_label(x))
+    _labels(ax, None, V.axis_label(y, frame) + (" (0 drawn at the bottom)" if log_y else ""))
     _outside_legend(ax, title="× layer collapse")
     return ax
 
@@ -587,7 +603,7 @@ def layer_density_heatmap(frame: pd.DataFrame, *, criterion: str | None = None,
     ax.set_yticks(range(len(layers)))
     ax.set_yticklabels([str(n).removesuffix(".weight") for n in layers], fontsize="small")
     ax.grid(False)
-    ax.set_xlabel("compression ratio ρ")
+    _labels(ax, "compression ratio ρ")
     ax.set_title(f"{V.display_name(criterion)}: log10 density per layer (× collapsed)",
                  fontsize="medium")
     ax.figure.colorbar(im, ax=ax, label="log10 fraction of the layer kept")
@@ -604,7 +620,7 @@ def layer_density(density_frame: pd.DataFrame, *, layer: str = "layer",
             ``pl.collapse.layer_density`` frame (use :func:`layer_density_heatmap` or
             :func:`collapse_curves` for those).
     """
-    rows, total = V.density_bars(density_frame, layer=layer, density=density, color=hue)
+    rows, totals = V.density_bars(density_frame, layer=layer, density=density, color=hue)
     layers = list(pd.unique(rows[layer]))
     names = list(pd.unique(rows[hue])) if hue else [None]
     if ax is None:
@@ -616,15 +632,16 @@ def layer_density(density_frame: pd.DataFrame, *, layer: str = "layer",
         pos = [layers.index(n) - 0.4 + width * (i + 0.5) for n in part[layer]]
         ax.bar(pos, part[density], width=width, color=colors[name],
                label=V.display_name(name) if hue else None)
-    if total is not None:
-        ax.axhline(total, color="black", linestyle="--", linewidth=1.0,
-                   label=f"total {total:.3g}")
+    for name, total in totals.items():
+        who = "" if name is None else f" {V.display_name(name)}"
+        ax.axhline(total, color="black" if name is None else colors[name], linestyle="--",
+                   linewidth=1.0, label=f"total{who} {total:.3g}")
     ax.set_xticks(range(len(layers)))
     ax.set_xticklabels([str(n).removesuffix(".weight") for n in layers], rotation=90,
                        fontsize="small")
     ax.set_ylim(0, 1.05)
-    ax.set_xlabel(layer)
-    ax.set_ylabel("fraction of weights kept")
+    _labels(ax, layer)
+    _labels(ax, None, "fraction of weights kept")
     _outside_legend(ax, title=hue)
     return ax
 
@@ -656,7 +673,7 @@ def interpolation(frame: pd.DataFrame, *, y: str = "loss", x: str = "t",
         ax.plot(part[x], part[y], marker="o", markersize=2.5, linewidth=1.3, color=color,
                 linestyle=styles.get(named.get("split"), "-"),
                 label=f"{label} (barrier {barriers[label]:.3g})")
-    ax.set_xlabel("t (position along the path)" if x == "t" else V.axis_label(x))
-    ax.set_ylabel(V.axis_label(y))
+    _labels(ax, "t (position along the path)" if x == "t" else V.axis_label(x))
+    _labels(ax, None, V.axis_label(y))
     _outside_legend(ax)
     return ax

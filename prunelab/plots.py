@@ -346,7 +346,7 @@ def layer_density(density_frame: pd.DataFrame, *, layer: str = "layer",
             :func:`collapse_curves` for those).
     """
     go = _go()
-    rows, total = V.density_bars(density_frame, layer=layer, density=density, color=color)
+    rows, totals = V.density_bars(density_frame, layer=layer, density=density, color=color)
     fig = go.Figure()
     columns = [c for c in (layer, "numel", "kept") if c in rows.columns]
     parts = rows.groupby(color, sort=False) if color else [(None, rows)]
@@ -359,9 +359,11 @@ def layer_density(density_frame: pd.DataFrame, *, layer: str = "layer",
                              name=V.display_name(name) if color else density,
                              marker_color=colors[name], customdata=data,
                              hovertemplate=template))
-    if total is not None:
-        fig.add_hline(y=total, line_dash="dash", line_color="black",
-                      annotation_text=f"total {total:.3g}", annotation_position="top left")
+    for name, total in totals.items():
+        who = "" if name is None else f" {V.display_name(name)}"
+        fig.add_hline(y=total, line_dash="dash",
+                      line_color="black" if name is None else colors[name],
+                      annotation_text=f"total{who} {total:.3g}", annotation_position="top left")
     fig.update_xaxes(title_text=layer, type="category")
     fig.update_yaxes(title_text="fraction of weights kept", range=[0, 1.05])
     fig.update_layout(title=title or "Density per layer", template="plotly_white",

@@ -49,17 +49,17 @@ STYLES: dict[str, Style] = {
     "lap-forward": Style("LAP-forward", "#e6550d"),
     "lap-backward": Style("LAP-backward", "#a63603"),
     "lap-forward-seq": Style("LAP-forward-seq", "#fd8d3c"),
-    "lap-backward-seq": Style("LAP-backward-seq", "#8c564b"),
+    "lap-backward-seq": Style("LAP-backward-seq", "#ad494a"),
     "lap-act": Style("LAP-act", "#fdae6b"),
     "lap-all": Style("LAP-all", "#d94801"),
     "obd+lap": Style("OBD+LAP", "#b5cf6b"),
     "obd": Style("OBD", "#2ca02c"),
     "lm": Style("LM", "#d62728"),
     "qm": Style("QM", "#9467bd"),
-    "snip": Style("SNIP", "#17becf"),
+    "snip": Style("SNIP", "#8c564b"),
     "grasp": Style("GraSP", "#e377c2"),
     "synflow": Style("SynFlow", "#bcbd22"),
-    "taylor-fo": Style("Taylor-FO", "#393b79"),
+    "taylor-fo": Style("Taylor-FO", "#17becf"),
     "grad-mag": Style("gradient magnitude", "#6b6ecf"),
     "obs": Style("OBS", "#843c39"),
     # structured criteria (prunelab.structured.names())
@@ -145,7 +145,7 @@ _LABELS = {
 }
 _SPLITS = {"train": "training", "val": "validation", "test": "test"}
 _KINDS = {"error": "error (fraction)", "loss": "loss (nats)", "accuracy": "accuracy (fraction)",
-          "error_gap": "error gap (fraction, pruned − dense)"}
+          "error_gap": "error gap (fraction)"}
 
 
 def axis_label(column: str, frame: pd.DataFrame | None = None) -> str:
@@ -431,8 +431,9 @@ def _is_decade(value: float) -> bool:
 
 # ----------------------------------------------------------------------------- masks
 def density_bars(frame: pd.DataFrame, *, layer: str = "layer", density: str = "density",
-                 color: str | None = None) -> tuple[pd.DataFrame, float | None]:
-    """The bars of a ``pl.masks.density`` frame and its ``total`` (or None).
+                 color: str | None = None) -> tuple[pd.DataFrame, dict]:
+    """The bars of a ``pl.masks.density`` frame and its ``total`` rows: (layer rows,
+    {``color`` level (None without ``color``): total density}).
 
     Raises:
         ValueError: a layer appears several times per ``color`` level (a
@@ -450,7 +451,12 @@ def density_bars(frame: pd.DataFrame, *, layer: str = "layer", density: str = "d
                 "filter the frame or pass color= naming the column that tells them apart")
         raise ValueError(f"several rows per {keys} in the density frame; {hint}")
     total = frame[frame[layer] == "total"]
-    return rows, (float(total[density].iloc[0]) if len(total) == 1 else None)
+    if color:
+        totals = {k: float(g[density].iloc[0]) for k, g in total.groupby(color, sort=False)
+                  if len(g) == 1}
+    else:
+        totals = {None: float(total[density].iloc[0])} if len(total) == 1 else {}
+    return rows, totals
 
 
 # ----------------------------------------------------------------------------- layer collapse
