@@ -9,15 +9,16 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "prunelab"
 
 # DESIGN.md: data < models < train < metrics < zoo < graph < criteria < masks < prune
-#            < units, connectivity, collapse, lottery < experiments < plots < figures < widgets
-# (figures reuses the frame helpers of plots: the static versions of the same views)
+#            < units, connectivity, collapse, lottery < experiments < views < plots < figures
+#            < widgets
+# (views prepares the frames and the style once; plots and figures only draw them)
 LAYERS = [
     {"paths", "_parametrize", "store"}, {"data"}, {"models"}, {"train"}, {"metrics"}, {"zoo"}, {"graph"},
     {"criteria"}, {"masks"}, {"pruning"}, {"units", "connectivity", "collapse", "lottery", "at_init", "compression"},
-    {"structured"}, {"experiments"}, {"plots"}, {"figures"}, {"widgets"},
+    {"structured"}, {"experiments"}, {"views"}, {"plots"}, {"figures"}, {"widgets"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
-TORCH_FREE = {"paths", "store", "plots", "figures"}
+TORCH_FREE = {"paths", "store", "views", "plots", "figures"}
 
 
 def module_files():
