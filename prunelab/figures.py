@@ -10,6 +10,9 @@ read at every range, axis labels name the split and the unit. :func:`style` pick
 sizes (``"paper"`` or ``"talk"``); :func:`save` writes 300 dpi PNG and PDF with embedded
 TrueType fonts, byte-identical across runs. Torch-free: matplotlib, seaborn and
 ``prunelab.metrics`` are imported when a figure is drawn.
+
+Over 500 lines on purpose: one short matplotlib drawing function per paper figure (LM, LAP, MRP,
+Tanaka, Frankle, Garipov), all in the one style; splitting them by paper would split the style.
 """
 from __future__ import annotations
 
@@ -557,7 +560,8 @@ def save(fig_or_ax, name: str, *, folder: str | Path | None = None,
 def collapse_curves(frame: pd.DataFrame, *, y: str | None = None, hue: str = "criterion",
                     x: str = "compression", chance=None, ax=None):
     """``y`` against the compression ratio ρ (log x), one line per criterion, layer collapse
-    marked with an x (Tanaka et al. 2020, Fig. 1); frames as :func:`prunelab.plots.collapse_curves`."""
+    marked with an x (Tanaka et al. 2020, Fig. 1); frames as
+    :func:`prunelab.plots.collapse_curves`; ``chance`` as in :func:`accuracy_vs_density`."""
     agg, y, log_y = V.collapse_view(frame, y=y, criterion=hue, x=x)
     if ax is None:
         _, ax = new_axes(4.2, 3.0)

@@ -6,6 +6,9 @@ of the MRP scores with their mean-replacement twins, the per-(criterion, ρ) sum
 collapse, path barriers, and the style they share (a display name and a fixed colour per
 criterion, axis labels that name the split and the unit, the chance level, log-axis ticks that
 read at every range). Torch-free and plotting-library-free: numpy and pandas only.
+
+Over 500 lines on purpose: the style table and one preparation per figure family, kept
+together so that plots and figures cannot drift apart.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ __all__ = ["CONFIG_COLUMNS", "require_columns", "Style", "STYLES", "FALLBACK_COL
            "spearman_title", "fmt", "levels", "check_unique", "summary", "aggregate",
            "hover_columns", "group_columns", "lambda_positions", "lambda_ticks", "LambdaView",
            "lambda_view", "log_ticks", "tick_text", "density_bars", "collapse_points",
-           "collapse_summary", "collapse_view", "path_groups", "pick_criterion", "density_matrix", "path_barriers",
+           "collapse_summary", "collapse_view", "path_groups", "pick_criterion",
+           "density_matrix", "path_barriers",
            "profile_kind", "histogram_edges"]
 
 

@@ -149,6 +149,17 @@ def test_performance_profile_plot_step_lines():
     assert tuple(fig.layout.xaxis.range) == (0, 1)
 
 
+def test_performance_profile_plot_dolan_more_on_a_log_ratio_axis():
+    f = pd.DataFrame({"method": list("ab") * 2, "measurement": [1, 1, 2, 2],
+                      "penalty": [1.0, 2.0, 3.0, np.inf]})
+    fig = plots.performance_profile(metrics.performance_profile(f, kind="dolan-more"))
+    assert fig.layout.xaxis.type == "log" and "ratio" in fig.layout.xaxis.title.text
+    b = next(t for t in fig.data if t.name == "b")
+    assert list(b.x) == [1.0, 2.0] and list(b.y) == [0.0, 0.5]   # b failed on measurement 2
+    mrp = plots.performance_profile(profile())
+    assert mrp.layout.xaxis.type is None and tuple(mrp.layout.xaxis.range) == (0, 1)
+
+
 def test_layer_density_bars_skip_total():
     fig = plots.layer_density(density())
     assert len(fig.data) == 1 and fig.data[0].type == "bar"

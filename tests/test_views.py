@@ -1,6 +1,5 @@
 """The view layer: one style per criterion, axis labels, chance level, log ticks, and the
 frames plots and figures share (prepared once, torch-free)."""
-import math
 import subprocess
 import sys
 
