@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["loss", "delta_loss", "evaluate", "spearman", "seed_table", "best_over", "error_gaps",
-           "performance_profile"]
+           "performance_profile", "CONFIG_COLUMNS", "require_columns"]
 
 
 # ----------------------------------------------------------------------------- models
@@ -66,8 +66,10 @@ def __getattr__(name: str):
 
 
 # ----------------------------------------------------------------------------- frame checks
-_CONFIG = ("arch", "dataset", "seed", "criterion", "sparsity", "stages", "lam", "schedule",
-           "scope", "examples", "finetune")
+#: The configuration columns of a run, in the order a sweep writes them (the fields of
+#: ``prunelab.experiments.Sweep``): the one list the statistics, views and plots share.
+CONFIG_COLUMNS: tuple[str, ...] = ("arch", "dataset", "seed", "criterion", "sparsity", "stages",
+                                   "lam", "schedule", "scope", "finetune", "examples")
 
 
 def _names(columns: str | Iterable[str] | None) -> list[str]:
@@ -76,7 +78,8 @@ def _names(columns: str | Iterable[str] | None) -> list[str]:
     return [columns] if isinstance(columns, str) else list(columns)
 
 
-def _require(frame: pd.DataFrame, columns: Iterable[str]) -> None:
+def require_columns(frame: pd.DataFrame, columns: Iterable[str]) -> None:
+    """ValueError naming the ``columns`` that ``frame`` lacks and the ones it has."""
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise ValueError(f"frame lacks columns {missing}; it has {list(frame.columns)}")
@@ -104,7 +107,7 @@ def _unique(frame: pd.DataFrame, keys: Sequence[str], what: str) -> None:
         varying = [c for c in frame.columns if c not in keys
                    and frame.loc[dup, c].nunique(dropna=False) > 1]
         # Name the configuration columns first: they are what the caller should filter on.
-        config = [c for c in varying if c in _CONFIG]
+        config = [c for c in varying if c in CONFIG_COLUMNS]
         varying = config or varying
         raise ValueError(f"several rows per {what} {list(keys)}, e.g. "
                          f"{_describe(frame.loc[dup, list(keys)].drop_duplicates(), 3)}; "
@@ -152,7 +155,7 @@ def spearman(frame: pd.DataFrame, x: str = "delta_loss", y: str = "val_error_gap
     """
     from scipy import stats
 
-    _require(frame, [x, y])
+    require_columns(frame, [x, y])
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
     for col in (x, y):
@@ -220,7 +223,7 @@ def seed_table(frame: pd.DataFrame, *, rows: str | Sequence[str] = "criterion",
     """
     rows_, cols_ = _names(rows), _names(cols)
     keys = rows_ + cols_
-    _require(frame, keys + [value] + _names(seeds))
+    require_columns(frame, keys + [value] + _names(seeds))
     _no_nan(frame, value, keys + _names(seeds))
     if seeds is not None:
         _unique(frame, keys + [seeds], "cell and seed")
@@ -266,7 +269,7 @@ def best_over(frame: pd.DataFrame, *, over: str | Sequence[str] = ("lam", "stage
     """
     over_, by_ = _names(over), _names(by)
     keys = by_ + over_
-    _require(frame, keys + [value] + _names(seeds))
+    require_columns(frame, keys + [value] + _names(seeds))
     _no_nan(frame, value, keys + _names(seeds))
     if seeds is not None:
         _unique(frame, keys + [seeds], "setting and seed")
@@ -313,15 +316,21 @@ def error_gaps(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- profiles
+PROFILE_KINDS = ("mrp", "dolan-more")
+
+
 def performance_profile(frame: pd.DataFrame, method: str = "method", value: str = "penalty",
                         by: str | Sequence[str] = ("measurement",),
                         taus: Iterable[float] | None = None, *,
-                        missing: Literal["raise", "drop"] = "raise") -> pd.DataFrame:
-    """Performance profiles of methods over measurements (MRP paper Sec. 4.3, after Dolan & Moré).
+                        missing: Literal["raise", "drop"] = "raise",
+                        kind: Literal["mrp", "dolan-more"] = "mrp",
+                        shift: float = 0.0) -> pd.DataFrame:
+    """Performance profiles of methods over measurements (problems), lower values better.
 
-    For measurement j with penalties d_i(j) of methods i (lower is better), the threshold is
+    ``kind="mrp"`` (default): MRP's interpolated profile (MRP paper Sec. 4.3, after Dolan &
+    Moré). For measurement j with penalties d_i(j), the threshold is
     t_j(τ) = τ·min_i d_i(j) + (1 − τ)·max_i d_i(j) and p_i(τ) = (1/N) Σ_j 1[d_i(j) < t_j(τ)],
-    with the paper's strict "<". Hence, exactly:
+    τ ∈ [0, 1], with the paper's strict "<". Hence, exactly:
 
     - τ = 1: t_j is the best penalty and nobody is strictly below it, so every p_i(1) = 0;
     - τ = 0: t_j is the worst penalty, so p_i(0) is the fraction of measurements in which
@@ -329,39 +338,67 @@ def performance_profile(frame: pd.DataFrame, method: str = "method", value: str 
     - a method tied with t_j does not count, and a measurement where all methods tie counts
       for nobody at any τ.
 
-    t_j is clipped to [min_j, max_j] so these hold exactly in floating point.
+    t_j is clipped to [min_j, max_j] so these hold exactly in floating point. Values must be
+    finite (any sign).
+
+    ``kind="dolan-more"``: the classical profile (Dolan & Moré 2002, *Benchmarking optimization
+    software with performance profiles*, Eqs. 1-2; as perprof-py computes it). The ratio to
+    the best is r_{j,i} = d_i(j) / min_k d_k(j) and ρ_i(τ) = (1/N) Σ_j 1[r_{j,i} ≤ τ], τ ≥ 1,
+    N counting every measurement. A failure is ``+inf`` (ratio ∞, never counted); a
+    measurement where every method failed counts in N for nobody. Ratios need positive
+    costs: a value ≤ 0 raises unless ``shift`` is given, and then d + shift is profiled
+    (e.g. ``shift = 1 − min(d)`` for penalties that may be negative). Default ``taus``: the
+    breakpoints, i.e. the distinct finite ratios (1 first), where the step function changes.
 
     Args:
         frame: one row per (method, measurement) with the penalty in ``value``.
         method: column naming the method (one profile each).
-        value: the penalty column; lower is better; must be finite.
+        value: the penalty column; lower is better.
         by: column(s) identifying a measurement j.
-        taus: interpolation constants in [0, 1]; default 101 evenly spaced points.
+        taus: ``kind="mrp"``: constants in [0, 1], default 101 evenly spaced points;
+            ``kind="dolan-more"``: ratios ≥ 1, default the breakpoints.
         missing: measurements lacking some method's penalty make d(j) incomplete:
             ``"raise"`` (default) raises ValueError naming them; ``"drop"`` drops those
             measurements with a warning (N counts complete measurements only).
+        kind: ``"mrp"`` or ``"dolan-more"`` (see above).
+        shift: added to every value before the ratios (``kind="dolan-more"`` only).
 
     Returns:
         Tidy frame with columns method, tau, fraction (methods in order of first appearance,
-        tau ascending).
+        tau ascending); ``attrs["kind"]`` holds ``kind`` so the figures label the axes.
 
     Raises:
-        ValueError: a column is missing; a value is NaN or infinite; a (method, measurement)
-            pair repeats; measurements are incomplete (``missing="raise"``); a τ is outside [0, 1].
+        ValueError: a column is missing; a value is NaN (or infinite for ``"mrp"``, ``-inf``
+            or ≤ 0 after ``shift`` for ``"dolan-more"``); a (method, measurement) pair repeats;
+            measurements are incomplete (``missing="raise"``); a τ is out of range; ``kind``
+            is unknown.
     """
     by_ = _names(by)
-    _require(frame, [method, value] + by_)
-    tau = np.linspace(0.0, 1.0, 101) if taus is None else np.asarray(list(taus), dtype=float)
-    if tau.ndim != 1 or not np.all((tau >= 0) & (tau <= 1)):
-        raise ValueError(f"taus must lie in [0, 1], got {tau}")
+    require_columns(frame, [method, value] + by_)
+    if kind not in PROFILE_KINDS:
+        raise ValueError(f"kind must be one of {PROFILE_KINDS}, got {kind!r}")
     if missing not in ("raise", "drop"):
         raise ValueError(f"missing must be 'raise' or 'drop', got {missing!r}")
+    if kind == "mrp":
+        if shift != 0.0:
+            raise ValueError(f"shift applies to kind='dolan-more' only, got shift={shift!r}")
+        tau = np.linspace(0.0, 1.0, 101) if taus is None else np.asarray(list(taus), dtype=float)
+        if tau.ndim != 1 or not np.all((tau >= 0) & (tau <= 1)):
+            raise ValueError(f"taus must lie in [0, 1] for kind='mrp', got {tau}")
+    else:
+        if isinstance(shift, bool) or not np.isfinite(float(shift)):
+            raise ValueError(f"shift must be a finite number, got {shift!r}")
+        tau = None if taus is None else np.asarray(list(taus), dtype=float)
+        if tau is not None and (tau.ndim != 1 or not np.all(tau >= 1)):
+            raise ValueError(f"taus must be ratios >= 1 for kind='dolan-more', got {tau}")
     _no_nan(frame, value, [method] + by_)
-    inf = ~np.isfinite(frame[value].to_numpy(dtype=float))
-    if inf.any():
-        raise ValueError(f"{value!r} is infinite in {int(inf.sum())} rows: "
-                         f"{_describe(frame.loc[inf, [method] + by_])}; "
-                         "replace by a finite penalty or drop them")
+    values = frame[value].to_numpy(dtype=float)
+    bad = (~np.isfinite(values) if kind == "mrp" else values == -np.inf)
+    if bad.any():
+        raise ValueError(f"{value!r} is {'infinite' if kind == 'mrp' else '-inf'} in "
+                         f"{int(bad.sum())} rows: {_describe(frame.loc[bad, [method] + by_])}; "
+                         + ("replace by a finite penalty or drop them" if kind == "mrp" else
+                            "a failure is +inf"))
     _unique(frame, [method] + by_, "method and measurement")
 
     methods = list(pd.unique(frame[method]))
@@ -384,12 +421,36 @@ def performance_profile(frame: pd.DataFrame, method: str = "method", value: str 
         raise ValueError("no complete measurement to profile")
 
     v = d.to_numpy(dtype=float)                      # (J, I)
-    lo, hi = v.min(axis=1), v.max(axis=1)            # (J,)
-    t = tau[:, None] * lo + (1.0 - tau[:, None]) * hi  # (T, J)
-    t = np.clip(t, lo, hi)
-    frac = (v[None, :, :] < t[:, :, None]).mean(axis=1)  # (T, I)
-    return pd.DataFrame({
+    if kind == "mrp":
+        lo, hi = v.min(axis=1), v.max(axis=1)            # (J,)
+        t = tau[:, None] * lo + (1.0 - tau[:, None]) * hi  # (T, J)
+        t = np.clip(t, lo, hi)
+        frac = (v[None, :, :] < t[:, :, None]).mean(axis=1)  # (T, I)
+    else:
+        tau, frac = _dolan_more(v + shift, tau, value, shift)
+    out = pd.DataFrame({
         "method": np.repeat(np.asarray(methods, dtype=object), len(tau)),
         "tau": np.tile(tau, len(methods)),
         "fraction": frac.T.reshape(-1),
     })
+    out.attrs["kind"] = kind
+    return out
+
+
+def _dolan_more(cost: np.ndarray, tau: np.ndarray | None, value: str, shift: float):
+    """(taus, fractions (T, I)) of the Dolan-Moré profile of a (J, I) cost table (inf = fail)."""
+    finite = np.isfinite(cost)
+    if (cost[finite] <= 0).any():
+        worst = float(cost[finite].min())
+        raise ValueError(f"kind='dolan-more' takes ratios to the best, which need positive "
+                         f"values; {value!r} + shift ({shift:g}) has minimum {worst:g}: pass "
+                         f"shift= (e.g. shift={1.0 - worst + shift:g}) or use kind='mrp'")
+    best = cost.min(axis=1, keepdims=True)           # inf where every method failed
+    with np.errstate(invalid="ignore"):
+        ratio = np.where(np.isfinite(best), cost / best, np.inf)
+    if tau is None:
+        tau = np.unique(ratio[np.isfinite(ratio)])
+        if tau.size == 0:
+            raise ValueError("every method failed on every measurement: no profile to draw")
+    frac = (ratio[None, :, :] <= tau[:, None, None]).mean(axis=1)  # (T, I)
+    return tau, frac

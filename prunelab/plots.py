@@ -1,29 +1,33 @@
 """Interactive plotly views of tidy result frames. Frames in, ``go.Figure`` out; never shown.
 
-Every point's hover text lists its configuration (:func:`hover_columns`). Torch-free: a plotting
-notebook never loads a model; plotly (and the statistics in ``prunelab.metrics``) are imported
-when a figure is built.
+Every point's hover text lists its configuration (:func:`hover_columns`). The frames are
+prepared by :mod:`prunelab.views` (shared with the static :mod:`prunelab.figures`), which also
+gives every criterion its display name and fixed colour; this module only draws. Torch-free: a
+plotting notebook never loads a model; plotly is imported when a figure is built.
+
+Over 500 lines on purpose: one short plotly drawing function per paper figure (LM, LAP, MRP,
+Tanaka, Frankle, Garipov), all in the one style; splitting them by paper would split the style.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
-CONFIG_COLUMNS = ("arch", "dataset", "seed", "criterion", "sparsity", "stages", "lam",
-                  "schedule", "scope")
+from prunelab import views as V
+from prunelab.views import (CONFIG_COLUMNS, collapse_points, hover_columns, lambda_positions,
+                            path_barriers)
 
-# Colours by position, so a level keeps its colour across the panels of one figure.
-_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf")
-# Line dashes for a second grouping; "dash" itself is kept for the MP reference line.
-_DASHES = ("solid", "dot", "dashdot", "longdash", "longdashdot")
-_LABELS = {"delta_loss": "ΔL(θ, Δθ)", "lam": "λ", "stages": "π", "step_norm": "‖Δθ‖",
-           "val_error_gap": "validation error gap before fine-tuning",
-           "val_error_gap_ft": "validation error gap after fine-tuning",
-           "test_error_gap_ft": "test error gap after fine-tuning"}
+__all__ = ["CONFIG_COLUMNS", "hover_columns", "lambda_positions", "collapse_points",
+           "path_barriers", "accuracy_vs_density", "delta_loss_vs_lambda", "stage_trajectories",
+           "delta_loss_scatter", "performance_profile", "layer_density", "collapse_curves",
+           "layer_density_heatmap", "interpolation", "penalty_scatter", "penalty_over_training",
+           "selection_consistency", "activation_histogram", "loss_plane", "instability"]
+
+_label = V.axis_label
+_require = V.require_columns
+_fmt = V.fmt
 
 
 def _go():
@@ -38,32 +42,6 @@ def _subplots(**kwargs):
     return make_subplots(**kwargs)
 
 
-def _label(col: str) -> str:
-    return _LABELS.get(col, col.replace("_", " "))
-
-
-def _require(frame: pd.DataFrame, columns: Sequence[str]) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ValueError(f"frame lacks columns {missing}; it has {list(frame.columns)}")
-
-
-def _check_unique(frame: pd.DataFrame, keys: Sequence[str]) -> None:
-    """Raise if several rows share ``keys``: averaging them would mix settings silently."""
-    dup = frame.duplicated(list(keys), keep=False)
-    if dup.any():
-        varying = [c for c in frame.columns if c not in keys and c in CONFIG_COLUMNS
-                   and frame.loc[dup, c].nunique(dropna=False) > 1]
-        raise ValueError(f"several rows per {list(keys)}; configuration columns that vary "
-                         f"among them: {varying}; filter the frame first")
-
-
-def _fmt(value) -> str:
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _hover(frame: pd.DataFrame, columns: Sequence[str], lines: Sequence[str] = ()):
     """``customdata`` (values as strings) and a hovertemplate listing ``columns``, then
     ``lines`` (plotly template snippets such as ``"ΔL=%{y:.3g}"``)."""
@@ -74,95 +52,48 @@ def _hover(frame: pd.DataFrame, columns: Sequence[str], lines: Sequence[str] = (
     return data, "<br>".join(parts) + "<extra></extra>"
 
 
-def _aggregate(frame: pd.DataFrame, x: str, y: str, group: str) -> pd.DataFrame:
-    """mean ± std of ``y`` per (group, x); std is 0 for a single seed."""
-    agg = frame.groupby([group, x], sort=True)[y].agg(["mean", "std", "count"]).reset_index()
-    agg["std"] = agg["std"].fillna(0.0)
-    return agg
-
-
-def _summary(frame: pd.DataFrame, keys: list[str], values: Sequence[str]) -> pd.DataFrame:
-    """mean, std (ddof=1; 0 for one seed) and n per ``keys`` for each of ``values``; infinite
-    values (diverged runs) become NaN so they leave a gap instead of breaking the axis."""
-    data = frame[keys + list(values)].replace([np.inf, -np.inf], np.nan)
-    g = data.groupby(keys, sort=False, dropna=False)
-    out = g[list(values)].agg(["mean", "std"])
-    out.columns = [f"{v}_{s}" for v, s in out.columns]
-    out["n"] = g.size()
-    out = out.reset_index()
-    for v in values:
-        out[f"{v}_std"] = out[f"{v}_std"].fillna(0.0)
-    return out
-
-
-def _levels(series: pd.Series) -> list:
-    """Sorted levels for numbers, order of first appearance otherwise."""
-    levels = pd.unique(series.dropna())
-    return sorted(levels) if pd.api.types.is_numeric_dtype(series) else list(levels)
+def _chance_line(fig, frame: pd.DataFrame, y: str, chance) -> None:
+    level = V.chance_level(frame, y, chance)
+    if level is not None:
+        fig.add_hline(y=level, line_dash="dot", line_color="gray", line_width=1,
+                      annotation_text=f"chance {level:.3g}", annotation_position="bottom left")
 
 
 def accuracy_vs_density(frame: pd.DataFrame, *, x: str = "density", y: str = "accuracy",
-                        color: str = "criterion", title: str | None = None):
+                        color: str = "criterion", chance=None, title: str | None = None):
     """Accuracy vs fraction of weights remaining, log-x, mean ± std over seeds (LAP Fig. 3).
 
     Args:
         frame: tidy rows with columns ``x``, ``y`` and ``color`` (and optionally ``seed``).
         x: fraction remaining column (log axis).
         y: metric column.
-        color: one line per value of this column.
+        color: one line per value of this column (criteria by their display name and colour).
+        chance: the chance line: a number, False for none, or None to take 1 / num_classes
+            from a ``num_classes`` column (see :func:`prunelab.views.chance_level`).
         title: figure title.
     """
     go = _go()
-    for col in (x, y, color):
-        if col not in frame.columns:
-            raise ValueError(f"frame has no column {col!r}; columns: {list(frame.columns)}")
-    agg = _aggregate(frame, x, y, color)
+    _require(frame, [x, y, color])
+    agg = V.aggregate(frame, x, y, color)
+    colors = V.palette(list(pd.unique(agg[color])))
     fig = go.Figure()
     for name, part in agg.groupby(color, sort=False):
         fig.add_trace(go.Scatter(
-            x=part[x], y=part["mean"], name=str(name), mode="lines+markers",
+            x=part[x], y=part["mean"], name=V.display_name(name), mode="lines+markers",
+            line=dict(color=colors[name]),
             error_y=dict(type="data", array=part["std"], visible=bool((part["std"] > 0).any())),
             customdata=part[["count"]].to_numpy(),
             hovertemplate=(f"{color}={name}<br>{x}=%{{x:.4g}}<br>{y}=%{{y:.4f}}"
                            "<br>runs=%{customdata[0]}<extra></extra>")))
-    fig.update_xaxes(type="log", title="fraction of weights remaining", autorange="reversed")
-    fig.update_yaxes(title=y.replace("_", " "))
-    fig.update_layout(title=title or f"{y} vs fraction of weights remaining",
+    _chance_line(fig, frame, y, chance)
+    fig.update_xaxes(type="log", title=_label(x), autorange="reversed")
+    fig.update_yaxes(title=_label(y, frame))
+    fig.update_layout(title=title or f"{_label(y, frame)} vs fraction of weights remaining",
                       template="plotly_white", legend_title=color)
     return fig
 
 
-def hover_columns(frame: pd.DataFrame, extra: Sequence[str] = ()) -> list[str]:
-    """The configuration columns present in ``frame`` (for hover text)."""
-    return [c for c in (*CONFIG_COLUMNS, *extra) if c in frame.columns]
-
-
 # ----------------------------------------------------------------------------- LM paper Fig. 1
-def lambda_positions(lam: pd.Series | np.ndarray, *, zero_decades: float = 1.0) -> np.ndarray:
-    """Where each λ is drawn on a log axis: λ > 0 at itself, λ = 0 ``zero_decades`` decades
-    left of the smallest positive λ (at 1 if there is none), labelled "0" as in LM Fig. 1."""
-    lam = np.asarray(lam, dtype=float)
-    positive = lam[lam > 0]
-    zero_at = positive.min() / 10.0 ** zero_decades if positive.size else 1.0
-    return np.where(lam == 0, zero_at, lam)
-
-
-def _lambda_ticks(lam: np.ndarray, zero_decades: float) -> tuple[list[float], list[str]]:
-    positive = lam[lam > 0]
-    vals: list[float] = []
-    text: list[str] = []
-    if (lam == 0).any():
-        vals.append(float(lambda_positions(np.r_[0.0, positive], zero_decades=zero_decades)[0]))
-        text.append("0")
-    if positive.size:
-        lo, hi = math.floor(math.log10(positive.min())), math.ceil(math.log10(positive.max()))
-        step = max(1, math.ceil((hi - lo + 1) / 10))  # at most ~10 decade ticks
-        for k in range(lo, hi + 1, step):
-            vals.append(10.0 ** k)
-            text.append(f"10<sup>{k}</sup>")
-    return vals, text
-
-
 def delta_loss_vs_lambda(frame: pd.DataFrame, *, criterion_col: str = "criterion",
                          x: str = "lam", y: str = "delta_loss", line: str = "stages",
                          dash: str | None = None, reference: str | None = "mp",
@@ -174,7 +105,7 @@ def delta_loss_vs_lambda(frame: pd.DataFrame, *, criterion_col: str = "criterion
     smallest positive λ and its tick is labelled "0" (the hover text shows the true λ).
     The ``reference`` criterion (MP, invariant to λ and π) is not given a panel: its mean ΔL
     over all its runs is a dashed black horizontal line in every panel. Diverged runs (NaN or
-    infinite ΔL) leave a gap.
+    infinite ΔL) leave a gap. Frames prepared by :func:`prunelab.views.lambda_view`.
 
     Args:
         frame: one row per run (a sweep at one sparsity, schedule, architecture).
@@ -193,33 +124,21 @@ def delta_loss_vs_lambda(frame: pd.DataFrame, *, criterion_col: str = "criterion
             several runs share a (criterion, line, dash, λ, seed) setting.
     """
     go = _go()
-    groups = [line] + ([dash] if dash else [])
-    _require(frame, [criterion_col, x, y, *groups])
-    if "seed" in frame.columns:
-        _check_unique(frame, [criterion_col, *groups, x, "seed"])
-    is_ref = (frame[criterion_col].astype(str).str.lower() == str(reference).lower()
-              if reference is not None else pd.Series(False, index=frame.index))
-    ref, rest = frame[is_ref], frame[~is_ref]
-    if rest.empty:
-        raise ValueError(f"no criterion other than the reference {reference!r} in the frame")
-
-    lam = rest[x].to_numpy(dtype=float)
-    rest = rest.assign(_x=lambda_positions(lam, zero_decades=zero_decades))
-    criteria = _levels(rest[criterion_col])
-    fig = _subplots(rows=1, cols=len(criteria), shared_yaxes=True, horizontal_spacing=0.03,
-                    subplot_titles=[str(c) for c in criteria])
-    colors = {v: _COLORS[i % len(_COLORS)] for i, v in enumerate(_levels(rest[line]))}
-    dashes = ({v: _DASHES[i % len(_DASHES)] for i, v in enumerate(_levels(rest[dash]))}
-              if dash else {})
+    view = V.lambda_view(frame, criterion_col=criterion_col, x=x, y=y, line=line, dash=dash,
+                         reference=reference, zero_decades=zero_decades)
+    groups = view.groups
+    fig = _subplots(rows=1, cols=len(view.criteria), shared_yaxes=True, horizontal_spacing=0.03,
+                    subplot_titles=[V.display_name(c) for c in view.criteria])
+    colors = V.palette(view.line_levels)
+    dashes = {v: V.DASHES[i % len(V.DASHES)] for i, v in enumerate(view.dash_levels)}
     shown: set[str] = set()
-    for col, crit in enumerate(criteria, start=1):
-        part = rest[rest[criterion_col] == crit]
-        agg = _summary(part, [*groups, x, "_x"], [y]).sort_values([*groups, "_x"])
+    for col, crit in enumerate(view.criteria, start=1):
+        agg = view.lines[view.lines[criterion_col] == crit]
         for key, g in agg.groupby(groups, sort=False):
             key = key if isinstance(key, tuple) else (key,)
             name = ", ".join(f"{'π' if c == 'stages' else c}={_fmt(v)}"
                              for c, v in zip(groups, key))
-            data, template = _hover(g.assign(**{criterion_col: crit, "std": g[f"{y}_std"]}),
+            data, template = _hover(g.assign(std=g[f"{y}_std"]),
                                     [criterion_col, *groups, x, "n", "std"],
                                     [f"mean {y}=%{{y:.4g}}"])
             fig.add_trace(go.Scatter(
@@ -232,20 +151,19 @@ def delta_loss_vs_lambda(frame: pd.DataFrame, *, criterion_col: str = "criterion
                 customdata=data, hovertemplate=template), row=1, col=col)
             shown.add(name)
 
-    if reference is not None and not ref.empty:
-        values = ref[y].replace([np.inf, -np.inf], np.nan)
-        mean, std, n = values.mean(), values.std(), int(values.notna().sum())
-        std = 0.0 if pd.isna(std) else std
-        span = [rest["_x"].min() / 10 ** 0.25, rest["_x"].max() * 10 ** 0.25]
-        for col in range(1, len(criteria) + 1):
+    if view.reference is not None:
+        mean, std, n = view.reference
+        for col in range(1, len(view.criteria) + 1):
             fig.add_trace(go.Scatter(
-                x=span, y=[mean, mean], mode="lines", name=str(reference), legendgroup="ref",
-                showlegend=col == 1, line=dict(color="black", dash="dash", width=1.5),
+                x=list(view.span), y=[mean, mean], mode="lines",
+                name=V.display_name(reference), legendgroup="ref", showlegend=col == 1,
+                line=dict(color="black", dash="dash", width=1.5),
                 hovertemplate=(f"{reference} (invariant to λ and π)<br>{y}={mean:.4g} ± "
                                f"{std:.2g}<br>runs={n}<extra></extra>")), row=1, col=col)
 
-    tickvals, ticktext = _lambda_ticks(lam, zero_decades)
-    fig.update_xaxes(type="log", tickvals=tickvals, ticktext=ticktext, title_text=_label(x))
+    ticktext = ["0" if k is None else f"10<sup>{k}</sup>" for k in view.tickexps]
+    fig.update_xaxes(type="log", tickvals=view.tickvals, ticktext=ticktext,
+                     title_text=_label(x))
     fig.update_yaxes(type="log")
     fig.update_yaxes(title_text=_label(y), row=1, col=1)
     fig.update_layout(title=title or f"{_label(y)} vs {_label(x)}, one line per {_label(line)}",
@@ -254,15 +172,6 @@ def delta_loss_vs_lambda(frame: pd.DataFrame, *, criterion_col: str = "criterion
 
 
 # ----------------------------------------------------------------------------- LM paper Fig. 2
-def _group_columns(frame: pd.DataFrame, color: str | Sequence[str] | None) -> list[str]:
-    if color is None:  # whatever distinguishes the histories that were concatenated
-        return [c for c in ("arch", "criterion", "schedule", "stages", "lam")
-                if c in frame.columns and frame[c].nunique(dropna=False) > 1]
-    cols = [color] if isinstance(color, str) else list(color)
-    _require(frame, cols)
-    return cols
-
-
 def stage_trajectories(history: pd.DataFrame, *, x: str = "sparsity",
                        color: str | Sequence[str] | None = None, log_y: bool = True,
                        title: str | None = None):
@@ -284,22 +193,23 @@ def stage_trajectories(history: pd.DataFrame, *, x: str = "sparsity",
     """
     go = _go()
     _require(history, ["stage", "delta_loss", "step_norm", x])
-    groups = _group_columns(history, color)
+    groups = V.group_columns(history, color)
     if "seed" in history.columns:
-        _check_unique(history, [*groups, "stage", "seed"])
+        V.check_unique(history, [*groups, "stage", "seed"])
     elif history.duplicated([*groups, "stage"]).any():
         raise ValueError(f"several rows per {[*groups, 'stage']}: pass color= to tell the "
                          "histories apart (e.g. color='schedule')")
     frame = history if groups else history.assign(_all="history")
     keys = groups or ["_all"]
     values = ["delta_loss", "step_norm"] + ([x] if x != "stage" else [])
-    agg = _summary(frame, [*keys, "stage"], values).sort_values([*keys, "stage"])
+    agg = V.summary(frame, [*keys, "stage"], values).sort_values([*keys, "stage"])
     fig = _subplots(rows=1, cols=2, horizontal_spacing=0.1,
                     subplot_titles=["ΔL(θ, Δθ) after each stage", "‖Δθ‖ of each stage"])
+    colors = V.palette(list(pd.unique(agg[keys[0]])) if len(keys) == 1 else [])
     for i, (key, g) in enumerate(agg.groupby(keys, sort=False)):
         key = key if isinstance(key, tuple) else (key,)
-        name = " · ".join(_fmt(v) for v in key)
-        color_ = _COLORS[i % len(_COLORS)]
+        name = " · ".join(V.display_name(v) for v in key)
+        color_ = colors.get(key[0], V.FALLBACK_COLORS[i % len(V.FALLBACK_COLORS)])
         xs = g["stage"] if x == "stage" else g[f"{x}_mean"]
         cols = [c for c in keys if c != "_all"] + ["stage", "n"]
         g = g.assign(**({x: g[f"{x}_mean"]} if x != "stage" else {}))
@@ -355,73 +265,66 @@ def delta_loss_scatter(frame: pd.DataFrame, x: str = "delta_loss", y: str = "val
     stat = metrics.spearman(frame, x, y, ci=ci, n_boot=n_boot, seed=seed)
     values = frame[x].to_numpy(dtype=float)
     hidden = int((~(np.isfinite(values) & (values > 0))).sum())
-    columns = hover_columns(frame, extra=[c for c in ("schedule", "finetune", "key")
-                                          if c not in CONFIG_COLUMNS])
+    columns = hover_columns(frame, extra=["key"])
     fig = go.Figure()
     parts = frame.groupby(color, sort=False) if color else [("runs", frame)]
-    for i, (name, part) in enumerate(parts):
+    colors = V.palette(list(pd.unique(frame[color])) if color else ["runs"])
+    for name, part in parts:
         name = name[0] if isinstance(name, tuple) else name
         data, template = _hover(part, columns, [f"{x}=%{{x:.4g}}", f"{y}=%{{y:.4g}}"])
-        fig.add_trace(go.Scatter(x=part[x], y=part[y], mode="markers", name=str(name),
-                                 marker=dict(size=8, opacity=0.8, color=_COLORS[i % len(_COLORS)]),
+        fig.add_trace(go.Scatter(x=part[x], y=part[y], mode="markers",
+                                 name=V.display_name(name),
+                                 marker=dict(size=8, opacity=0.8, color=colors[name]),
                                  customdata=data,
                                  hovertemplate=template))
-    rho = (f"Spearman ρ = {stat['rho']:.2f} ({ci:.0%} CI [{stat['low']:.2f}, "
-           f"{stat['high']:.2f}], n = {stat['n']})")
+    rho = f"{V.spearman_title(stat, ci)}, n = {stat['n']}"
     if hidden:
         rho += f"; {hidden} runs with {_label(x)} ≤ 0 or ∞ not drawn"
     fig.update_xaxes(type="log", title_text=_label(x))
-    fig.update_yaxes(title_text=_label(y))
+    fig.update_yaxes(title_text=_label(y, frame))
     fig.update_layout(title=f"{title}<br><sup>{rho}</sup>" if title else rho,
                       template="plotly_white", legend_title_text=color or "")
     return fig
 
 
 # ----------------------------------------------------------------------------- MRP Sec. 4.3
-def _pair_styles(names: list, prefix: str | None) -> dict:
-    """name -> (colour, dashed). With ``prefix`` (e.g. ``"bp_"``) a name and its prefixed twin
-    share a colour and the unprefixed one is dashed (MRP Fig. 5); else one colour each."""
-    if not prefix:
-        return {n: (_COLORS[i % len(_COLORS)], False) for i, n in enumerate(names)}
-    bases = list(dict.fromkeys(str(n)[len(prefix):] if str(n).startswith(prefix) else str(n)
-                               for n in names))
-    out = {}
-    for n in names:
-        paired = str(n).startswith(prefix)
-        base = str(n)[len(prefix):] if paired else str(n)
-        out[n] = (_COLORS[bases.index(base) % len(_COLORS)], not paired)
-    return out
-
-
 def performance_profile(profile: pd.DataFrame, *, method: str = "method", tau: str = "tau",
                         fraction: str = "fraction", title: str | None = None,
-                        pair_prefix: str | None = None):
-    """Performance profiles as step lines over τ ∈ [0, 1] (MRP paper Fig. 5), from
-    :func:`prunelab.metrics.performance_profile`.
+                        pair_prefix: str | None = None, kind: str | None = None):
+    """Performance profiles as step lines, from :func:`prunelab.metrics.performance_profile`;
+    higher curves are better.
+
+    ``kind="mrp"`` (MRP paper Fig. 5): over τ ∈ [0, 1], y is the fraction of measurements in
+    which a method's penalty is strictly below τ·best + (1 − τ)·worst. ``kind="dolan-more"``:
+    over the ratio to the best τ ≥ 1 (log axis), y is the fraction of problems with ratio ≤ τ.
+    ``kind=None`` reads it from the profile (``attrs["kind"]``, else the τ range). The steps are
+    drawn "hv": each value holds until the next τ.
 
     With ``pair_prefix="bp_"`` each MRP score and its mean-replacement twin share a colour and
     the one without mean replacement is dashed, as in MRP Fig. 5.
-
-    y is the fraction of measurements in which a method's penalty is strictly below
-    τ·best + (1 − τ)·worst; higher curves are better. The steps are drawn "hv": each value
-    holds until the next τ, matching the right-continuous steps of the strict inequality.
     """
     go = _go()
     _require(profile, [method, tau, fraction])
+    kind = V.profile_kind(profile, tau, kind)
     fig = go.Figure()
-    style = _pair_styles(list(pd.unique(profile[method])), pair_prefix)
+    style = V.pair_styles(list(pd.unique(profile[method])), pair_prefix)
     for name, part in profile.groupby(method, sort=False):
         part = part.sort_values(tau)
         color, dashed = style[name]
         fig.add_trace(go.Scatter(
-            x=part[tau], y=part[fraction], name=str(name), mode="lines", line_shape="hv",
-            line=dict(color=color, dash="dash" if dashed else "solid"),
+            x=part[tau], y=part[fraction], name=V.display_name(name), mode="lines",
+            line_shape="hv", line=dict(color=color, dash="dash" if dashed else "solid"),
             hovertemplate=f"{method}={name}<br>τ=%{{x:.3g}}<br>fraction=%{{y:.3f}}<extra></extra>"))
-    fig.update_xaxes(title_text="τ", range=[0, 1])
-    fig.update_yaxes(title_text="fraction of measurements below the threshold",
-                     range=[-0.02, 1.02])
-    fig.update_layout(title=title or "Performance profile", template="plotly_white",
-                      legend_title_text=method)
+    if kind == "mrp":
+        fig.update_xaxes(title_text="τ (threshold τ·best + (1 − τ)·worst)", range=[0, 1])
+        ylabel = "fraction of measurements below the threshold"
+    else:
+        fig.update_xaxes(title_text="τ (ratio to the best)", type="log")
+        ylabel = "fraction of problems with ratio ≤ τ"
+    fig.update_yaxes(title_text=ylabel, range=[-0.02, 1.02])
+    fig.update_layout(title=title or ("Performance profile" if kind == "mrp" else
+                                      "Performance profile (Dolan & Moré)"),
+                      template="plotly_white", legend_title_text=method)
     return fig
 
 
@@ -439,26 +342,31 @@ def layer_density(density_frame: pd.DataFrame, *, layer: str = "layer",
         density: the fraction-kept column.
         color: one bar group per value (e.g. criterion), or None.
         title: figure title.
+
+    Raises:
+        ValueError: a layer appears several times per ``color`` level, e.g. a
+            ``pl.collapse.layer_density`` frame (use :func:`layer_density_heatmap` or
+            :func:`collapse_curves` for those).
     """
     go = _go()
-    _require(density_frame, [layer, density] + ([color] if color else []))
-    total = density_frame[density_frame[layer] == "total"]
-    rows = density_frame[density_frame[layer] != "total"]
+    rows, totals = V.density_bars(density_frame, layer=layer, density=density, color=color)
     fig = go.Figure()
     columns = [c for c in (layer, "numel", "kept") if c in rows.columns]
     parts = rows.groupby(color, sort=False) if color else [(None, rows)]
-    for i, (name, part) in enumerate(parts):
+    colors = V.palette(list(pd.unique(rows[color])) if color else [None])
+    for name, part in parts:
         name = name[0] if isinstance(name, tuple) else name
         data, template = _hover(part, ([color] if color else []) + columns,
                                 ["density=%{y:.4f}"])
         fig.add_trace(go.Bar(x=part[layer], y=part[density],
-                             name=str(name) if color else density,
-                             marker_color=_COLORS[i % len(_COLORS)], customdata=data,
+                             name=V.display_name(name) if color else density,
+                             marker_color=colors[name], customdata=data,
                              hovertemplate=template))
-    if len(total) == 1:
-        value = float(total[density].iloc[0])
-        fig.add_hline(y=value, line_dash="dash", line_color="black",
-                      annotation_text=f"total {value:.3g}", annotation_position="top left")
+    for name, total in totals.items():
+        who = "" if name is None else f" {V.display_name(name)}"
+        fig.add_hline(y=total, line_dash="dash",
+                      line_color="black" if name is None else colors[name],
+                      annotation_text=f"total{who} {total:.3g}", annotation_position="top left")
     fig.update_xaxes(title_text=layer, type="category")
     fig.update_yaxes(title_text="fraction of weights kept", range=[0, 1.05])
     fig.update_layout(title=title or "Density per layer", template="plotly_white",
@@ -467,37 +375,8 @@ def layer_density(density_frame: pd.DataFrame, *, layer: str = "layer",
 
 
 # ----------------------------------------------------------------------------- layer collapse
-def _collapse_summary(frame: pd.DataFrame, criterion: str, x: str) -> pd.DataFrame:
-    """One row per (criterion, ρ) from a ``collapse.layer_density`` frame (one row per layer):
-    density (overall kept fraction), min_layer_density, n_collapsed, collapsed (any layer)."""
-    g = frame.groupby([criterion, x], sort=False)
-    out = g.agg(kept=("kept", "sum"), numel=("numel", "sum"),
-                min_layer_density=("density", "min"),
-                n_collapsed=("collapsed", "sum")).reset_index()
-    out["density"] = out["kept"] / out["numel"].clip(lower=1)
-    out["collapsed"] = out["n_collapsed"] > 0
-    return out
-
-
-def collapse_points(frame: pd.DataFrame, *, criterion: str = "criterion",
-                    x: str = "compression") -> pd.DataFrame:
-    """Per-(criterion, ρ) rows with a boolean ``collapsed`` column, from either a
-    ``collapse.layer_density`` frame (rows per layer: aggregated by :func:`_collapse_summary`) or
-    a ``collapse.accuracy_vs_compression`` frame (``n_collapsed`` column)."""
-    _require(frame, [criterion, x])
-    if "layer" in frame.columns:
-        _require(frame, ["kept", "numel", "density", "collapsed"])
-        return _collapse_summary(frame, criterion, x)
-    out = frame.copy()
-    if "collapsed" not in out.columns:
-        _require(out, ["n_collapsed"])
-        out["collapsed"] = out["n_collapsed"] > 0
-    out["collapsed"] = out["collapsed"].astype(bool)
-    return out
-
-
 def collapse_curves(frame: pd.DataFrame, *, y: str | None = None, criterion: str = "criterion",
-                    x: str = "compression", title: str | None = None):
+                    x: str = "compression", chance=None, title: str | None = None):
     """``y`` against the compression ratio ρ (log x), one line per criterion, collapsed points
     marked with an x (Tanaka et al. 2020, Fig. 1 / Fig. 3).
 
@@ -509,27 +388,18 @@ def collapse_curves(frame: pd.DataFrame, *, y: str | None = None, criterion: str
         y: the plotted column; several seeds are averaged.
         criterion: one line per value.
         x: the compression-ratio column (log axis).
+        chance: the chance line of an accuracy ``y`` (see :func:`accuracy_vs_density`).
         title: figure title.
     """
     go = _go()
-    data = collapse_points(frame, criterion=criterion, x=x)
-    if y is None:
-        y = "accuracy" if "accuracy" in data.columns else "min_layer_density"
-    _require(data, [y])
-    agg = (data.groupby([criterion, x], sort=False)
-           .agg(value=(y, "mean"), collapsed=("collapsed", "any")).reset_index())
-    agg["shown"] = agg["value"]
-    log_y = "density" in y
-    if log_y:  # empty layers cannot sit on the log axis: drawn at a floor below the rest
-        positive = agg["value"][agg["value"] > 0]
-        floor = float(positive.min()) / 3 if len(positive) else 1e-6
-        agg["shown"] = agg["value"].where(agg["value"] > 0, floor)
+    agg, y, log_y = V.collapse_view(frame, y=y, criterion=criterion, x=x)
+    colors = V.palette(list(pd.unique(agg[criterion])))
     fig = go.Figure()
-    for i, (name, part) in enumerate(agg.groupby(criterion, sort=False)):
+    for name, part in agg.groupby(criterion, sort=False):
         part = part.sort_values(x)
-        color = _COLORS[i % len(_COLORS)]
+        color = colors[name]
         fig.add_trace(go.Scatter(
-            x=part[x], y=part["shown"], name=str(name), legendgroup=str(name),
+            x=part[x], y=part["shown"], name=V.display_name(name), legendgroup=str(name),
             mode="lines+markers", line=dict(color=color), marker=dict(size=5),
             customdata=part[["value"]].to_numpy(),
             hovertemplate=(f"{criterion}={name}<br>ρ=%{{x:.4g}}<br>{y}=%{{customdata[0]:.4g}}"
@@ -542,36 +412,14 @@ def collapse_curves(frame: pd.DataFrame, *, y: str | None = None, criterion: str
                 marker=dict(symbol="x", size=11, color=color, line=dict(width=1)),
                 hovertemplate=(f"{criterion}={name}<br>ρ=%{{x:.4g}}<br>layer collapse"
                                "<extra></extra>")))
-    fig.update_xaxes(type="log", title_text="compression ratio ρ")
-    fig.update_yaxes(title_text=_label(y) + (" (0 drawn at the bottom)" if log_y else ""),
+    if not log_y:
+        _chance_line(fig, frame, y, chance)
+    fig.update_xaxes(type="log", title_text=_label(x))
+    fig.update_yaxes(title_text=_label(y, frame) + (" (0 drawn at the bottom)" if log_y else ""),
                      type="log" if log_y else "linear")
     fig.update_layout(title=title or f"{_label(y)} vs compression (x: layer collapse)",
                       template="plotly_white", legend_title_text=criterion)
     return fig
-
-
-def _pick_criterion(frame: pd.DataFrame, criterion, criterion_col: str):
-    """``criterion``, or the only criterion of ``frame``; ValueError when it holds several."""
-    if criterion is None and criterion_col in frame.columns:
-        names = list(pd.unique(frame[criterion_col]))
-        if len(names) != 1:
-            raise ValueError(f"frame holds criteria {names}: pass criterion=")
-        criterion = names[0]
-    return criterion
-
-
-def _density_matrix(frame: pd.DataFrame, criterion_value, criterion: str, x: str):
-    part = frame[frame[criterion] == criterion_value] if criterion_value is not None else frame
-    if part.empty:
-        raise ValueError(f"no rows with {criterion}={criterion_value!r}")
-    _check_unique(part, ["layer", x])
-    layers = list(pd.unique(part["layer"]))  # model order
-    rhos = sorted(part[x].unique())
-    z = part.pivot(index="layer", columns=x, values="density").reindex(index=layers,
-                                                                        columns=rhos)
-    dead = (part.pivot(index="layer", columns=x, values="collapsed")
-            .reindex(index=layers, columns=rhos).fillna(False).astype(bool))
-    return layers, rhos, z, dead
 
 
 def layer_density_heatmap(frame: pd.DataFrame, *, criterion: str | None = None,
@@ -586,8 +434,8 @@ def layer_density_heatmap(frame: pd.DataFrame, *, criterion: str | None = None,
     """
     go = _go()
     _require(frame, ["layer", x, "density", "collapsed"])
-    criterion = _pick_criterion(frame, criterion, criterion_col)
-    layers, rhos, z, dead = _density_matrix(frame, criterion, criterion_col, x)
+    criterion = V.pick_criterion(frame, criterion, criterion_col)
+    layers, rhos, z, dead = V.density_matrix(frame, criterion, criterion_col, x)
     cols = [f"{r:.3g}" for r in rhos]
     logz = np.log10(np.clip(z.to_numpy(dtype=float), 1e-6, None))
     lo = float(np.floor(np.nanmin(logz))) if np.isfinite(logz).any() else -6.0
@@ -603,27 +451,13 @@ def layer_density_heatmap(frame: pd.DataFrame, *, criterion: str | None = None,
                              hovertemplate="layer=%{y}<br>ρ=%{x}<br>collapsed<extra></extra>"))
     fig.update_xaxes(title_text="compression ratio ρ", type="category")
     fig.update_yaxes(title_text="layer", type="category", autorange="reversed")
-    fig.update_layout(title=title or f"Density per layer ({criterion}); x: layer collapse",
+    fig.update_layout(title=title or f"Density per layer ({V.display_name(criterion)}); "
+                      "x: layer collapse",
                       template="plotly_white")
     return fig
 
 
 # ----------------------------------------------------------------------------- connectivity
-def path_barriers(frame: pd.DataFrame, *, y: str = "loss", x: str = "t",
-                  groups: Sequence[str] | None = None) -> dict:
-    """Barrier (max of ``y`` along the path minus the mean of its endpoints, Frankle et al.)
-    per group of a path frame: {group key (string): barrier}."""
-    groups = [c for c in ("path", "split") if c in frame.columns] if groups is None \
-        else list(groups)
-    out = {}
-    parts = frame.groupby(groups, sort=False) if groups else [("path", frame)]
-    for key, part in parts:
-        key = key if isinstance(key, tuple) else (key,)
-        v = part.sort_values(x)[y].to_numpy(dtype=float)
-        out[" · ".join(map(str, key))] = float(v.max() - 0.5 * (v[0] + v[-1]))
-    return out
-
-
 def interpolation(frame: pd.DataFrame, *, y: str = "loss", x: str = "t",
                   groups: Sequence[str] | None = None, title: str | None = None):
     """``y`` (loss or error) along paths between two networks, one line per path/split, the
@@ -637,24 +471,23 @@ def interpolation(frame: pd.DataFrame, *, y: str = "loss", x: str = "t",
     """
     go = _go()
     _require(frame, [x, y])
-    groups = [c for c in ("path", "split") if c in frame.columns] if groups is None \
-        else list(groups)
-    _require(frame, groups)
+    groups = V.path_groups(frame, groups)
     barriers = path_barriers(frame, y=y, x=x, groups=groups)
     fig = go.Figure()
     parts = frame.groupby(groups, sort=False) if groups else [("path", frame)]
     dashes = {}
     if "split" in groups:
-        dashes = {s: _DASHES[i % len(_DASHES)] for i, s in enumerate(pd.unique(frame["split"]))}
+        dashes = {s: V.DASHES[i % len(V.DASHES)]
+                  for i, s in enumerate(pd.unique(frame["split"]))}
     first = [g for g in groups if g != "split"]
-    colors = ({v: _COLORS[i % len(_COLORS)] for i, v in enumerate(pd.unique(frame[first[0]]))}
-              if first else {})
+    colors = V.palette(list(pd.unique(frame[first[0]]))) if first else {}
     for i, (key, part) in enumerate(parts):
         key = key if isinstance(key, tuple) else (key,)
         label = " · ".join(map(str, key))
         named = dict(zip(groups, key))
         part = part.sort_values(x)
-        color = colors.get(named.get(first[0]) if first else None, _COLORS[i % len(_COLORS)])
+        color = colors.get(named.get(first[0]) if first else None,
+                           V.FALLBACK_COLORS[i % len(V.FALLBACK_COLORS)])
         fig.add_trace(go.Scatter(
             x=part[x], y=part[y], mode="lines+markers", marker=dict(size=4),
             name=f"{label} (barrier {barriers[label]:.3g})",
@@ -680,20 +513,21 @@ def penalty_scatter(pairs: pd.DataFrame, *, color: str = "base", title: str | No
     _require(pairs, ["without", "with", color])
     keys = [c for c in ("seed", "layer_set", "fraction", "step", "layers") if c in pairs]
     fig = go.Figure()
-    for i, (name, part) in enumerate(pairs.groupby(color, sort=False)):
+    colors = V.palette(list(pd.unique(pairs[color])))
+    for name, part in pairs.groupby(color, sort=False):
         data, template = _hover(part, [color] + keys, ["without=%{x:.4g}", "with=%{y:.4g}"])
+        below = part["with"].lt(part["without"]).mean()
         fig.add_trace(go.Scatter(x=part["without"], y=part["with"], mode="markers",
-                                 name=f"{name} ({part['with'].lt(part['without']).mean():.0%} below)",
-                                 marker=dict(color=_COLORS[i % len(_COLORS)], size=6,
-                                             opacity=0.7),
+                                 name=f"{V.display_name(name)} ({below:.0%} below)",
+                                 marker=dict(color=colors[name], size=6, opacity=0.7),
                                  customdata=data, hovertemplate=template))
     lo = float(min(pairs["without"].min(), pairs["with"].min())) if len(pairs) else 0.0
     hi = float(max(pairs["without"].max(), pairs["with"].max())) if len(pairs) else 1.0
     fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x",
                              line=dict(color="black", dash="dash", width=1), hoverinfo="skip"))
     below = float(pairs["with"].lt(pairs["without"]).mean()) if len(pairs) else float("nan")
-    fig.update_xaxes(title_text="pruning penalty without mean replacement")
-    fig.update_yaxes(title_text="pruning penalty with mean replacement (bp_)")
+    fig.update_xaxes(title_text="pruning penalty without mean replacement (nats)")
+    fig.update_yaxes(title_text="pruning penalty with mean replacement, bp_ (nats)")
     fig.update_layout(title=title or f"Mean replacement: {below:.0%} of points below y = x",
                       template="plotly_white", legend_title_text=color)
     return fig
@@ -706,20 +540,20 @@ def penalty_over_training(frame: pd.DataFrame, *, y: str = "penalty", x: str = "
     solid, their twins without mean replacement dashed in the same colour."""
     go = _go()
     _require(frame, [x, y, color])
-    agg = _aggregate(frame, x, y, color)
-    style = _pair_styles(list(pd.unique(agg[color])), "bp_")
+    agg = V.aggregate(frame, x, y, color)
+    style = V.pair_styles(list(pd.unique(agg[color])), "bp_")
     fig = go.Figure()
     for name, part in agg.groupby(color, sort=False):
         c, dashed = style[name]
         fig.add_trace(go.Scatter(
-            x=part[x], y=part["mean"], name=str(name), mode="lines+markers",
+            x=part[x], y=part["mean"], name=V.display_name(name), mode="lines+markers",
             line=dict(color=c, dash="dash" if dashed else "solid"), marker=dict(size=4),
             error_y=dict(type="data", array=part["std"], visible=bool((part["std"] > 0).any())),
             customdata=part[["count"]].to_numpy(),
             hovertemplate=(f"{color}={name}<br>{x}=%{{x}}<br>{y}=%{{y:.4g}}"
                            "<br>n=%{customdata[0]}<extra></extra>")))
-    fig.update_xaxes(title_text="training step")
-    fig.update_yaxes(title_text=_label(y) + " = L(pruned) − L(dense)")
+    fig.update_xaxes(title_text=_label(x))
+    fig.update_yaxes(title_text=_label(y))
     fig.update_layout(title=title or "Pruning penalty during training", template="plotly_white",
                       legend_title_text=color)
     return fig
@@ -730,13 +564,13 @@ def selection_consistency(frame: pd.DataFrame, *, title: str | None = None):
     :meth:`prunelab.units.PenaltyRecorder.consistency`. Lower = a more consistent choice."""
     go = _go()
     _require(frame, ["step", "score", "fraction_ever_selected"])
-    style = _pair_styles(list(pd.unique(frame["score"])), "bp_")
+    style = V.pair_styles(list(pd.unique(frame["score"])), "bp_")
     fig = go.Figure()
     for name, part in frame.groupby("score", sort=False):
         c, dashed = style[name]
         part = part.sort_values("step")
         fig.add_trace(go.Scatter(x=part["step"], y=part["fraction_ever_selected"],
-                                 name=str(name), mode="lines",
+                                 name=V.display_name(name), mode="lines",
                                  line=dict(color=c, dash="dash" if dashed else "solid"),
                                  hovertemplate=(f"score={name}<br>step=%{{x}}<br>"
                                                 "fraction=%{y:.3f}<extra></extra>")))
@@ -752,20 +586,16 @@ def activation_histogram(frame: pd.DataFrame, *, scores: Sequence[str] | None = 
     """Histogram of the mean squared activation of the units each score selected (MRP Fig. 6b),
     from :meth:`prunelab.units.PenaltyRecorder.activations`; log10 x axis (zeros dropped)."""
     go = _go()
-    _require(frame, ["score", value])
+    positive, edges = V.histogram_edges(frame, value, bins, scores)
     scores = list(pd.unique(frame["score"])) if scores is None else list(scores)
-    positive = frame[frame[value] > 0]
-    if positive.empty:
-        raise ValueError(f"no positive {value!r} values to histogram")
-    logs = np.log10(positive[value].to_numpy())
-    edges = np.linspace(logs.min(), logs.max() + 1e-9, bins + 1)
+    colors = V.palette(scores)
     fig = go.Figure()
-    for i, name in enumerate(scores):
-        vals = np.log10(positive.loc[positive["score"] == name, value].to_numpy())
-        fig.add_trace(go.Histogram(x=vals, name=str(name), opacity=0.55,
+    for name in scores:
+        vals = positive.loc[positive["score"] == name, "log10"].to_numpy()
+        fig.add_trace(go.Histogram(x=vals, name=V.display_name(name), opacity=0.55,
                                    xbins=dict(start=edges[0], end=edges[-1],
                                               size=edges[1] - edges[0]),
-                                   marker_color=_COLORS[i % len(_COLORS)]))
+                                   marker_color=colors[name]))
     fig.update_layout(barmode="overlay", template="plotly_white",
                       title=title or "Squared activations of the selected units")
     fig.update_xaxes(title_text="log10 mean squared activation E[a²]")
@@ -834,15 +664,16 @@ def instability(barriers: pd.DataFrame, *, x: str = "k", y: str = "barrier",
     metric = (str(barriers["metric"].iloc[0]) if "metric" in barriers and len(barriers)
               else "error")
     groups = barriers.groupby(color, sort=False) if color else [(None, barriers)]
+    colors = V.palette(list(pd.unique(barriers[color])) if color else [None])
     fig = go.Figure()
     for name, part in groups:
         part = part.sort_values(x)
         fig.add_trace(go.Scatter(x=part[x], y=part[y], mode="lines+markers",
-                                 name=None if name is None else str(name),
-                                 showlegend=name is not None,
+                                 name=None if name is None else V.display_name(name),
+                                 showlegend=name is not None, line=dict(color=colors[name]),
                                  hovertemplate=f"k=%{{x}}<br>{metric} barrier=%{{y:.4g}}"
                                                "<extra></extra>"))
-    fig.update_xaxes(title_text="rewinding / splitting step k")
+    fig.update_xaxes(title_text="rewinding / splitting step k (training steps)")
     fig.update_yaxes(title_text=f"{metric} barrier (instability)")
     fig.update_layout(title=title or "Instability vs the step the two copies split at",
                       template="plotly_white")

@@ -8,16 +8,18 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "prunelab"
 
-# DESIGN.md: data < models < train < metrics < zoo < graph < selection < criteria < masks < config < prune
-#            < units, connectivity, collapse, lottery < experiments < plots < figures < widgets
-# (figures reuses the frame helpers of plots: the static versions of the same views)
+# DESIGN.md: data < models < train < metrics < zoo < graph < selection < criteria < masks < config
+#            < prune < units, connectivity, collapse, lottery < experiments < views < plots
+#            < figures < widgets
+# (views prepares the frames and the style once; plots and figures only draw them)
 LAYERS = [
-    {"paths", "_parametrize", "store", "executors"}, {"batches"}, {"data"}, {"models"}, {"train"}, {"metrics"}, {"zoo"}, {"graph"},
-    {"selection"}, {"criteria"}, {"masks"}, {"config"}, {"pruning"}, {"units", "connectivity", "collapse", "lottery", "at_init", "compression"},
-    {"structured"}, {"experiments"}, {"plots"}, {"figures"}, {"widgets"},
+    {"paths", "_parametrize", "store", "executors"}, {"batches"}, {"data"}, {"models"}, {"train"},
+    {"metrics"}, {"zoo"}, {"graph"}, {"selection"}, {"criteria"}, {"masks"}, {"config"},
+    {"pruning"}, {"units", "connectivity", "collapse", "lottery", "at_init", "compression"},
+    {"structured"}, {"experiments"}, {"views"}, {"plots"}, {"figures"}, {"widgets"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
-TORCH_FREE = {"paths", "store", "executors", "plots", "figures"}
+TORCH_FREE = {"paths", "store", "executors", "views", "plots", "figures"}
 
 
 def module_files():

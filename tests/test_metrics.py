@@ -240,3 +240,68 @@ def test_metrics_import_is_torch_free_and_evaluate_is_reexported():
 
     assert M.evaluate is train.evaluate
     assert "evaluate" in M.__all__
+
+
+# ----------------------------------------------------------------------------- Dolan-Moré profile
+def dolan_more_table() -> pd.DataFrame:
+    """Costs (lower is better), inf = the solver failed.
+
+        j   A    B    C      best   ratios A, B, C
+        1   1    2    inf    1      1, 2, inf      C failed
+        2   3    3    6      3      1, 1, 2        A and B tie for best
+        3   4    2    1      1      4, 2, 1
+        4   inf  inf  inf    inf    inf, inf, inf  everybody failed: counts in N for nobody
+    """
+    d = {"A": [1, 3, 4, np.inf], "B": [2, 3, 2, np.inf], "C": [np.inf, 6, 1, np.inf]}
+    return pd.DataFrame([{"method": m, "measurement": j + 1, "penalty": float(v)}
+                         for m, vs in d.items() for j, v in enumerate(vs)])
+
+
+def perprof_reference(costs: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    """Brute force from the definition, problem by problem (Dolan & Moré 2002, Eqs. 1-2)."""
+    n_p, n_s = costs.shape
+    out = np.zeros((len(taus), n_s))
+    for p in range(n_p):
+        best = min(costs[p])
+        for s in range(n_s):
+            r = costs[p, s] / best if np.isfinite(best) and np.isfinite(costs[p, s]) else np.inf
+            for t, tau in enumerate(taus):
+                out[t, s] += (r <= tau) / n_p
+    return out
+
+
+def test_dolan_more_profile_by_hand_with_ties_and_failures():
+    p = M.performance_profile(dolan_more_table(), kind="dolan-more")
+    got = p.pivot(index="tau", columns="method", values="fraction")[["A", "B", "C"]]
+    # default taus: the breakpoints 1, 2, 4 (distinct finite ratios); N = 4 problems
+    assert list(got.index) == [1.0, 2.0, 4.0]
+    expected = np.array([[2, 1, 1],     # τ = 1: A best at j1, j2; B at j2 (tie); C at j3
+                         [2, 3, 2],     # τ = 2: B adds j1, j3; C adds j2
+                         [3, 3, 2]]) / 4  # τ = 4: A adds j3; C never reaches j1 (failed)
+    np.testing.assert_array_equal(got.to_numpy(), expected)
+    assert p.attrs["kind"] == "dolan-more"
+    taus = np.array([1.0, 1.5, 2.0, 3.9, 4.0, 100.0])
+    q = M.performance_profile(dolan_more_table(), kind="dolan-more", taus=taus)
+    costs = np.array([[1, 2, np.inf], [3, 3, 6], [4, 2, 1], [np.inf] * 3])
+    np.testing.assert_allclose(q.pivot(index="tau", columns="method", values="fraction")
+                               [["A", "B", "C"]].to_numpy(), perprof_reference(costs, taus))
+
+
+def test_dolan_more_default_kind_unchanged_and_bad_inputs():
+    f = hand_example()
+    assert M.performance_profile(f).equals(M.performance_profile(f, kind="mrp"))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        M.performance_profile(f, kind="perprof")
+    with pytest.raises(ValueError, match=">= 1"):
+        M.performance_profile(f, kind="dolan-more", taus=[0.5])
+    neg = f.assign(penalty=f.penalty - 2.0)       # penalties may be 0 or negative
+    with pytest.raises(ValueError, match="positive.*shift="):
+        M.performance_profile(neg, kind="dolan-more")
+    shifted = M.performance_profile(neg, kind="dolan-more", shift=2.0)
+    assert shifted.equals(M.performance_profile(f, kind="dolan-more"))
+    with pytest.raises(ValueError, match="shift applies"):
+        M.performance_profile(f, shift=1.0)
+    with pytest.raises(ValueError, match="-inf"):
+        M.performance_profile(f.assign(penalty=-np.inf), kind="dolan-more")
+    with pytest.raises(ValueError, match="infinite"):              # mrp keeps refusing inf
+        M.performance_profile(dolan_more_table())

@@ -69,7 +69,7 @@ def test_delta_loss_vs_lambda_panels_lines_reference_and_zero_tick():
     fig = plots.delta_loss_vs_lambda(f)
     assert isinstance(fig, go.Figure)
     lines = [t for t in fig.data if t.name.startswith("π")]
-    refs = [t for t in fig.data if t.name == "mp"]
+    refs = [t for t in fig.data if t.name == "MP"]     # display name
     assert len(fig.data) == 2 * 2 + 2                  # (lm, qm) x π ∈ {1, 14}, mp in each panel
     assert len(lines) == 4 and len(refs) == 2
     mp_mean = f[f.criterion == "mp"].delta_loss.mean()
@@ -98,7 +98,7 @@ def test_delta_loss_vs_lambda_dash_grouping_and_errors():
     with pytest.raises(ValueError, match="schedule"):
         plots.delta_loss_vs_lambda(f)                  # two schedules would be averaged
     fig = plots.delta_loss_vs_lambda(f, dash="schedule")
-    dashes = {t.line.dash for t in fig.data if t.name != "mp"}
+    dashes = {t.line.dash for t in fig.data if t.name != "MP"}
     assert dashes == {"solid", "dot"}
     with pytest.raises(ValueError, match="stages"):
         plots.delta_loss_vs_lambda(f.drop(columns="stages"))
@@ -111,7 +111,8 @@ def test_stage_trajectories_two_panels_one_line_per_schedule():
     assert len(fig.data) == 2 * 2                      # (ΔL, ‖Δθ‖) x (linear, exponential)
     assert {t.name for t in fig.data} == {"linear", "exponential"}
     assert fig.layout.yaxis.type == "log"
-    assert fig.layout.xaxis.title.text == "sparsity" and fig.layout.xaxis2.title.text == "stage"
+    assert fig.layout.xaxis.title.text.startswith("sparsity")   # with its unit
+    assert fig.layout.xaxis2.title.text == "stage"
     step = next(t for t in fig.data if t.xaxis == "x2" and t.name == "linear")
     assert step.y[0] == pytest.approx(1.5)             # mean of 1 + s/1 over s ∈ {0, 1}
     assert step.error_y.visible
@@ -132,7 +133,7 @@ def test_delta_loss_scatter_rho_in_title_log_x_and_run_hover():
     s = metrics.spearman(metrics.error_gaps(f), n_boot=300)
     title = fig.layout.title.text
     assert f"ρ = {s['rho']:.2f}" in title and f"[{s['low']:.2f}, {s['high']:.2f}]" in title
-    text = hover(next(t for t in fig.data if t.name == "qm"))
+    text = hover(next(t for t in fig.data if t.name == "QM"))
     for key in ("criterion=", "seed=", "stages=", "lam=", "schedule=", "qm", "exponential"):
         assert key in text
     with pytest.raises(ValueError, match="nope"):
@@ -146,6 +147,17 @@ def test_performance_profile_plot_step_lines():
     assert all(t.line.shape == "hv" for t in fig.data)
     assert all(0 <= y <= 1 for t in fig.data for y in t.y)
     assert tuple(fig.layout.xaxis.range) == (0, 1)
+
+
+def test_performance_profile_plot_dolan_more_on_a_log_ratio_axis():
+    f = pd.DataFrame({"method": list("ab") * 2, "measurement": [1, 1, 2, 2],
+                      "penalty": [1.0, 2.0, 3.0, np.inf]})
+    fig = plots.performance_profile(metrics.performance_profile(f, kind="dolan-more"))
+    assert fig.layout.xaxis.type == "log" and "ratio" in fig.layout.xaxis.title.text
+    b = next(t for t in fig.data if t.name == "b")
+    assert list(b.x) == [1.0, 2.0] and list(b.y) == [0.0, 0.5]   # b failed on measurement 2
+    mrp = plots.performance_profile(profile())
+    assert mrp.layout.xaxis.type is None and tuple(mrp.layout.xaxis.range) == (0, 1)
 
 
 def test_layer_density_bars_skip_total():
@@ -162,7 +174,7 @@ def test_accuracy_vs_density_averages_seeds():
                       "accuracy": [0.9, 0.9, 0.5, 0.7, 0.9, 0.9, 0.6, 0.8]})
     fig = plots.accuracy_vs_density(f)
     assert len(fig.data) == 2 and fig.layout.xaxis.type == "log"
-    mp = next(t for t in fig.data if t.name == "mp")
+    mp = next(t for t in fig.data if t.name == "MP")
     assert list(mp.y) == pytest.approx([0.6, 0.9])    # density sorted ascending: 0.1, 1.0
     assert mp.error_y.array[0] == pytest.approx(np.std([0.5, 0.7], ddof=1))
 
@@ -242,7 +254,7 @@ def test_collapse_curves_lines_log_x_and_collapse_markers():
     assert isinstance(fig, go.Figure)
     lines = [t for t in fig.data if t.mode == "lines+markers"]
     marks = [t for t in fig.data if t.mode == "markers"]
-    assert [t.name for t in lines] == ["snip", "mp"]
+    assert [t.name for t in lines] == ["SNIP", "MP"]
     assert len(marks) == 1 and marks[0].marker.symbol == "x"   # only mp collapses, at ρ = 100
     assert list(marks[0].x) == [100.0]
     assert fig.layout.xaxis.type == "log"
