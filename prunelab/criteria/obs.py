@@ -134,7 +134,7 @@ def input_second_moments(model: nn.Module, x: Tensor, names: list[str] | None = 
     finally:
         for h in handles:
             h.remove()
-    return {n: acc[n] / B.length(x) for n in names}
+    return {n: acc[n] / B.length(x) for n in names if n in acc}
 
 
 def empirical_fisher(model: nn.Module, batch, names: list[str], *, diagonal: tuple[str, ...] = (),
@@ -404,6 +404,12 @@ def obs(model: nn.Module, *, batch=None, masks: Masks | None = None, seed: int =
         width = {n: weights[n][0].numel() for n in names}
         diagonal = tuple(n for n in names if width[n] > max_row)
         stats = input_second_moments(model, x, names, diagonal=diagonal, chunk_size=chunk_size)
+        unseen = [n for n in names if n not in stats]
+        if unseen:
+            raise ValueError(f"obs (row mode) reads each layer's inputs from its module calls, and "
+                             f"{unseen} were never called as modules (e.g. nn.MultiheadAttention's "
+                             f"out_proj inside F.multi_head_attention_forward); use block='fisher' "
+                             f"or another criterion for this model")
     else:
         groups = {n: 1 for n in names}
         diagonal = tuple(n for n in names if weights[n].numel() > max_block)
