@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 __all__ = ["Objective", "objective", "LOSSES", "TARGET_KEYS", "IGNORE_INDEX", "call",
            "output_tensor", "as_batch", "length", "take", "to_model", "model_device_dtype",
-           "chunks", "check_inputs", "evaluating"]
+           "chunks", "check_inputs", "evaluating", "probe"]
 
 LOSSES = ("cross_entropy", "mse")
 IGNORE_INDEX = -100
@@ -397,6 +397,28 @@ def chunks(x, y, size: int) -> Iterator[tuple[object, Tensor]]:
     for i in range(0, m, size):
         sl = slice(i, min(i + size, m))
         yield take(x, sl), y[sl]
+
+
+def probe(model: nn.Module, x, y: Tensor, objective: Objective, what: str = "the model") -> None:
+    """Run the first example through ``model`` (eval mode, no grad) and check every target
+    against its output under ``objective``: a model that cannot take the inputs gives a
+    ValueError naming the input shapes; ill-fitting targets the objective's errors."""
+    first = take(x, slice(0, 1))
+    try:
+        with evaluating(model), torch.no_grad():
+            out = call(model, first)
+    except (RuntimeError, IndexError) as err:
+        shapes = {k: tuple(v.shape) for k, v in x.items() if isinstance(v, Tensor)} \
+            if isinstance(x, Mapping) else tuple(x.shape) if isinstance(x, Tensor) else \
+            [tuple(v.shape) for v in _tensors(x)]
+        raise ValueError(f"{what}: the model cannot run on these inputs (shapes {shapes}): "
+                         f"{str(err).splitlines()[0]}") from err
+    try:
+        z = output_tensor(out, objective.output)
+    except (KeyError, IndexError, AttributeError) as err:
+        raise TypeError(f"{what}: output= failed on the model's output "
+                        f"({type(out).__name__}): {err!r}") from err
+    objective.check(z.expand(len(y), *z.shape[1:]), y)
 
 
 @contextlib.contextmanager

@@ -404,6 +404,20 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(model, _Tracer().trace(model))
 
 
+def fx_inputs(gm: torch.fx.GraphModule, x) -> tuple:
+    """Positional arguments for ``torch.fx.Interpreter(gm).run`` from model inputs ``x`` (a
+    tensor, a tuple, or a mapping matched to the placeholders by name, defaults filled in)."""
+    if isinstance(x, Tensor):
+        return (x,)
+    if isinstance(x, (tuple, list)):
+        return tuple(x)
+    out = []
+    for p in (n for n in gm.graph.nodes if n.op == "placeholder"):
+        name = p.target.lstrip("*")
+        out.append(x[name] if name in x else (p.args[0] if p.args else None))
+    return tuple(out)
+
+
 def _trace_graph(model: nn.Module) -> LayerGraph:
     gm = trace(model)
     b = _Builder(model)

@@ -147,7 +147,7 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
     if config.device is not None:
         work.to(config.device)
     if spec.needs_data or batch is not None:
-        batch = C.check_batch(batch, criterion, work)
+        batch = C.check_batch(batch, criterion, work, objective)
     base_masks = {n: m.to(G.weight(work, n).device) for n, m in base_masks.items()}
     work.eval()
     for p in work.parameters():

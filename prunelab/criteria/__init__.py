@@ -99,10 +99,16 @@ def get(name: str) -> Callable:
     return getattr(importlib.import_module(f"{__name__}.{s.module}"), s.function)
 
 
-def check_batch(batch, name: str, model: nn.Module | None = None):
+def check_batch(batch, name: str, model: nn.Module | None = None,
+                objective: B.Objective | None = None):
     """``batch`` as (x, y) on the model's device and dtype (floating inputs take its dtype), from
     (x, y) tensors (x a tensor, mapping or tuple), a Dataset or a DataLoader; ValueError/TypeError
-    saying what ``name`` needs otherwise."""
+    saying what ``name`` needs otherwise.
+
+    With a model, one example is run through it first, so inputs the model cannot take and
+    targets that do not fit its outputs under the loss (labels out of range, float labels, a
+    wrong shape) are named here instead of failing deep inside a criterion.
+    """
     if batch is None:
         raise ValueError(f"criterion {name!r} is data-dependent: pass batch=(x, y), a Dataset or "
                          f"a DataLoader, e.g. bundle.batch('train', n=1000, seed=0)")
@@ -110,6 +116,7 @@ def check_batch(batch, name: str, model: nn.Module | None = None):
     B.check_inputs(x)
     if model is not None:
         x, y = B.to_model(x, model), B.to_model(y, model)
+        B.probe(model, x, y, objective or B.Objective(), what=f"criterion {name!r}")
     return x, y
 
 
@@ -202,7 +209,7 @@ def compute(model: nn.Module, name: str, *, batch=None, masks: Masks | None = No
         lam = check_lam(lam)
         check_options(name, options)
         if s.needs_data or batch is not None:
-            batch = check_batch(batch, name, model)
+            batch = check_batch(batch, name, model, objective)
         if masks:
             masks = check_masks(masks, model)
         check_finite_weights(model)

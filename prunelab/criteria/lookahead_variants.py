@@ -179,7 +179,7 @@ def activation_probabilities(model: nn.Module, x: Tensor,
                         probs[n] = p
                 return super().run_node(node)
 
-        _Probe(gm).run(x)
+        _Probe(gm).run(*G.fx_inputs(gm, x))
     else:
         handles = []
         for act, layers in owners.items():
