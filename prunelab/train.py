@@ -88,8 +88,14 @@ class Recipe:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
+    def total_steps(self, n_train: int) -> int:
+        """Optimiser steps of a full run on ``n_train`` examples: ``ceil(n_train / batch_size)``
+        steps per epoch times ``epochs``, capped at ``max_steps`` (early stopping aside)."""
+        steps = math.ceil(n_train / self.batch_size) * self.epochs
+        return min(steps, self.max_steps) if self.max_steps is not None else steps
 
-def _tensors(data) -> Batch:
+
+def as_tensors(data) -> Batch:
     """(x, y) tensors from a (x, y) tuple, a TensorDataset or any map-style Dataset."""
     if isinstance(data, tuple) and len(data) == 2:
         return data
@@ -113,7 +119,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 1000) -> dict[str, flo
     Returns:
         ``{"loss": float, "accuracy": float, "error": float, "n": int}``.
     """
-    x, y = _tensors(data)
+    x, y = as_tensors(data)
     was_training = model.training
     model.eval()
     total, correct, n = 0.0, 0, len(y)
@@ -188,10 +194,10 @@ def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
         ``train_regularizer`` (its mean over the epoch's steps) follows ``train_accuracy``.
         Without one, training and history are exactly as before the option existed.
     """
-    x, y = _tensors(train)
+    x, y = as_tensors(train)
     n = len(y)
     if val is not None:
-        val = _tensors(val)
+        val = as_tensors(val)
     if recipe.patience is not None and val is None:
         raise ValueError("early stopping (recipe.patience) needs a validation set: pass val=")
     gen = torch.Generator().manual_seed(seed)

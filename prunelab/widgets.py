@@ -622,7 +622,7 @@ class UnitExplorer:
     def __init__(self, model: nn.Module, bundle, *, batch_size: int = 500, seed: int = 0,
                  eval_split: str = "val", fraction: float = 0.1, scores=None):
         W, go = _widgets()
-        from prunelab import structured, units
+        from prunelab import mrp, structured, units
 
         self._units, self._structured = units, structured
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -631,7 +631,7 @@ class UnitExplorer:
             raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
         self._model = G.plain_copy(model).eval() if G.is_parametrized(model) else \
             copy.deepcopy(model).eval()
-        self.sets = units.layer_sets(self._model)
+        self.sets = mrp.layer_sets(self._model)
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                      for m in self._model.modules())
         default = list(units.BASE_SCORES) + ["mp-l1", "mp-l2", "lap-l1", "lap-l2", "hrank"] + (
@@ -703,9 +703,9 @@ class UnitExplorer:
     def _layer_stats(self, name: str):
         if name not in self._stats:
             u = self._units
-            chosen = u._units(self._model, self.sets[name])
-            self._stats[name] = u._statistics(self._model, chosen, self._score_batch,
-                                              torch.nn.functional.cross_entropy, True)
+            chosen = u.layer_units(self._model, self.sets[name])
+            self._stats[name] = u.unit_statistics(self._model, chosen, self._score_batch,
+                                                  torch.nn.functional.cross_entropy, True)
         return self._stats[name]
 
     def _scores(self, layer_set: str, score: str) -> dict:
@@ -714,9 +714,9 @@ class UnitExplorer:
             layers = self.sets[layer_set]
             if score in self._units.BASE_SCORES:
                 stats = self._layer_stats(layer_set)
-                chosen = self._units._units(self._model, layers)
-                self._cache[key] = self._units._unit_scores(self._model, chosen, score, stats,
-                                                            self.seed)
+                chosen = self._units.layer_units(self._model, layers)
+                self._cache[key] = self._units.score_units(self._model, chosen, score, stats,
+                                                           self.seed)
             else:
                 self._cache[key] = self._structured.score(self._model, score, layers=layers,
                                                           batch=self._score_batch,
@@ -731,7 +731,7 @@ class UnitExplorer:
                                  layers=self.sets[name],
                                  unit_scores=self._scores(name, score),
                                  mean_replacement=mean_replacement,
-                                 _stats=self._layer_stats(name))
+                                 stats=self._layer_stats(name))
 
     def _refresh(self) -> None:
         try:
