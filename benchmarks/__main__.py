@@ -142,6 +142,18 @@ def bench_slider(args):
     return rows
 
 
+def bench_explorer(args):
+    """The explorer's own slider move (widget traffic included) vs evaluating 1,000 examples."""
+    from benchmarks.explorer import time_slider_move
+
+    bundle = pl.data.load("digits")
+    model = pl.models.build("mlp", bundle, seed=0).eval()
+    explorer = pl.widgets.PruningExplorer(model, bundle, criteria=["mp"], batch_size=1000)
+    t = time_slider_move(explorer, repeats=max(5, args.repeats * 3))
+    return [row("explorer slider move / evaluating 1,000", "mlp", t["move"], t["evaluate_1000"],
+                1.3)]
+
+
 def bench_stages(args):
     model = MODELS["mlp"]().eval()
     x, y = data(SHAPES["mlp"])
@@ -197,7 +209,7 @@ def row(name, arch, value, baseline, budget, higher_is_better=False):
 
 
 BENCHES = {"lap": bench_lap_vs_mp, "mask": bench_global_mask, "ggn": bench_ggn,
-           "slider": bench_slider, "stages": bench_stages, "masked_step": bench_masked_step,
+           "slider": bench_slider, "explorer": bench_explorer, "stages": bench_stages, "masked_step": bench_masked_step,
            "import": bench_import}
 
 

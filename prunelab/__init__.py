@@ -11,9 +11,10 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "paths", "store", "data", "models", "train", "metrics", "zoo", "graph", "criteria", "masks",
-    "pruning", "units", "structured", "connectivity", "collapse", "lottery", "at_init",
-    "compression", "experiments", "plots", "figures", "widgets",
+    "paths", "store", "download", "data_readers", "data", "models", "train", "metrics", "zoo",
+    "graph", "criteria", "masks", "pruning", "explore", "units", "mrp", "structured",
+    "connectivity", "curves", "collapse", "lottery", "at_init", "compression", "experiments",
+    "plots", "figures", "widgets",
 )
 _FUNCTIONS = {"score": ("criteria", "score"), "prune": ("pruning", "prune")}
 

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Defined once, in models (the lower layer: models cannot import graph); re-exported here as
+# ``graph.PRUNABLE_TYPES`` for the layers above.
+from prunelab.models import PRUNABLE_TYPES
 
 Scores = dict[str, Tensor]  # name -> float tensor shaped like the weight; higher = keep
 Masks = dict[str, Tensor]   # name -> bool tensor shaped like the weight; True = kept

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import html
 import math
-import statistics
 import threading
 import time
 from collections import OrderedDict
@@ -24,7 +23,8 @@ from torch import nn
 from prunelab import criteria as C
 from prunelab import graph as G
 from prunelab import masks as M
-from prunelab.pruning import SCHEDULES, prune
+from prunelab.explore import NeedsRun, Pruner, one_shot_scores
+from prunelab.pruning import SCHEDULES
 from prunelab.train import evaluate
 
 __all__ = ["PruningExplorer", "UnitExplorer"]
@@ -91,10 +91,6 @@ class _LRU(OrderedDict):
         return None
 
 
-class _NeedsRun(Exception):
-    """The one-shot path cannot show this configuration (e.g. OBS also moves the kept weights)."""
-
-
 class PruningExplorer:
     """Sliders for criterion, scope, schedule, sparsity, λ and stages π over a pretrained model.
 
@@ -107,7 +103,8 @@ class PruningExplorer:
     (:attr:`readout`), the density of every prunable layer (:attr:`layers_fig`) and ΔL after each
     stage of the last staged run (:attr:`trajectory_fig`).
 
-    Two paths:
+    The engine is :class:`prunelab.explore.Pruner` (shared with :mod:`prunelab.collapse`); the
+    explorer only wires controls, caches and figures to it. Two paths:
 
     * **One-shot** (π = 1 and a criterion that does not prune toward the target inside itself,
       i.e. not ``spec(name).uses_target``): the scores of each (criterion, λ) are computed once on
@@ -116,8 +113,8 @@ class PruningExplorer:
       reused buffers (one comparison per weight: no sort, no allocation), multiplies them into
       the copy's weights and evaluates the fixed evaluation batch, so a move costs the
       evaluation plus a fixed ~1 ms of mask writing and widget traffic
-      (:meth:`time_slider_move` measures it; DESIGN.md's budget: within 1.3× of evaluating
-      1,000 examples).
+      (``benchmarks/explorer.py``'s ``time_slider_move`` measures it; DESIGN.md's budget:
+      within 1.3× of evaluating 1,000 examples).
     * **Staged** (π > 1, or a target-using criterion such as ``synflow`` or ``lap-forward``):
       moving a control only says what will run; the Run button calls :func:`prunelab.prune` with a
       callback that advances :attr:`progress`, extends the trajectory per stage and stops the run
@@ -360,51 +357,24 @@ class PruningExplorer:
         self._cancel.set()
         self._log(event="cancel")
 
-    def time_slider_move(self, repeats: int = 41, values=(0.2, 0.1, 0.05, 0.02), *,
-                         clock=time.process_time) -> dict:
-        """Median time of one sparsity-slider move vs one evaluation, timed alternately.
+    @property
+    def model(self) -> nn.Module:
+        """The explorer's own dense copy of the model (scored and evaluated; do not modify)."""
+        return self._model
 
-        Each round sets ``density.value`` (everything a move triggers: masks rewritten in place,
-        evaluation, readout and figure update), then evaluates the unpruned model on the same
-        evaluation batch, then on 1,000 training examples, so all three see the same machine
-        load (DESIGN.md: ratios of variants timed round-robin). The default clock is the
-        process's CPU time: on a shared machine wall-clock medians swing several-fold with other
-        jobs, CPU time does not count the time the process waits for a core (pass
-        ``clock=time.perf_counter`` for wall time). Needs the one-shot path.
+    @property
+    def score_batch(self):
+        """The fixed scoring batch ``(x, y)`` (``batch_size`` training examples)."""
+        return self._score_batch
 
-        Returns:
-            ``{"move", "evaluate", "ratio", "examples", "evaluate_1000", "ratio_1000"}``:
-            seconds of a move, of evaluating the evaluation batch (``examples`` rows) and of
-            evaluating 1,000 examples, and the two ratios (DESIGN.md's budget: a move within
-            1.3× of evaluating 1,000 examples).
-        """
-        if not self.one_shot:
-            raise ValueError("time_slider_move needs the one-shot path: stages π = 1 and a "
-                             f"criterion without an inner target ({self.criterion.value!r})")
-        start = self.density.value
-        self._refresh()  # scores and ranking cached before timing
-        x, y = self._score_batch if len(self._score_batch[1]) >= 1000 else self._eval_batch
-        ref = (x[:1000], y[:1000])
-        values = [v for v in values if v != start] or [start * 0.5, start]
-        moves, evals, evals_1000 = [], [], []
-        for v in (values[i % len(values)] for i in range(repeats)):
-            if v == self.density.value:
-                continue
-            t0 = clock()
-            self.density.value = v
-            t1 = clock()
-            evaluate(self._model, self._eval_batch)
-            t2 = clock()
-            evaluate(self._model, ref)
-            t3 = clock()
-            moves.append(t1 - t0)
-            evals.append(t2 - t1)
-            evals_1000.append(t3 - t2)
-        self.density.value = start
-        move, ev, ev1000 = (statistics.median(t) for t in (moves, evals, evals_1000))
-        return {"move": move, "evaluate": ev, "ratio": move / ev,
-                "examples": len(self._eval_batch[1]), "evaluate_1000": ev1000,
-                "ratio_1000": move / ev1000}
+    @property
+    def eval_batch(self):
+        """The fixed evaluation batch ``(x, y)`` of ``eval_split``."""
+        return self._eval_batch
+
+    def refresh(self) -> None:
+        """Show the current controls now (what a control change triggers)."""
+        self._refresh()
 
     def _repr_mimebundle_(self, **kwargs):
         # Displaying the explorer displays its VBox; figures re-synced first (see _sync_figure).
@@ -420,30 +390,35 @@ class PruningExplorer:
             del self.log[: len(self.log) - LOG_LIMIT]
 
     def _ranking(self, name: str, scope: str, lam: float) -> M.Ranking:
+        """The one-shot ranking of the engine (:class:`prunelab.explore.Pruner`) for these
+        controls; scores cached per (criterion, λ), rankings per (criterion, scope, λ)."""
         key = (name, scope, lam)
-        ranking = self._rankings.hit(key)
-        if ranking is not None:
+        pruner = self._rankings.hit(key)
+        if pruner is not None:
             self.stats["hits"] += 1
-            return ranking
+            return pruner.ranking
         scores = self._scores.hit((name, lam))
         if scores is None:
             self._set_note(f"scoring {html.escape(name)} on {len(self._score_batch[1])} "
                            "training examples …")
             t0 = time.perf_counter()
-            result = C.compute(self._model, name, batch=self._score_batch, lam=lam,
-                               seed=self.seed)
-            if result.update is not None:
+            try:
+                scores = one_shot_scores(self._model, name, batch=self._score_batch, lam=lam,
+                                         seed=self.seed, allow_update=False)
+            except NeedsRun:
                 # OBS-like: the kept weights move too, which masks alone cannot show.
                 self._needs_run.add(name)
-                raise _NeedsRun(name)
-            scores = result.scores
+                raise
             self._scores.put((name, lam), scores)
             self.stats["scores"] += 1
             self._log(event="score", criterion=name, lam=lam,
                       seconds=time.perf_counter() - t0)
-        ranking = M.Ranking(scores, scope=scope, previous=self._previous)
+        pruner = Pruner(self._model, name, batch=self._score_batch, scope=scope, seed=self.seed,
+                        lam=lam, scores=scores)
+        ranking = pruner.ranking
         self.stats["rankings"] += 1
-        return self._rankings.put(key, ranking)
+        self._rankings.put(key, pruner)
+        return ranking
 
     def _on_control(self, change) -> None:
         if self.running:  # controls are disabled in the browser; ignore programmatic changes too
@@ -465,7 +440,7 @@ class PruningExplorer:
                 for n, w in self._weights.items():
                     torch.mul(self._dense[n], self._buffers[n], out=w)
             after = evaluate(self._pruned, self._eval_batch)
-        except _NeedsRun:
+        except NeedsRun:
             self._show_pending()
             return
         except Exception as err:  # noqa: BLE001 - shown to the user, the widget stays live
@@ -572,10 +547,10 @@ class PruningExplorer:
     def _run_job(self, config: dict):
         result = None
         try:
-            result = prune(self._model, config["criterion"], sparsity=config["sparsity"],
-                           scope=config["scope"], stages=config["stages"],
-                           schedule=config["schedule"], lam=config["lam"],
-                           batch=self._score_batch, seed=self.seed, callback=self._on_stage)
+            pruner = Pruner(self._model, config["criterion"], batch=self._score_batch,
+                            scope=config["scope"], seed=self.seed, lam=config["lam"])
+            result = pruner.run(config["sparsity"], stages=config["stages"],
+                                schedule=config["schedule"], callback=self._on_stage)
             after = evaluate(result.model, self._eval_batch)
             kept = [int(result.masks[n].sum()) for n in self._names]
             done = len(result.history)

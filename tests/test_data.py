@@ -1,6 +1,8 @@
 """Tests of prunelab.data: readers on real-format files written here, splits, batches, downloads.
 
-Nothing touches the network: ``data._fetch`` is replaced by a guard (or by a local copy), and
+The readers live in prunelab.data_readers, downloads in prunelab.download; they are tested here
+through ``data.load``, with the fixtures of this file. Nothing touches the network:
+``download.fetch`` is replaced by a guard (or by a local copy), and
 ``paths.DATASETS`` / ``paths.SYSTEM_DATASETS`` point into tmp_path unless a test says otherwise.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from prunelab import data, paths
+from prunelab import data, data_readers, download, paths
 
 REAL_SYSTEM_DATASETS = paths.SYSTEM_DATASETS
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
@@ -46,7 +48,7 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setattr(paths, "DATASETS", tmp_path / "datasets")
     monkeypatch.setattr(paths, "SYSTEM_DATASETS", tmp_path / "system")
     monkeypatch.delenv("PRUNELAB_DOWNLOAD", raising=False)
-    monkeypatch.setattr(data, "_fetch", _no_network)
+    monkeypatch.setattr(download, "fetch", _no_network)
     data.clear_cache()
     yield
     data.clear_cache()  # bundles can be large (real Fashion-MNIST): do not keep them around
@@ -197,20 +199,22 @@ def test_unknown_name_lists_valid_names():
         assert name in str(info.value)
 
 
-def test_imports_only_torch_numpy_stdlib_and_paths():
+@pytest.mark.parametrize("module", [data, data_readers, download], ids=lambda m: m.__name__)
+def test_imports_only_torch_numpy_stdlib_and_paths(module):
     # Checked on the source, not in a subprocess: importing torch again would cost seconds.
-    tree = ast.parse(Path(data.__file__).read_text())
+    tree = ast.parse(Path(module.__file__).read_text())
     top = set()
     for node in tree.body:  # module level only: sklearn and mnist1d are imported in functions
         if isinstance(node, ast.Import):
             top |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
             top.add(node.module if node.level == 0 else f"prunelab.{node.module}")
-    allowed = {"numpy", "torch", "prunelab", "prunelab.paths"}
+    allowed = {"numpy", "torch", "prunelab"}
+    ours = {"prunelab", "prunelab.paths", "prunelab.data_readers", "prunelab.download"}
     bad = {m for m in top
            if m.split(".")[0] not in sys.stdlib_module_names and m.split(".")[0] not in allowed}
     assert not bad, f"module-level imports beyond torch/numpy/stdlib/paths: {sorted(bad)}"
-    assert {m for m in top if m.startswith("prunelab")} <= {"prunelab", "prunelab.paths"}
+    assert {m for m in top if m.startswith("prunelab")} <= ours
     anywhere = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
     anywhere |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
@@ -362,14 +366,14 @@ def server(tmp_path, monkeypatch):
         fetched.append(url)
         shutil.copyfile(folder / url.rsplit("/", 1)[1], dest)
 
-    monkeypatch.setattr(data, "_fetch", fetch)
+    monkeypatch.setattr(download, "fetch", fetch)
     return folder, fetched
 
 
 def test_download_idx_with_checksums(server, monkeypatch):
     folder, fetched = server
     arrays = fake_mnist(folder, gz=True)
-    monkeypatch.setitem(data._MD5, "fashion-mnist",
+    monkeypatch.setitem(download.MD5, "fashion-mnist",
                         {p.name: md5(p) for p in folder.iterdir()})
     b = data.load("fashion-mnist", download=True, val_size=10)
     assert len(b.train) == N_TRAIN - 10
@@ -383,7 +387,7 @@ def test_download_idx_with_checksums(server, monkeypatch):
 def test_download_enabled_by_environment(server, monkeypatch):
     folder, fetched = server
     fake_mnist(folder, gz=True)
-    monkeypatch.setitem(data._MD5, "mnist", {})  # no checksum: structure is verified instead
+    monkeypatch.setitem(download.MD5, "mnist", {})  # no checksum: structure is verified instead
     monkeypatch.setenv("PRUNELAB_DOWNLOAD", "1")
     assert len(data.load("mnist", val_size=10).test) == N_TEST
     assert all(url.startswith(data.URLS["mnist"]) for url in fetched) and len(fetched) == 4
@@ -394,7 +398,7 @@ def test_download_only_fetches_missing_files(server, monkeypatch):
     arrays = fake_mnist(folder, gz=True)
     write_idx(paths.DATASETS / "mnist" / "train-images-idx3-ubyte",
               arrays["train-images-idx3-ubyte"])
-    monkeypatch.setitem(data._MD5, "mnist", {})
+    monkeypatch.setitem(download.MD5, "mnist", {})
     data.load("mnist", download=True, val_size=10)
     assert len(fetched) == 3 and not any("train-images" in url for url in fetched)
 
@@ -402,7 +406,7 @@ def test_download_only_fetches_missing_files(server, monkeypatch):
 def test_download_bad_checksum_leaves_nothing(server, monkeypatch):
     folder, _ = server
     fake_mnist(folder, gz=True)
-    monkeypatch.setitem(data._MD5, "mnist",
+    monkeypatch.setitem(download.MD5, "mnist",
                         {f"{s}.gz": "0" * 32 for s in data.IDX_FILES})
     with pytest.raises(ValueError, match="MD5"):
         data.load("mnist", download=True)
@@ -413,7 +417,7 @@ def test_download_malformed_without_checksum_leaves_nothing(server, monkeypatch)
     folder, _ = server
     fake_mnist(folder, gz=True)
     (folder / "train-images-idx3-ubyte.gz").write_bytes(b"<html>not found</html>")
-    monkeypatch.setitem(data._MD5, "mnist", {})
+    monkeypatch.setitem(download.MD5, "mnist", {})
     with pytest.raises(ValueError, match="malformed"):
         data.load("mnist", download=True)
     assert not any(p.name.startswith("train-images") or p.suffix == ".part"
@@ -424,7 +428,7 @@ def test_download_network_error_is_not_available(monkeypatch):
     def fail(url, dest):
         raise urllib.error.URLError("no route to host")
 
-    monkeypatch.setattr(data, "_fetch", fail)
+    monkeypatch.setattr(download, "fetch", fail)
     with pytest.raises(data.DatasetNotAvailable, match="no route to host"):
         data.load("mnist", download=True)
     assert list((paths.DATASETS / "mnist").iterdir()) == []
@@ -434,7 +438,7 @@ def test_download_cifar10_archive(server, monkeypatch, tmp_path):
     folder, fetched = server
     arrays = fake_cifar(tmp_path / "build", "cifar10")
     archive = make_tar(arrays["folder"], folder / "cifar-10-python.tar.gz")
-    monkeypatch.setitem(data._MD5, "cifar10", {archive.name: md5(archive)})
+    monkeypatch.setitem(download.MD5, "cifar10", {archive.name: md5(archive)})
     b = data.load("cifar10", download=True, val_size=20)
     assert fetched == [data.URLS["cifar10"]]
     assert b.meta["source"] == str(paths.DATASETS / "cifar10" / "cifar-10-batches-py")
@@ -574,7 +578,7 @@ def mnist1d_root(tmp_path_factory) -> Path:
     old = paths.DATASETS
     paths.DATASETS = root
     try:
-        data._mnist1d_arrays()
+        data_readers.mnist1d_arrays()
     finally:
         paths.DATASETS = old
     return root
@@ -620,12 +624,12 @@ def test_mnist1d_damaged_cache_is_regenerated(mnist1d_root, monkeypatch, tmp_pat
     root = tmp_path / "copy"
     shutil.copytree(mnist1d_root, root)
     good = np.load(root / "mnist1d" / data.MNIST1D_FILE)["x"]
-    monkeypatch.setattr(data, "_generate_mnist1d",
+    monkeypatch.setattr(data_readers, "generate_mnist1d",
                         lambda: {"x": good, "y": np.zeros(4000, np.int64),
                                  "x_test": good[:1000], "y_test": np.zeros(1000, np.int64)})
     (root / "mnist1d" / data.MNIST1D_FILE).write_bytes(b"not a zip")
     monkeypatch.setattr(paths, "DATASETS", root)
-    arrays, _ = data._mnist1d_arrays()
+    arrays, _ = data_readers.mnist1d_arrays()
     np.testing.assert_array_equal(arrays["x"], good)
     with np.load(root / "mnist1d" / data.MNIST1D_FILE, allow_pickle=False) as npz:
         np.testing.assert_array_equal(npz["x"], good)
@@ -757,7 +761,7 @@ def test_name_aliases():
 
 def test_real_fashion_mnist(monkeypatch):
     folder = REAL_SYSTEM_DATASETS / "fashion-mnist"
-    if data._idx_files(folder) is None:
+    if data_readers.idx_files(folder) is None:
         pytest.skip(f"real Fashion-MNIST not in {folder}: "
                     "sudo apt-get install dataset-fashion-mnist (or make sysdeps)")
     monkeypatch.setattr(paths, "SYSTEM_DATASETS", REAL_SYSTEM_DATASETS)
