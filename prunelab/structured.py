@@ -36,6 +36,9 @@ For ``hrank`` and ``bn-scale`` the default layers (``layers=None``) are the defa
 :func:`prunelab.units.prune` (every prunable layer but the last) that the criterion applies to
 (``Conv2d`` layers / layers with a BatchNorm directly after); naming another layer explicitly is a
 ``ValueError``.
+
+Over 500 lines because the polarization regularizer and its threshold belong with the
+``bn-scale`` criterion they train for.
 """
 from __future__ import annotations
 

@@ -1,12 +1,16 @@
 """Interactive pruning in a notebook: ipywidgets controls wired to the library's calls.
 
 :class:`PruningExplorer` (weights) and :class:`UnitExplorer` (whole units, MRP) are returned,
-never displayed (put one last in a cell or call ``display``). Everything it shows comes from :mod:`prunelab.criteria`,
-:mod:`prunelab.masks`, :func:`prunelab.pruning.prune` and :func:`prunelab.train.evaluate`; this
+never displayed (put one last in a cell or call ``display``). Everything they show comes from
+:class:`prunelab.explore.Pruner` (masks at any sparsity, one-shot or staged),
+:mod:`prunelab.units` / :mod:`prunelab.structured` and :func:`prunelab.train.evaluate`; this
 module only wires them to controls and two plotly ``FigureWidget``\\ s updated in place.
 
 ipywidgets, plotly and anywidget are optional dependencies (the ``notebooks`` extra): they are
 imported when a widget is built, so ``import prunelab`` stays light.
+
+Over 500 lines because it holds two explorers; each is widget wiring only (the pruning
+engine is :mod:`prunelab.explore`).
 """
 from __future__ import annotations
 
