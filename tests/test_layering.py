@@ -37,7 +37,7 @@ PENDING_PRIVATE = {
 PENDING_SIZE = {"criteria/ggn.py", "criteria/lookahead.py", "experiments.py", "figures.py",
                 "plots.py"}
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
-TORCH_FREE = {"paths", "store", "plots", "figures"}
+TORCH_FREE = {"paths", "store", "download", "plots", "figures"}
 
 
 def module_files():
