@@ -31,7 +31,8 @@ from prunelab.explore import NeedsRun, Pruner, one_shot_scores
 from prunelab.pruning import SCHEDULES
 from prunelab.train import evaluate
 
-__all__ = ["PruningExplorer", "UnitExplorer"]
+__all__ = ["PruningExplorer", "UnitExplorer", "layer_density_figure",
+           "stage_trajectory_figure", "unit_penalty_figure", "unit_scores_figure"]
 
 LOG_LIMIT = 1000  # entries kept in ``PruningExplorer.log``
 
@@ -93,6 +94,65 @@ class _LRU(OrderedDict):
             self.move_to_end(key)
             return self[key]
         return None
+
+
+# ----------------------------------------------------------------- the explorers' figures
+# Plots-style builders of the live figures (plotly FigureWidgets updated in place by the
+# explorers); ``go`` is ``plotly.graph_objects``, passed in so plotly loads with a widget only.
+_MARGIN = dict(l=55, r=15, t=45, b=45)
+
+
+def layer_density_figure(go, labels: list[str], numels: list[int]):
+    """Bars of the fraction of weights kept per layer (all 1 until the first update)."""
+    return go.FigureWidget(
+        data=[go.Bar(x=labels, y=[1.0] * len(labels), name="density",
+                     customdata=numels, marker_color="#4C78A8",
+                     texttemplate="%{y:.3g}",
+                     textposition="outside", cliponaxis=False,
+                     hovertemplate="%{x}: %{customdata} weights<br>density %{y:.4g}"
+                                   "<extra></extra>")],
+        layout=dict(title=dict(text="fraction of weights kept per layer", font_size=14),
+                    yaxis=dict(range=[0, 1.12], title="density"),
+                    height=320, width=460, margin=_MARGIN, template="plotly_white"))
+
+
+def stage_trajectory_figure(go):
+    """An empty line of ΔL per stage, filled by a staged run (customdata: the sparsity)."""
+    return go.FigureWidget(
+        data=[go.Scatter(x=[], y=[], mode="lines+markers", name="ΔL",
+                         marker_color="#F58518",
+                         hovertemplate="stage %{x}<br>ΔL %{y:.4g}<br>sparsity "
+                                       "%{customdata:.4f}<extra></extra>")],
+        layout=dict(title=dict(text="ΔL per stage", font_size=14),
+                    annotations=[dict(text="no staged run yet:<br>set π > 1 and press Run",
+                                      x=0.5, y=0.5, xref="paper", yref="paper",
+                                      showarrow=False, font=dict(size=13, color="#777"))],
+                    xaxis=dict(title="stage", rangemode="tozero"),
+                    yaxis=dict(title="ΔL on the pruning batch", rangemode="tozero"),
+                    height=320, width=460, margin=_MARGIN, template="plotly_white"))
+
+
+def unit_penalty_figure(go):
+    """Two bars: the pruning penalty with the units removed and with them mean-replaced."""
+    return go.FigureWidget(
+        data=[go.Bar(x=["removed", "mean replaced"], y=[0.0, 0.0],
+                     marker_color=["#E45756", "#4C78A8"], texttemplate="%{y:.3g}",
+                     textposition="outside", cliponaxis=False,
+                     hovertemplate="%{x}: penalty %{y:.4g}<extra></extra>")],
+        layout=dict(title=dict(text="pruning penalty L(pruned) − L(dense)", font_size=14),
+                    yaxis=dict(title="penalty"), height=320, width=420, margin=_MARGIN,
+                    template="plotly_white"))
+
+
+def unit_scores_figure(go, order: list, values: list, colors: list, xtitle: str):
+    """Unit scores sorted ascending (``order``: the unit indices), pruned units in red."""
+    return go.FigureWidget(
+        data=[go.Bar(x=list(range(len(order))), y=values, customdata=order,
+                     marker_color=colors,
+                     hovertemplate="unit %{customdata}<br>score %{y:.4g}<extra></extra>")],
+        layout=dict(title=dict(text="unit scores, sorted (red = pruned)", font_size=14),
+                    xaxis=dict(title=xtitle), yaxis=dict(title="score"), height=320,
+                    width=480, margin=_MARGIN, template="plotly_white"))
 
 
 class PruningExplorer:
@@ -255,30 +315,9 @@ class PruningExplorer:
                           self.stages, self.run_button]
 
         # ---- figures, built from the initial state (see _sync_figure)
-        labels = [n.removesuffix(".weight") for n in self._names]
-        margin = dict(l=55, r=15, t=45, b=45)
-        self.layers_fig = go.FigureWidget(
-            data=[go.Bar(x=labels, y=[1.0] * len(labels), name="density",
-                         customdata=self._numels, marker_color="#4C78A8",
-                         texttemplate="%{y:.3g}",
-                         textposition="outside", cliponaxis=False,
-                         hovertemplate="%{x}: %{customdata} weights<br>density %{y:.4g}"
-                                       "<extra></extra>")],
-            layout=dict(title=dict(text="fraction of weights kept per layer", font_size=14),
-                        yaxis=dict(range=[0, 1.12], title="density"),
-                        height=320, width=460, margin=margin, template="plotly_white"))
-        self.trajectory_fig = go.FigureWidget(
-            data=[go.Scatter(x=[], y=[], mode="lines+markers", name="ΔL",
-                             marker_color="#F58518",
-                             hovertemplate="stage %{x}<br>ΔL %{y:.4g}<br>sparsity "
-                                           "%{customdata:.4f}<extra></extra>")],
-            layout=dict(title=dict(text="ΔL per stage", font_size=14),
-                        annotations=[dict(text="no staged run yet:<br>set π > 1 and press Run",
-                                          x=0.5, y=0.5, xref="paper", yref="paper",
-                                          showarrow=False, font=dict(size=13, color="#777"))],
-                        xaxis=dict(title="stage", rangemode="tozero"),
-                        yaxis=dict(title="ΔL on the pruning batch", rangemode="tozero"),
-                        height=320, width=460, margin=margin, template="plotly_white"))
+        self.layers_fig = layer_density_figure(
+            go, [n.removesuffix(".weight") for n in self._names], self._numels)
+        self.trajectory_fig = stage_trajectory_figure(go)
 
         for w in (self.criterion, self.scope, self.schedule, self.lam, self.stages):
             w.observe(self._on_control, names="value")
@@ -643,17 +682,9 @@ class UnitExplorer:
         self.mean_replacement = W.Checkbox(value=True, description="show bp_ (mean replacement)",
                                            indent=False)
         self.readout = W.HTML()
-        margin = dict(l=55, r=15, t=45, b=45)
-        self.penalty_fig = go.FigureWidget(
-            data=[go.Bar(x=["removed", "mean replaced"], y=[0.0, 0.0],
-                         marker_color=["#E45756", "#4C78A8"], texttemplate="%{y:.3g}",
-                         textposition="outside", cliponaxis=False,
-                         hovertemplate="%{x}: penalty %{y:.4g}<extra></extra>")],
-            layout=dict(title=dict(text="pruning penalty L(pruned) − L(dense)", font_size=14),
-                        yaxis=dict(title="penalty"), height=320, width=420, margin=margin,
-                        template="plotly_white"))
-        self._go, self._margin = go, margin
-        self.scores_fig = self._scores_figure([], [], [], "units by score")
+        self._go = go
+        self.penalty_fig = unit_penalty_figure(go)
+        self.scores_fig = unit_scores_figure(go, [], [], [], "units by score")
         for w in (self.layer_set, self.score, self.fraction, self.mean_replacement):
             w.observe(lambda change: self._refresh(), names="value")
         self.widget = W.VBox([W.HBox([self.layer_set, self.score]),
@@ -663,16 +694,6 @@ class UnitExplorer:
         self.widget.children = (*self.widget.children, self._figures)
         self.widget.add_class("prunelab-unit-explorer")
         self._refresh()
-
-    def _scores_figure(self, order: list, values: list, colors: list, xtitle: str):
-        go = self._go
-        return go.FigureWidget(
-            data=[go.Bar(x=list(range(len(order))), y=values, customdata=order,
-                         marker_color=colors,
-                         hovertemplate="unit %{customdata}<br>score %{y:.4g}<extra></extra>")],
-            layout=dict(title=dict(text="unit scores, sorted (red = pruned)", font_size=14),
-                        xaxis=dict(title=xtitle), yaxis=dict(title="score"), height=320,
-                        width=480, margin=self._margin, template="plotly_white"))
 
     def _repr_mimebundle_(self, **kwargs):
         for fig in (self.penalty_fig, self.scores_fig):
@@ -751,8 +772,8 @@ class UnitExplorer:
         # this trace's x, y, customdata and marker.color were dropped or redrawn from the first
         # state when moves came quickly (tests/test_browser_units.py); a fresh widget carries
         # its whole state. Costs ~20 ms, small beside the two evaluations of a move.
-        self.scores_fig = self._scores_figure(
-            order, [float(scores[i]) for i in order],
+        self.scores_fig = unit_scores_figure(
+            self._go, order, [float(scores[i]) for i in order],
             ["#E45756" if i in dropped else "#9ecae9" for i in order], f"{first}: units by score")
         if hasattr(self, "_figures"):
             self._figures.children = (self.penalty_fig, self.scores_fig)
