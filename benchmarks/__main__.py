@@ -142,6 +142,24 @@ def bench_slider(args):
     return rows
 
 
+def bench_explorer(args):
+    """The explorer's own slider move (widget traffic included) vs evaluating 1,000 examples."""
+    from benchmarks.explorer import time_slider_move
+
+    from torch.utils.data import TensorDataset
+
+    # the MNIST-shaped MLP of the slider bench, on random data (timing only)
+    model = MODELS["mlp"]().eval()
+    splits = [TensorDataset(*data(SHAPES["mlp"], n=1000, seed=s)) for s in (0, 1, 2)]
+    bundle = pl.data.Bundle(name="random", train=splits[0], val=splits[1], test=splits[2],
+                            input_shape=SHAPES["mlp"], num_classes=10,
+                            classes=[str(c) for c in range(10)])
+    explorer = pl.widgets.PruningExplorer(model, bundle, criteria=["mp"], batch_size=1000)
+    t = time_slider_move(explorer, repeats=max(5, args.repeats * 3))
+    return [row("explorer slider move / evaluating 1,000", "mlp", t["move"], t["evaluate_1000"],
+                1.3)]
+
+
 def bench_stages(args):
     model = MODELS["mlp"]().eval()
     x, y = data(SHAPES["mlp"])
@@ -197,8 +215,8 @@ def row(name, arch, value, baseline, budget, higher_is_better=False):
 
 
 BENCHES = {"lap": bench_lap_vs_mp, "mask": bench_global_mask, "ggn": bench_ggn,
-           "slider": bench_slider, "stages": bench_stages, "masked_step": bench_masked_step,
-           "import": bench_import}
+           "slider": bench_slider, "explorer": bench_explorer, "stages": bench_stages,
+           "masked_step": bench_masked_step, "import": bench_import}
 
 
 def main(argv=None) -> int:

@@ -11,10 +11,10 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "paths", "store", "executors", "batches", "data", "models", "train", "metrics", "zoo", "graph",
-    "selection", "criteria", "masks", "config", "pruning", "units", "structured", "connectivity",
-    "collapse", "lottery", "at_init", "compression", "experiments", "views", "plots", "figures",
-    "widgets",
+    "paths", "store", "executors", "download", "data_readers", "batches", "data", "models",
+    "train", "metrics", "zoo", "graph", "selection", "criteria", "masks", "config", "pruning",
+    "explore", "units", "mrp", "structured", "connectivity", "curves", "collapse", "lottery",
+    "at_init", "compression", "experiments", "views", "plots", "figures", "widgets",
 )
 _FUNCTIONS = {"score": ("criteria", "score"), "prune": ("pruning", "prune")}
 

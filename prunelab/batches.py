@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 __all__ = ["Objective", "objective", "LOSSES", "TARGET_KEYS", "IGNORE_INDEX", "call",
            "output_tensor", "as_batch", "length", "take", "to_model", "model_device_dtype",
-           "chunks", "check_inputs", "evaluating", "probe"]
+           "chunks", "check_inputs", "evaluating", "probe", "map_tensors"]
 
 LOSSES = ("cross_entropy", "mse")
 IGNORE_INDEX = -100
@@ -78,13 +78,14 @@ def take(x, index):
     raise TypeError(f"cannot index inputs of type {type(x).__name__}")
 
 
-def _map(x, fn):
+def map_tensors(x, fn):
+    """``x`` with ``fn`` applied to every tensor in it (tensor, mapping, tuple or list)."""
     if isinstance(x, Tensor):
         return fn(x)
     if isinstance(x, Mapping):
-        return {k: _map(v, fn) for k, v in x.items()}
+        return {k: map_tensors(v, fn) for k, v in x.items()}
     if isinstance(x, (tuple, list)):
-        return type(x)(_map(v, fn) for v in x)
+        return type(x)(map_tensors(v, fn) for v in x)
     return x
 
 
@@ -118,7 +119,7 @@ def to_model(x, model: nn.Module | None = None, *, device=None, dtype=None):
         if t.is_floating_point() and dtype is not None and t.dtype != dtype:
             return t.to(device=device, dtype=dtype)
         return t.to(device) if device is not None and t.device != device else t
-    return _map(x, move)
+    return map_tensors(x, move)
 
 
 def check_inputs(x, what: str = "batch inputs") -> None:

@@ -22,6 +22,7 @@ from torch import nn
 from prunelab import criteria as C
 from prunelab import graph as G
 from prunelab import masks as M
+from prunelab.explore import Pruner
 
 __all__ = ["collapsed", "max_compression", "layer_density", "critical_compression",
            "critical_compression_search", "conservation_table", "accuracy_vs_compression"]
@@ -53,41 +54,6 @@ def _check_compression(rho) -> float:
 
 def _sparsity(rho: float) -> float:
     return 1.0 - 1.0 / rho
-
-
-class _Pruner:
-    """Masks of ``criterion`` at any compression ratio.
-
-    Criteria that ignore the target (``spec.uses_target`` False) are scored once and thresholded
-    by a :class:`~prunelab.masks.Ranking` (exactly what one-shot :func:`prunelab.prune` selects);
-    iterative criteria (SynFlow, ordered LAP) are re-run through :func:`prunelab.prune` per ratio.
-    """
-
-    def __init__(self, model: nn.Module, criterion: str, *, batch, scope: str, seed: int,
-                 options: dict):
-        spec = C.spec(criterion)
-        M.check_scope(scope)
-        self.model, self.criterion, self.batch = model, criterion, batch
-        self.scope, self.seed, self.options = scope, seed, options
-        self.names = G.prunable_names(model)
-        self.total = sum(G.weight(model, n).numel() for n in self.names)
-        self.ranking = None
-        if not spec.uses_target:
-            previous = M.current(model) or None
-            scores = C.compute(model, criterion, batch=batch, seed=seed, scope=scope,
-                               **options).scores
-            self.ranking = M.Ranking(scores, scope=scope, previous=previous)
-        self.evaluations = 0
-
-    def masks(self, rho: float) -> G.Masks:
-        self.evaluations += 1
-        s = _sparsity(rho)
-        if self.ranking is not None:
-            return self.ranking.masks(s)
-        from prunelab.pruning import prune
-
-        return prune(self.model, self.criterion, sparsity=s, scope=self.scope, batch=self.batch,
-                     seed=self.seed, **self.options).masks
 
 
 def layer_density(model: nn.Module, criteria: str | Sequence[str], compressions: Iterable[float],
@@ -123,9 +89,9 @@ def layer_density(model: nn.Module, criteria: str | Sequence[str], compressions:
                leave=False)
     try:
         for crit in names:
-            pruner = _Pruner(model, crit, batch=batch, scope=scope, seed=seed, options=options)
+            pruner = Pruner(model, crit, batch=batch, scope=scope, seed=seed, **options)
             for rho in rhos:
-                masks = pruner.masks(rho)
+                masks = pruner.masks(_sparsity(rho))
                 for n, m in masks.items():
                     kept = int(m.sum())
                     rows.append({"criterion": crit, "scope": scope, "compression": rho,
@@ -172,19 +138,19 @@ def critical_compression_search(model: nn.Module, criterion: str, *, batch=None,
         raise ValueError(f"tol must be > 0, got {tol!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-    pruner = _Pruner(model, criterion, batch=batch, scope=scope, seed=seed, options=options)
+    pruner = Pruner(model, criterion, batch=batch, scope=scope, seed=seed, **options)
     out = {"criterion": criterion, "scope": scope, "max_compression": rho_max}
 
-    top = collapsed(pruner.masks(hi))
+    top = collapsed(pruner.masks(_sparsity(hi)))
     if not top:
         return {**out, "critical": hi, "lo": hi, "hi": None, "evaluations": pruner.evaluations,
                 "collapsed_layers": []}
-    bottom = collapsed(pruner.masks(lo))
+    bottom = collapsed(pruner.masks(_sparsity(lo)))
     if bottom:
         raise ValueError(f"{criterion!r} already collapses {bottom} at lo={lo}; pass a smaller lo")
     while hi / lo > 1.0 + tol and pruner.evaluations < max_iter:
         mid = math.sqrt(lo * hi)
-        layers = collapsed(pruner.masks(mid))
+        layers = collapsed(pruner.masks(_sparsity(mid)))
         if layers:
             hi, top = mid, layers
         else:
@@ -300,9 +266,9 @@ def accuracy_vs_compression(model: nn.Module, bundle, criteria: str | Sequence[s
             b = batch
             if b is None and C.spec(crit).needs_data:
                 b = bundle.batch("train", n=min(batch_n, len(bundle.train)), seed=seed)
-            pruner = _Pruner(model, crit, batch=b, scope=scope, seed=seed, options=options)
+            pruner = Pruner(model, crit, batch=b, scope=scope, seed=seed, **options)
             for rho in rhos:
-                masks = pruner.masks(rho)
+                masks = pruner.masks(_sparsity(rho))
                 pruned = M.apply(model, masks)
                 if finetune is not None:
                     fit(pruned, bundle.train, recipe=finetune, val=bundle.val, seed=seed,

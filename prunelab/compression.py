@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import heapq
-import math
 
 import numpy as np
 import pandas as pd

@@ -13,7 +13,7 @@ so a cluster needs no shared database, and an interrupted or killed sweep resume
 when run again. A run's pruning fields are validated once, as a
 :class:`~prunelab.config.PruneConfig`, when the sweep (or :func:`run_one`) is built.
 
-Longer than 500 lines because it is one idea, the LM paper's workflow: the grid's fields and
+Over 500 lines because it is one idea, the LM paper's workflow: the grid's fields and
 their validation, one run, and the driver that commits results are read together.
 """
 from __future__ import annotations

@@ -11,8 +11,9 @@ sizes (``"paper"`` or ``"talk"``); :func:`save` writes 300 dpi PNG and PDF with 
 TrueType fonts, byte-identical across runs. Torch-free: matplotlib, seaborn and
 ``prunelab.metrics`` are imported when a figure is drawn.
 
-Over 500 lines on purpose: one short matplotlib drawing function per paper figure (LM, LAP, MRP,
-Tanaka, Frankle, Garipov), all in the one style; splitting them by paper would split the style.
+Over 500 lines because it holds one short matplotlib drawing function per paper figure (LM,
+LAP, MRP, Tanaka, Frankle, Garipov), all in the one style; splitting them by paper would split
+the style.
 """
 from __future__ import annotations
 

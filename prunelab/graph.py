@@ -4,6 +4,9 @@ Names are the parameter names of the *plain* model (``"features.0.weight"``), al
 attached as parametrizations (where ``named_parameters`` would say
 ``features.0.parametrizations.weight.original``). By default the weights of ``nn.Linear`` and
 ``nn.Conv1d/2d/3d`` are prunable; biases and normalisation parameters are not.
+
+Over 500 lines because naming the prunable tensors and tracing how layers connect (the
+layer graph every structured method reads) are one idea: the graph is keyed by those names.
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Defined once, in models (the lower layer: models cannot import graph); re-exported here as
+# ``graph.PRUNABLE_TYPES`` for the layers above.
+from prunelab.models import PRUNABLE_TYPES
 
 Scores = dict[str, Tensor]  # name -> float tensor shaped like the weight; higher = keep
 Masks = dict[str, Tensor]   # name -> bool tensor shaped like the weight; True = kept
@@ -208,14 +213,17 @@ def _attrs(module, *names: str) -> tuple:
     return tuple(getattr(module, n) for n in names if hasattr(module, n))
 
 
-_ACT_MODULES: tuple[type[nn.Module], ...] = _attrs(
+# What the layer graph sees through between two prunable layers (public: the lookahead
+# criteria walk the same chains): activation / pass-through / BatchNorm modules, and the
+# functions and tensor methods that act as activations or pass the signal unchanged.
+ACT_MODULES: tuple[type[nn.Module], ...] = _attrs(
     nn, "ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "SELU", "CELU", "GELU", "SiLU",
     "Mish", "Tanh", "Sigmoid", "Hardtanh", "Hardswish", "Hardsigmoid", "Softplus", "Softsign",
     "LogSigmoid", "Tanhshrink", "Threshold")
-_PASS_MODULES: tuple[type[nn.Module], ...] = _attrs(
+PASS_MODULES: tuple[type[nn.Module], ...] = _attrs(
     nn, "Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout",
     "FeatureAlphaDropout")
-_BN_MODULES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
+BN_MODULES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
 # Channel-preserving but data-dependent scales: seen through, no fixed factor.
 _NORM_MODULES: tuple[type[nn.Module], ...] = (
     nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
@@ -224,15 +232,15 @@ _POOL_MODULES: tuple[type[nn.Module], ...] = _attrs(
     "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d",
     "AdaptiveMaxPool2d", "AdaptiveMaxPool3d", "LPPool1d", "LPPool2d", "LPPool3d")
 
-_ACT_FUNCS = set(_attrs(
+ACT_FUNCS = set(_attrs(
     F, "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "prelu", "rrelu", "elu", "elu_",
     "selu", "celu", "gelu", "silu", "mish", "tanh", "sigmoid", "hardtanh", "hardtanh_",
     "hardswish", "hardsigmoid", "softplus", "softsign", "logsigmoid", "tanhshrink", "threshold"))
-_ACT_FUNCS |= set(_attrs(torch, "relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_"))
-_ACT_METHODS = {"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_"}
-_PASS_FUNCS = set(_attrs(F, "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+ACT_FUNCS |= set(_attrs(torch, "relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_"))
+ACT_METHODS = {"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_"}
+PASS_FUNCS = set(_attrs(F, "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
                          "feature_alpha_dropout")) | {torch.clone}
-_PASS_METHODS = {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type",
+PASS_METHODS = {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type",
                  "type_as", "detach", "requires_grad_"}
 _POOL_FUNCS = set(_attrs(
     F, "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
@@ -463,11 +471,11 @@ def _trace_graph(model: nn.Module) -> LayerGraph:
             s = main(node)
             if isinstance(m, PRUNABLE_TYPES):
                 states[node] = b.enter(b.layers[target][0], s)
-            elif isinstance(m, _BN_MODULES):
+            elif isinstance(m, BN_MODULES):
                 states[node] = b.batchnorm(target, m, s)
-            elif isinstance(m, _ACT_MODULES):
+            elif isinstance(m, ACT_MODULES):
                 states[node] = b.activation(node.name, s)
-            elif isinstance(m, _PASS_MODULES):
+            elif isinstance(m, PASS_MODULES):
                 states[node] = s
             elif isinstance(m, _POOL_MODULES + _NORM_MODULES):
                 states[node] = update(s, direct=False, act_ok=False)
@@ -484,9 +492,9 @@ def _trace_graph(model: nn.Module) -> LayerGraph:
                     states[node] = opaque(node)
             elif method in _NONTENSOR_METHODS or target is getattr:
                 states[node] = None
-            elif target in _ACT_FUNCS or method in _ACT_METHODS:
+            elif target in ACT_FUNCS or method in ACT_METHODS:
                 states[node] = b.activation(node.name, s)
-            elif target in _PASS_FUNCS or method in _PASS_METHODS:
+            elif target in PASS_FUNCS or method in PASS_METHODS:
                 states[node] = s
             elif target in _POOL_FUNCS:
                 states[node] = update(s, direct=False, act_ok=False)
@@ -518,11 +526,11 @@ def _chain_graph(model: nn.Module, reason: str) -> LayerGraph:
     for name, m in leaves:
         if isinstance(m, PRUNABLE_TYPES):
             state = b.enter(b.layers[name][0], state)
-        elif isinstance(m, _BN_MODULES):
+        elif isinstance(m, BN_MODULES):
             state = b.batchnorm(name, m, state)
-        elif isinstance(m, _ACT_MODULES):
+        elif isinstance(m, ACT_MODULES):
             state = b.activation(name, state)
-        elif isinstance(m, _PASS_MODULES):
+        elif isinstance(m, PASS_MODULES):
             pass
         elif isinstance(m, nn.Flatten):
             state = {k: replace(p, flat=True, direct=False, act_ok=False) for k, p in state.items()}
@@ -584,7 +592,7 @@ def _autograd_graph(model: nn.Module, example, forward, reason: str) -> LayerGra
             inputs.add(id(t))
         return t
 
-    x = B._map(example, leafy)
+    x = B.map_tensors(example, leafy)
     handles = []
     for mname, m in model.named_modules():
         if isinstance(m, PRUNABLE_TYPES):
@@ -593,7 +601,7 @@ def _autograd_graph(model: nn.Module, example, forward, reason: str) -> LayerGra
                     b.order.append(w)  # execution order, as the fx walk records it
                 if isinstance(out, Tensor) and out.grad_fn is not None:
                     produced[out.grad_fn] = ("layer", w, args[0] if args else None)
-        elif isinstance(m, _BN_MODULES):
+        elif isinstance(m, BN_MODULES):
             def post(mod, args, out, name=mname):
                 if isinstance(out, Tensor) and out.grad_fn is not None:
                     produced[out.grad_fn] = ("bn", name, mod)

@@ -46,6 +46,9 @@ Initialisation (biases 0, BatchNorm weight 1 / bias 0):
 
 Every constructor takes ``init=`` to override this, ``activation=`` and ``width=`` (a multiplier of
 all hidden widths/channels).
+
+Over 500 lines because the eleven architectures of the papers each need their own
+constructor; they share the init, width and shape checks above.
 """
 from __future__ import annotations
 

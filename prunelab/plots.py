@@ -5,8 +5,9 @@ prepared by :mod:`prunelab.views` (shared with the static :mod:`prunelab.figures
 gives every criterion its display name and fixed colour; this module only draws. Torch-free: a
 plotting notebook never loads a model; plotly is imported when a figure is built.
 
-Over 500 lines on purpose: one short plotly drawing function per paper figure (LM, LAP, MRP,
-Tanaka, Frankle, Garipov), all in the one style; splitting them by paper would split the style.
+Over 500 lines because it holds one short plotly drawing function per paper figure (LM, LAP,
+MRP, Tanaka, Frankle, Garipov), all in the one style; splitting them by paper would split the
+style.
 """
 from __future__ import annotations
 

@@ -36,6 +36,9 @@ For ``hrank`` and ``bn-scale`` the default layers (``layers=None``) are the defa
 :func:`prunelab.units.prune` (every prunable layer but the last) that the criterion applies to
 (``Conv2d`` layers / layers with a BatchNorm directly after); naming another layer explicitly is a
 ``ValueError``.
+
+Over 500 lines because the polarization regularizer and its threshold belong with the
+``bn-scale`` criterion they train for.
 """
 from __future__ import annotations
 
@@ -48,15 +51,7 @@ from torch import Tensor, nn
 from prunelab import criteria, units
 from prunelab import graph as G
 
-#: Every structured criterion, by name.
-CRITERIA = ("random", "mp-l1", "mp-l2", "lap-l1", "lap-l2", "hrank", "bn-scale")
-
 _BN_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
-
-
-def names() -> list[str]:
-    """Every structured criterion name (:data:`CRITERIA`)."""
-    return list(CRITERIA)
 
 
 def _check_criterion(criterion) -> str:
@@ -91,7 +86,7 @@ def _inputs(batch, criterion: str) -> Tensor:
 def _chosen(model: nn.Module, criterion: str, layers) -> list:
     """The :mod:`prunelab.units` layers to score, restricted to those the criterion applies to."""
     explicit = layers is not None
-    chosen = units._units(model, layers)
+    chosen = units.layer_units(model, layers)
     if criterion == "hrank":
         ok = [u for u in chosen if isinstance(model.get_submodule(u.module), nn.Conv2d)]
         what = "Conv2d layers (HRank ranks h×w feature maps)"
@@ -111,7 +106,7 @@ def _chosen(model: nn.Module, criterion: str, layers) -> list:
 
 
 @torch.no_grad()
-def _hrank(model: nn.Module, chosen: list, x: Tensor) -> dict[str, Tensor]:
+def _mean_ranks(model: nn.Module, chosen: list, x: Tensor) -> dict[str, Tensor]:
     """Mean matrix rank of each channel's feature map over the examples of ``x`` (HRank Eq. 9)."""
     sums: dict[str, Tensor] = {}
     handles = []
@@ -137,6 +132,91 @@ def _hrank(model: nn.Module, chosen: list, x: Tensor) -> dict[str, Tensor]:
         for h in handles:
             h.remove()
     return {u.module: sums[u.module] / len(x) for u in chosen}
+
+
+
+# ------------------------------------------------------------------------------ the criteria
+# Each criterion is a small function ``(model, chosen, batch, seed) -> {module: scores}``
+# (higher = kept) over the chosen :class:`prunelab.units.Unit` layers.
+
+def random_scores(model: nn.Module, chosen: list, batch, seed: int) -> dict[str, Tensor]:
+    """``random``: uniform in [0, 1) from ``seed``, one generator drawn in layer order (RP of
+    Park et al. 2020, App. H)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {u.module: torch.rand(u.n, generator=gen, dtype=torch.float64) for u in chosen}
+
+
+def _aggregate(per_weight, chosen: list, ord_: int) -> dict[str, Tensor]:
+    """ℓ1 / ℓ2 norm of each unit's row of per-weight values (Park et al. 2020, App. H)."""
+    return {u.module: torch.linalg.vector_norm(per_weight[u.weight].detach().double()
+                                               .reshape(u.n, -1), ord=ord_, dim=1).cpu()
+            for u in chosen}
+
+
+def _magnitudes(model: nn.Module, chosen: list) -> dict[str, Tensor]:
+    return {u.weight: G.weight(model, u.weight).detach().abs() for u in chosen}
+
+
+def mp_l1(model: nn.Module, chosen: list, batch, seed: int) -> dict[str, Tensor]:
+    """``mp-l1``: ``Σ |W[k]|`` over the unit's incoming weights (MP-ℓ1, Park et al. 2020,
+    App. H; the filter ℓ1 norm of Li et al. ICLR 2017, "Pruning Filters for Efficient
+    ConvNets", Sec. 3.1)."""
+    return _aggregate(_magnitudes(model, chosen), chosen, 1)
+
+
+def mp_l2(model: nn.Module, chosen: list, batch, seed: int) -> dict[str, Tensor]:
+    """``mp-l2``: ``sqrt(Σ W[k]²)`` over the unit's incoming weights (MP-ℓ2, Park et al. 2020,
+    App. H; the ℓ2 variant of Li et al. 2017, Sec. 4.1)."""
+    return _aggregate(_magnitudes(model, chosen), chosen, 2)
+
+
+def lap_l1(model: nn.Module, chosen: list, batch, seed: int) -> dict[str, Tensor]:
+    """``lap-l1``: ``Σ_{w∈W[k]} L(w)`` of the LAP scores (Park et al. 2020, Eq. 5 / Eq. 8 with
+    BN) of the unit's incoming weights (LAP-ℓ1, App. H)."""
+    return _aggregate(criteria.score(model, "lap"), chosen, 1)
+
+
+def lap_l2(model: nn.Module, chosen: list, batch, seed: int) -> dict[str, Tensor]:
+    """``lap-l2``: ``sqrt(Σ_{w∈W[k]} L(w)²)`` of the LAP scores (Park et al. 2020, Eq. 5 /
+    Eq. 8 with BN) of the unit's incoming weights (LAP-ℓ2, App. H)."""
+    return _aggregate(criteria.score(model, "lap"), chosen, 2)
+
+
+def hrank(model: nn.Module, chosen: list, batch, seed: int) -> dict[str, Tensor]:
+    """``hrank``: mean over the batch of the matrix rank of each channel's ``h × w`` output
+    feature map (HRank, Lin et al. CVPR 2020, Sec. 3, Eqs. 7-9); ``Conv2d`` layers only."""
+    return _mean_ranks(model, chosen, _inputs(batch, "hrank"))
+
+
+def bn_scale(model: nn.Module, chosen: list, batch, seed: int) -> dict[str, Tensor]:
+    """``bn-scale``: ``|γ_k|`` of the BatchNorm directly after the layer (network slimming,
+    Liu et al. ICCV 2017, Sec. 3; polarization pruning, Zhuang et al. NeurIPS 2020, Sec. 3)."""
+    graph = G.layer_graph(model)
+    out = {}
+    for u in chosen:
+        bn = model.get_submodule(graph[u.weight].bn)
+        if bn.weight is None:
+            raise ValueError(f"layer {u.module!r}: its BatchNorm {graph[u.weight].bn!r} has "
+                             "no scale γ (affine=False)")
+        out[u.module] = bn.weight.detach().abs().double().cpu().clone()
+    return out
+
+
+#: Every structured criterion, by name (higher score = unit kept).
+CRITERIA: dict[str, Callable[..., dict[str, Tensor]]] = {
+    "random": random_scores,
+    "mp-l1": mp_l1,
+    "mp-l2": mp_l2,
+    "lap-l1": lap_l1,
+    "lap-l2": lap_l2,
+    "hrank": hrank,
+    "bn-scale": bn_scale,
+}
+
+
+def names() -> list[str]:
+    """Every structured criterion name (:data:`CRITERIA`)."""
+    return list(CRITERIA)
 
 
 def score(model: nn.Module, criterion: str, *, layers: Sequence[str] | str | None = None,
@@ -168,29 +248,7 @@ def score(model: nn.Module, criterion: str, *, layers: Sequence[str] | str | Non
     criterion = _check_criterion(criterion)
     seed = _check_seed(seed)
     chosen = _chosen(model, criterion, layers)
-    if criterion == "random":
-        gen = torch.Generator().manual_seed(seed)
-        return {u.module: torch.rand(u.n, generator=gen, dtype=torch.float64) for u in chosen}
-    if criterion == "hrank":
-        return _hrank(model, chosen, _inputs(batch, criterion))
-    if criterion == "bn-scale":
-        graph = G.layer_graph(model)
-        out = {}
-        for u in chosen:
-            bn = model.get_submodule(graph[u.weight].bn)
-            if bn.weight is None:
-                raise ValueError(f"layer {u.module!r}: its BatchNorm {graph[u.weight].bn!r} has "
-                                 "no scale γ (affine=False)")
-            out[u.module] = bn.weight.detach().abs().double().cpu().clone()
-        return out
-    if criterion.startswith("lap"):
-        per_weight = criteria.score(model, "lap")  # Eq. 5 / Eq. 8 (BN), keyed by weight name
-    else:
-        per_weight = {u.weight: G.weight(model, u.weight).detach().abs() for u in chosen}
-    ord_ = 1 if criterion.endswith("l1") else 2
-    return {u.module: torch.linalg.vector_norm(per_weight[u.weight].detach().double()
-                                               .reshape(u.n, -1), ord=ord_, dim=1).cpu()
-            for u in chosen}
+    return CRITERIA[criterion](model, chosen, batch, seed)
 
 
 def prune(model: nn.Module, criterion: str, *, fraction: float | None = None,
@@ -379,17 +437,19 @@ def prune_by_threshold(model: nn.Module, threshold: float, *,
     batch = _unit_batch(batch, mean_replacement)
     if mean_replacement and batch is None:
         raise ValueError("mean replacement needs batch=(x, y)")
-    chosen = units._units(model, list(scores))
+    chosen = units.layer_units(model, list(scores))
     # Dense-model statistics shared by every per-layer call: the same result as one call that
-    # prunes all layers at once (each consumer reads one chosen layer only, see units._units).
-    stats = (units._statistics(model, chosen, batch, torch.nn.functional.cross_entropy, False)
+    # prunes all layers at once (each consumer reads one chosen layer only, see
+    # units.layer_units).
+    stats = (units.unit_statistics(model, chosen, batch,
+                                   torch.nn.functional.cross_entropy, False)
              if mean_replacement else None)
     result, target = None, model
     for name in scores:
         r = units.prune(target, count=counts[name], score="bn-scale", layers=[name],
                         batch=batch, physical=physical, unit_scores={name: scores[name]},
                         mean_replacement=mean_replacement, inplace=result is not None,
-                        _stats=stats)
+                        stats=stats)
         target = r.model
         if result is None:
             result = r

@@ -101,10 +101,19 @@ class Recipe:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
+    def total_steps(self, n_train: int) -> int:
+        """Optimiser steps of a full run on ``n_train`` examples: ``ceil(n_train / batch_size)``
+        steps per epoch times ``epochs``, capped at ``max_steps`` (early stopping aside)."""
+        steps = math.ceil(n_train / self.batch_size) * self.epochs
+        return min(steps, self.max_steps) if self.max_steps is not None else steps
 
-def _tensors(data, what: str = "data") -> Batch:
+
+def as_tensors(data, what: str = "data") -> Batch:
     """(x, y) from (x, y) tensors, a Dataset or a DataLoader (see :func:`prunelab.batches.as_batch`)."""
     return B.as_batch(data, what=what)
+
+
+_tensors = as_tensors  # within this module
 
 
 @torch.no_grad()

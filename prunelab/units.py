@@ -27,6 +27,13 @@ Mean replacement (MRP Eq. 4, justified by Sec. 3.3)
 Statistics (means, gradients) come from one forward/backward pass of the *dense* model in eval
 mode on ``batch`` with the mean cross-entropy loss, for all chosen layers at once, as in MRP's
 experiments where all layers are pruned by the same fraction at once.
+
+The scores are the literal registry :data:`UNIT_SCORES` (one small function per base score of
+MRP Table 1). The MRP penalty study (penalties during training, layer sets of Table 2,
+consistency, performance profiles) is in :mod:`prunelab.mrp`.
+
+Over 500 lines because the twelve scores, mean replacement and the masked and physical
+surgery all work on the same :class:`Unit` bookkeeping of consumers, flattens and BatchNorms.
 """
 from __future__ import annotations
 
@@ -41,15 +48,10 @@ from torch import Tensor, nn
 
 from prunelab.graph import is_parametrized, layer_graph, plain_copy
 
-#: Base score names of MRP Table 1 (without the ``bp_`` prefix).
-BASE_SCORES = ("rand", "norm", "abs_rs", "abs_mrs", "rs", "mrs")
-#: Every valid score tag: the base names and their ``bp_`` (mean-replacement) variants.
-SCORES = BASE_SCORES + tuple(f"bp_{s}" for s in BASE_SCORES)
-_DATA_SCORES = {"abs_rs", "abs_mrs", "rs", "mrs"}
-
 
 def names() -> list[str]:
-    """The 12 score tags of MRP Table 1."""
+    """The 12 score tags of MRP Table 1: the base scores of :data:`UNIT_SCORES` and their
+    ``bp_`` (mean-replacement) variants."""
     return list(SCORES)
 
 
@@ -94,8 +96,16 @@ class UnitPruneResult:
 
 
 @dataclass
-class _Unit:
-    """A chosen layer and what its consumers see of it."""
+class Unit:
+    """A chosen layer and what its consumers see of it (from :func:`layer_units`).
+
+    Attributes:
+        module: Module name of the layer (``"features.0"``).
+        weight: Its weight name in the layer graph.
+        n: Number of units (output neurons / channels).
+        consumers: ``(consumer module name, flatten size or None)`` for each layer reading it.
+        bns: BatchNorm module names between the layer and its consumers.
+    """
 
     module: str
     weight: str
@@ -106,7 +116,9 @@ class _Unit:
 
 # --------------------------------------------------------------------------------- validation
 
-def _parse_score(score: str) -> tuple[str, bool]:
+def parse_score(score: str) -> tuple[str, bool]:
+    """``(base score, mean replacement?)`` of a tag of :data:`SCORES` (``"bp_mrs"`` ->
+    ``("mrs", True)``); ValueError listing the valid tags for anything else."""
     if not isinstance(score, str) or score not in SCORES:
         raise ValueError(f"unknown unit score {score!r}; valid names: {', '.join(SCORES)}")
     if score.startswith("bp_"):
@@ -114,7 +126,9 @@ def _parse_score(score: str) -> tuple[str, bool]:
     return score, False
 
 
-def _units(model: nn.Module, layers: Iterable[str] | None) -> list[_Unit]:
+def layer_units(model: nn.Module, layers: Iterable[str] | None) -> list[Unit]:
+    """The :class:`Unit` of each chosen layer (module names; default every prunable layer but
+    the last), or ValueError for a layer whose units cannot be removed through its consumers."""
     graph = layer_graph(model)
     by_module = {graph[w].module: graph[w] for w in graph.names}
     if layers is None:
@@ -150,7 +164,7 @@ def _units(model: nn.Module, layers: Iterable[str] | None) -> list[_Unit]:
                 raise ValueError(f"layer {name!r}: consumer {dst.module!r} is a grouped conv")
             consumers.append((dst.module, e.flatten))
             bns.extend(b for b in e.bns if b not in bns)
-        out.append(_Unit(name, layer.name, layer.out_size, consumers, bns))
+        out.append(Unit(name, layer.name, layer.out_size, consumers, bns))
     return out
 
 
@@ -179,8 +193,9 @@ def _as_units(x: Tensor, n: int, flatten: int | None) -> Tensor:
     return x.flatten(2)
 
 
-def _statistics(model: nn.Module, units: list[_Unit], batch, loss_fn, need_grad: bool):
-    """Consumer inputs ``a`` (N, n, P), their means ``ā`` (broadcastable) and ``dL/da``.
+def unit_statistics(model: nn.Module, units: list[Unit], batch, loss_fn, need_grad: bool):
+    """Consumer inputs ``a`` (N, n, P), their means ``ā`` (broadcastable) and ``dL/da``, per
+    chosen layer: ``{module: [(a, ā, dL/da or None) per consumer]}``.
 
     ``ā`` is per unit and flattened position for Linear consumers, per channel (over examples
     and positions, MRP Sec. 3.2) for conv consumers. ``L`` is the mean loss over the batch.
@@ -227,27 +242,82 @@ def _statistics(model: nn.Module, units: list[_Unit], batch, loss_fn, need_grad:
     return stats
 
 
-def _unit_scores(model: nn.Module, units: list[_Unit], base: str, stats, seed: int) -> dict:
-    scores = {}
+# ------------------------------------------------------------------------- scores (Table 1)
+# Each base score of MRP Table 1 is a small function ``(model, unit, stats, gen) -> (n,)``
+# (lower = pruned first). ``stats`` is :func:`unit_statistics` (``None`` for data-free scores);
+# ``gen`` is the one generator of a call, drawn in layer order.
+
+def score_rand(model: nn.Module, u: Unit, stats, gen: torch.Generator) -> Tensor:
+    """``rand`` (MRP Table 1): uniform in [0, 1), drawn from the call's generator."""
+    return torch.rand(u.n, generator=gen, dtype=torch.float64)
+
+
+def score_norm(model: nn.Module, u: Unit, stats, gen: torch.Generator) -> Tensor:
+    """``norm`` (MRP Table 1): L2 norm of the unit's incoming weights (row / filter; no bias)."""
+    w = model.get_submodule(u.module).weight.detach()
+    return w.reshape(u.n, -1).double().norm(dim=1)
+
+
+def _taylor(u: Unit, stats, mean_replaced: bool) -> Tensor:
+    """Per-example first-order loss change ``Σ_p Δa·∂L/∂a``, (N, n) float64: ``Δa = ā - a``
+    (mean replacement, MRP App. 6.1 Eq. 5) or ``Δa = 0 - a`` (removal)."""
+    per_example = 0.0
+    for a, mean, g in stats[u.module]:
+        delta = (mean - a) if mean_replaced else -a
+        per_example = per_example + (delta * g).sum(dim=2)  # (N, n): Σ_p Δa·∂L/∂a
+    return per_example.double()
+
+
+def score_rs(model: nn.Module, u: Unit, stats, gen: torch.Generator) -> Tensor:
+    """``rs``, removal saliency (MRP Table 1, Sec. 3): ``Σ_i Σ_p (0 - a)·∂L/∂a``, signed."""
+    return _taylor(u, stats, False).sum(0)
+
+
+def score_mrs(model: nn.Module, u: Unit, stats, gen: torch.Generator) -> Tensor:
+    """``mrs``, mean replacement saliency (MRP Table 1, App. 6.1 Eq. 5 without absolute
+    values): ``Σ_i Σ_p (ā - a)·∂L/∂a``, signed."""
+    return _taylor(u, stats, True).sum(0)
+
+
+def score_abs_rs(model: nn.Module, u: Unit, stats, gen: torch.Generator) -> Tensor:
+    """``abs_rs`` (MRP Table 1, Sec. 3.4): ``Σ_i |Σ_p (0 - a)·∂L/∂a|``, absolute per example."""
+    return _taylor(u, stats, False).abs().sum(0)
+
+
+def score_abs_mrs(model: nn.Module, u: Unit, stats, gen: torch.Generator) -> Tensor:
+    """``abs_mrs`` (MRP Table 1, Sec. 3.4, App. 6.1 Eq. 5): ``Σ_i |Σ_p (ā - a)·∂L/∂a|``."""
+    return _taylor(u, stats, True).abs().sum(0)
+
+
+#: The base scores of MRP Table 1, by tag (lower = pruned first).
+UNIT_SCORES: dict[str, Callable[..., Tensor]] = {
+    "rand": score_rand,
+    "norm": score_norm,
+    "abs_rs": score_abs_rs,
+    "abs_mrs": score_abs_mrs,
+    "rs": score_rs,
+    "mrs": score_mrs,
+}
+#: Base score names of MRP Table 1 (without the ``bp_`` prefix).
+BASE_SCORES = tuple(UNIT_SCORES)
+#: Every valid score tag: the base names and their ``bp_`` (mean-replacement) variants.
+SCORES = BASE_SCORES + tuple(f"bp_{s}" for s in BASE_SCORES)
+#: Base scores that need activations and gradients (:func:`unit_statistics` with gradients).
+DATA_SCORES = frozenset({"abs_rs", "abs_mrs", "rs", "mrs"})
+
+
+def score_units(model: nn.Module, units: list[Unit], base: str, stats, seed: int) -> dict:
+    """``{module: scores}`` of base score ``base`` (a key of :data:`UNIT_SCORES`) for each
+    :class:`Unit`; ``stats`` from :func:`unit_statistics` for the scores of :data:`DATA_SCORES`."""
+    if base not in UNIT_SCORES:
+        raise ValueError(f"unknown base unit score {base!r}; valid names: "
+                         f"{', '.join(UNIT_SCORES)}")
+    fn = UNIT_SCORES[base]
     gen = torch.Generator().manual_seed(int(seed))
-    for u in units:
-        if base == "rand":
-            s = torch.rand(u.n, generator=gen, dtype=torch.float64)
-        elif base == "norm":
-            w = model.get_submodule(u.module).weight.detach()
-            s = w.reshape(u.n, -1).double().norm(dim=1)
-        else:
-            per_example = 0.0
-            for a, mean, g in stats[u.module]:
-                delta = (mean - a) if base.endswith("mrs") else -a
-                per_example = per_example + (delta * g).sum(dim=2)  # (N, n): Σ_p Δa·∂L/∂a
-            per_example = per_example.double()
-            s = per_example.abs().sum(0) if base.startswith("abs_") else per_example.sum(0)
-        scores[u.module] = s.detach().cpu()
-    return scores
+    return {u.module: fn(model, u, stats, gen).detach().cpu() for u in units}
 
 
-def _given_scores(unit_scores: Mapping[str, Tensor], units: list[_Unit]) -> dict:
+def _given_scores(unit_scores: Mapping[str, Tensor], units: list[Unit]) -> dict:
     wanted = [u.module for u in units]
     if set(unit_scores) != set(wanted):
         raise ValueError(f"unit_scores must have exactly the chosen layers {wanted}, got "
@@ -281,7 +351,7 @@ def _columns(n: int, flat: int | None, idx: list[int]) -> Tensor:
 
 
 @torch.no_grad()
-def _propagate(model: nn.Module, u: _Unit, idx: list[int], stats) -> Tensor:
+def _propagate(model: nn.Module, u: Unit, idx: list[int], stats) -> Tensor:
     """MRP Eq. 4: ``b += W[:, unit] · ā`` in every consumer; returns the means used."""
     means = None
     for (cname, flat), (a, mean, _) in zip(u.consumers, stats[u.module]):
@@ -302,7 +372,7 @@ def _propagate(model: nn.Module, u: _Unit, idx: list[int], stats) -> Tensor:
 
 
 @torch.no_grad()
-def _mask(model: nn.Module, u: _Unit, idx: list[int], masks: dict[str, Tensor]) -> None:
+def _mask(model: nn.Module, u: Unit, idx: list[int], masks: dict[str, Tensor]) -> None:
     for cname, flat in u.consumers:
         m = model.get_submodule(cname)
         key = f"{cname}.weight"
@@ -318,7 +388,7 @@ def _keep(n: int, idx: list[int]) -> Tensor:
 
 
 @torch.no_grad()
-def _remove(model: nn.Module, u: _Unit, idx: list[int]) -> None:
+def _remove(model: nn.Module, u: Unit, idx: list[int]) -> None:
     """Physically drop units ``idx``: rows, bias and BN entries, consumer columns/channels."""
     keep = _keep(u.n, idx)
     m = model.get_submodule(u.module)
@@ -356,13 +426,13 @@ def score(model: nn.Module, score: str = "abs_mrs", *, layers: Sequence[str] | N
           batch=None, seed: int = 0,
           loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> dict[str, Tensor]:
     """Per-unit scores of MRP Table 1 (lower = pruned first); see :func:`prune` for definitions."""
-    base, _ = _parse_score(score)
-    units = _units(model, layers)
-    if base in _DATA_SCORES and batch is None:
+    base, _ = parse_score(score)
+    units = layer_units(model, layers)
+    if base in DATA_SCORES and batch is None:
         raise ValueError(f"score {score!r} is data-dependent: pass batch=(x, y)")
-    stats = (_statistics(model, units, batch, loss_fn or F.cross_entropy, base in _DATA_SCORES)
-             if base in _DATA_SCORES else None)
-    return _unit_scores(model, units, base, stats, seed)
+    stats = (unit_statistics(model, units, batch, loss_fn or F.cross_entropy, base in DATA_SCORES)
+             if base in DATA_SCORES else None)
+    return score_units(model, units, base, stats, seed)
 
 
 def prune(model: nn.Module, *, fraction: float | None = None, count: int | None = None,
@@ -370,7 +440,7 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
           seed: int = 0, inplace: bool = False, physical: bool = False,
           loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
           unit_scores: Mapping[str, Tensor] | None = None,
-          mean_replacement: bool | None = None, _stats=None) -> UnitPruneResult:
+          mean_replacement: bool | None = None, stats=None) -> UnitPruneResult:
     """Prune the lowest-scoring units of each chosen layer (MRP Sec. 3, Eq. 2).
 
     Scores (MRP Table 1 and Sec. 3.4; App. 6.1 Eqs. 5-6), with ``a`` a unit's output as its
@@ -409,6 +479,8 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
             cover exactly the chosen layers. ``score`` is then only a label and is not checked.
         mean_replacement: Apply mean replacement (MRP Eq. 4); default: whether ``score`` starts
             with ``bp_``.
+        stats: Precomputed :func:`unit_statistics` of the dense ``model`` for these layers
+            (shared by callers that prune one model many times); replaces ``batch``'s pass.
 
     Returns:
         :class:`UnitPruneResult`.
@@ -419,7 +491,7 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
             The model is unchanged.
     """
     if unit_scores is None:
-        base, bp = _parse_score(score)
+        base, bp = parse_score(score)
     else:
         if not isinstance(score, str):
             raise ValueError(f"score must be a str label, got {score!r}")
@@ -447,24 +519,22 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
             raise ValueError(f"fraction{where} must be in (0, 1), got {v!r}")
         if count is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             raise ValueError(f"count{where} must be a non-negative int, got {v!r}")
-    needs_data = base in _DATA_SCORES or bp
-    if needs_data and batch is None and _stats is None:
+    needs_data = base in DATA_SCORES or bp
+    if needs_data and batch is None and stats is None:
         raise ValueError(f"score {score!r} is data-dependent (Taylor scores and bp_ mean "
                          "replacement need activations): pass batch=(x, y)")
     if inplace and is_parametrized(model):
         raise ValueError("inplace=True on a model with parametrizations (masks) is not "
                          "supported; pass inplace=False to get a pruned plain copy")
-    units = _units(model, layers)
+    units = layer_units(model, layers)
     counts = {u.module: _count(u.n, u.module, _of_layer(fraction, u.module),
                                _of_layer(count, u.module)) for u in units}
 
-    if _stats is not None:
-        stats = _stats
-    else:
-        stats = (_statistics(model, units, batch, loss_fn or F.cross_entropy,
-                             base in _DATA_SCORES) if needs_data else None)
+    if stats is None:
+        stats = (unit_statistics(model, units, batch, loss_fn or F.cross_entropy,
+                                 base in DATA_SCORES) if needs_data else None)
     if unit_scores is None:
-        scores = _unit_scores(model, units, base, stats, seed)
+        scores = score_units(model, units, base, stats, seed)
     else:
         scores = _given_scores(unit_scores, units)
     pruned = {u.module: _lowest(scores[u.module], counts[u.module]) for u in units}
@@ -491,372 +561,3 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
     return UnitPruneResult(model=target, pruned=pruned, scores=scores,
                            sizes={u.module: u.n for u in units}, examples=examples, score=score,
                            mean_replacement=bp, physical=physical, masks=masks, means=means)
-
-
-# ------------------------------------------------------------------ penalties during training
-
-def _loss(model: nn.Module, batch, loss_fn) -> float:
-    """Mean loss of ``model`` on ``batch`` in eval mode (mode restored)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return float(loss_fn(model(batch[0]), batch[1]))
-    finally:
-        model.train(was_training)
-
-
-class PenaltyRecorder:
-    """Pruning penalties of every score variant measured during training (MRP Sec. 4.1-4.2).
-
-    Use as ``train.fit(..., step_callback=recorder)``. Every ``every`` optimiser steps it
-    copies the training model (the model, its gradients and the optimiser are never touched and
-    the global RNG state is restored), prunes the copy with each score of ``scores`` via
-    :func:`prune` (``fraction`` of the units of each chosen layer at once, masked) and records
-    the pruning penalty ``L(pruned) - L(dense)`` on the fixed ``batch`` (mean loss, eval mode).
-    With ``finetune_steps = k > 0`` the pruned copy is then trained ``k`` plain-SGD steps on
-    mini-batches of ``finetune_batch_size`` examples of ``batch`` (MRP Fig. 4: batch size 64,
-    learning rate 1e-3; ``None`` = full batch), drawn with a generator seeded by ``seed`` and
-    the step so every score sees the same mini-batches, in the mode the training model was in,
-    with the masks re-applied after every step so pruned units stay removed; then
-    ``penalty_ft = L(pruned, fine-tuned) - L(dense)`` is recorded too (MRP Sec. 4.2; the dense
-    model is *not* fine-tuned), else ``penalty_ft`` is NaN. (MRP fine-tunes on training
-    batches; here the mini-batches come from the fixed sample, which keeps the measurement
-    independent of the training data order.)
-
-    For MRP Fig. 6b the mean squared activation ``E[a²]`` of every unit (over the sample and
-    positions, as its consumer sees it) is kept per measurement: :meth:`activations`.
-
-    ``rand`` draws from seed ``seed + step``, so it picks a fresh random set at each
-    measurement (as MRP Fig. 7 requires); the other scores are deterministic.
-
-    Attributes:
-        rows: The recorded rows (see :meth:`frame`).
-        selected: score tag -> layer module name -> set of unit indices ever selected.
-        history: ``(step, score, {layer: pruned indices})`` per measurement and score.
-    """
-
-    COLUMNS = ["step", "layers", "score", "base", "bp", "loss_dense", "loss_pruned", "penalty",
-               "loss_ft", "penalty_ft", "pruned", "units"]
-
-    def __init__(self, batch, *, every: int = 250, fraction: float = 0.1,
-                 layers: Sequence[str] | str | None = None, scores: Sequence[str] | None = None,
-                 finetune_steps: int = 0, finetune_lr: float = 0.01,
-                 finetune_batch_size: int | None = 64, seed: int = 0,
-                 loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
-        if not (isinstance(fraction, (int, float)) and 0.0 < float(fraction) < 1.0):
-            raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
-        if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) \
-                or finetune_steps < 0:
-            raise ValueError(f"finetune_steps must be an int >= 0, got {finetune_steps!r}")
-        if not (isinstance(finetune_lr, (int, float)) and finetune_lr > 0):
-            raise ValueError(f"finetune_lr must be positive, got {finetune_lr!r}")
-        if finetune_batch_size is not None and (
-                isinstance(finetune_batch_size, bool) or not isinstance(finetune_batch_size, int)
-                or finetune_batch_size < 1):
-            raise ValueError("finetune_batch_size must be None or a positive int, got "
-                             f"{finetune_batch_size!r}")
-        scores = list(SCORES) if scores is None else ([scores] if isinstance(scores, str)
-                                                      else list(dict.fromkeys(scores)))
-        for s in scores:
-            _parse_score(s)
-        if not scores:
-            raise ValueError("scores must name at least one score tag")
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise ValueError("batch must be a fixed sample (x, y)")
-        self.batch = (batch[0], batch[1])
-        self.every = every
-        self.fraction = float(fraction)
-        self.layers = [layers] if isinstance(layers, str) else (
-            None if layers is None else list(layers))
-        self.scores = scores
-        self.finetune_steps = finetune_steps
-        self.finetune_lr = float(finetune_lr)
-        self.finetune_batch_size = finetune_batch_size
-        self.seed = int(seed)
-        self.sq_activations: dict[int, dict[str, Tensor]] = {}
-        self.loss_fn = loss_fn or F.cross_entropy
-        self.rows: list[dict] = []
-        self.selected: dict[str, dict[str, set[int]]] = {s: {} for s in scores}
-        self.history: list[tuple[int, str, dict[str, list[int]]]] = []
-        self.sizes: dict[str, int] = {}
-
-    def __call__(self, model: nn.Module, step: int) -> None:
-        if step % self.every == 0:
-            self.measure(model, step)
-
-    def _finetune(self, model: nn.Module, masks: dict[str, Tensor], train_mode: bool,
-                  step: int) -> None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=self.finetune_lr)
-        targets = [(model.get_parameter(k), m) for k, m in masks.items()]
-        model.train(train_mode)
-        x, y = self.batch
-        n, size = len(y), self.finetune_batch_size
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
-        for _ in range(self.finetune_steps):
-            if size is None or size >= n:
-                xb, yb = x, y
-            else:
-                idx = torch.randperm(n, generator=gen)[:size]
-                xb, yb = x[idx], y[idx]
-            opt.zero_grad(set_to_none=True)
-            self.loss_fn(model(xb), yb).backward()
-            opt.step()
-            with torch.no_grad():
-                for p, m in targets:
-                    p.mul_(m.to(p.dtype))
-
-    def measure(self, model: nn.Module, step: int) -> list[dict]:
-        """Measure now (whatever ``step`` is) and return the new rows."""
-        dense = plain_copy(model) if is_parametrized(model) else copy.deepcopy(model)
-        for p in dense.parameters():
-            p.grad = None
-        train_mode = model.training
-        new = []
-        with torch.random.fork_rng(devices=[]):
-            loss_dense = _loss(dense, self.batch, self.loss_fn)
-            # one forward/backward for every score: the statistics only depend on the dense copy
-            stats = _statistics(dense, _units(dense, self.layers), self.batch, self.loss_fn,
-                                any(_parse_score(t)[0] in _DATA_SCORES for t in self.scores))
-            self.sq_activations[int(step)] = {
-                name: (per[0][0].double() ** 2).mean(dim=(0, 2)).cpu()
-                for name, per in stats.items()}
-            for tag in self.scores:
-                res = prune(dense, fraction=self.fraction, score=tag, layers=self.layers,
-                            batch=self.batch, seed=self.seed + int(step), loss_fn=self.loss_fn,
-                            _stats=stats)
-                loss_pruned = _loss(res.model, self.batch, self.loss_fn)
-                loss_ft = math.nan
-                if self.finetune_steps > 0:
-                    self._finetune(res.model, res.masks, train_mode, step)
-                    loss_ft = _loss(res.model, self.batch, self.loss_fn)
-                self.sizes.update(res.sizes)
-                chosen = self.selected.setdefault(tag, {})
-                for name, idx in res.pruned.items():
-                    chosen.setdefault(name, set()).update(idx)
-                self.history.append((int(step), tag, {k: list(v) for k, v in res.pruned.items()}))
-                base, bp = _parse_score(tag)
-                new.append({"step": int(step), "layers": ",".join(res.pruned), "score": tag,
-                            "base": base, "bp": bp, "loss_dense": loss_dense,
-                            "loss_pruned": loss_pruned, "penalty": loss_pruned - loss_dense,
-                            "loss_ft": loss_ft, "penalty_ft": loss_ft - loss_dense,
-                            "pruned": sum(len(v) for v in res.pruned.values()),
-                            "units": sum(res.sizes.values())})
-        self.rows.extend(new)
-        return new
-
-    def frame(self):
-        """Tidy frame, one row per measurement and score: ``step, layers`` (the layer set,
-        comma-joined module names), ``score`` (tag), ``base``, ``bp`` (mean replacement),
-        ``loss_dense, loss_pruned, penalty`` (= loss_pruned - loss_dense), ``loss_ft,
-        penalty_ft`` (NaN without fine-tuning), ``pruned`` (units pruned over the layer set) and
-        ``units`` (units in the layer set)."""
-        import pandas as pd
-
-        return pd.DataFrame(self.rows, columns=self.COLUMNS)
-
-    def activations(self, *, selected_only: bool = True):
-        """Mean squared activation of units per measurement (MRP Fig. 6b).
-
-        Returns a tidy frame ``step, score, layer, unit, sq_activation`` with one row per unit
-        each score selected (``selected_only``), or ``step, layer, unit, sq_activation`` for
-        every unit of the chosen layers.
-        """
-        import pandas as pd
-
-        if not selected_only:
-            rows = [{"step": step, "layer": name, "unit": i, "sq_activation": float(v)}
-                    for step, per in self.sq_activations.items()
-                    for name, values in per.items() for i, v in enumerate(values.tolist())]
-            return pd.DataFrame(rows, columns=["step", "layer", "unit", "sq_activation"])
-        rows = [{"step": step, "score": tag, "layer": name, "unit": i,
-                 "sq_activation": float(self.sq_activations[step][name][i])}
-                for step, tag, picked in self.history for name, idx in picked.items()
-                for i in idx]
-        return pd.DataFrame(rows, columns=["step", "score", "layer", "unit", "sq_activation"])
-
-    def consistency(self, *, since: int = 0, by_layer: bool = False):
-        """Accumulated fraction of units ever selected per score (MRP Fig. 7).
-
-        Args:
-            since: Ignore measurements before this step (MRP Fig. 7b uses 10k).
-            by_layer: One fraction per layer (extra ``layer`` column) instead of one over the
-                whole layer set (units ever selected / units in the set).
-
-        Returns:
-            Tidy frame ``step, score, fraction_ever_selected`` (plus ``layer``); non-decreasing
-            in ``step`` for each score (and layer), in [0, 1].
-        """
-        import pandas as pd
-
-        seen: dict[str, dict[str, set[int]]] = {}
-        rows = []
-        for step, tag, picked in self.history:
-            if step < since:
-                continue
-            acc = seen.setdefault(tag, {})
-            for name, idx in picked.items():
-                acc.setdefault(name, set()).update(idx)
-            if by_layer:
-                rows += [{"step": step, "score": tag, "layer": name,
-                          "fraction_ever_selected": len(acc.get(name, ())) / self.sizes[name]}
-                         for name in picked]
-            else:
-                total = sum(self.sizes[name] for name in picked)
-                rows.append({"step": step, "score": tag, "fraction_ever_selected":
-                             sum(len(acc.get(name, ())) for name in picked) / total})
-        cols = ["step", "score"] + (["layer"] if by_layer else []) + ["fraction_ever_selected"]
-        return pd.DataFrame(rows, columns=cols)
-
-
-#: Columns that identify one measurement in a recorder or study frame (those present are used).
-MEASUREMENT_KEYS = ("seed", "layer_set", "fraction", "step", "layers")
-
-
-def _keys(frame) -> list[str]:
-    return [c for c in MEASUREMENT_KEYS if c in frame.columns]
-
-
-def penalty_profile(frame, *, value: str = "penalty", taus: Iterable[float] | None = None,
-                    missing: str = "raise"):
-    """Performance profile (MRP Sec. 4.3) of the scores in a :meth:`PenaltyRecorder.frame`
-    or a :func:`penalty_study` frame.
-
-    Method = score tag, value = ``value`` (``"penalty"`` or ``"penalty_ft"``), measurement =
-    the columns of :data:`MEASUREMENT_KEYS` present (e.g. ``(seed, layer_set, fraction, step,
-    layers)``). Returns :func:`prunelab.metrics.performance_profile`'s tidy frame
-    ``method, tau, fraction`` (one curve per tag).
-    """
-    from prunelab import metrics
-
-    return metrics.performance_profile(frame, method="score", value=value, by=_keys(frame),
-                                       taus=taus, missing=missing)
-
-
-def bp_pairs(frame, *, value: str = "penalty"):
-    """Penalty without vs with mean replacement for every measurement (MRP Figs. 3-4).
-
-    Pairs each base score's row with its ``bp_`` row of the same measurement. Returns a tidy
-    frame with the measurement keys, ``base``, ``without``, ``with`` and ``below``
-    (``with < without``: the point lies under the line y = x, bias propagation helped).
-    """
-    import pandas as pd
-
-    missing = {"base", "bp", value} - set(frame.columns)
-    if missing:
-        raise ValueError(f"frame lacks column(s) {sorted(missing)}; pass a PenaltyRecorder or "
-                         "penalty_study frame")
-    keys = _keys(frame) + ["base"]
-    wide = frame.pivot_table(index=keys, columns="bp", values=value, aggfunc="first")
-    wide = wide.rename(columns={False: "without", True: "with"}).dropna().reset_index()
-    wide.columns.name = None
-    if "without" not in wide or "with" not in wide:
-        return pd.DataFrame(columns=keys + ["without", "with", "below"])
-    wide["below"] = wide["with"] < wide["without"]
-    return wide
-
-
-def layer_sets(model: nn.Module) -> dict[str, list[str]]:
-    """The layer sets of MRP Table 2 that exist in ``model``: ``all`` (every prunable layer
-    but the last), ``firstconv``, ``midconv`` (the middle one of the convs), ``lastconv`` and
-    ``firstdense`` (the first Linear layer whose units can be pruned)."""
-    graph = layer_graph(model)
-    chosen = [graph[w].module for w in graph.names[:-1]]
-    convs = [m for m in chosen
-             if isinstance(model.get_submodule(m), (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    dense = [m for m in chosen if isinstance(model.get_submodule(m), nn.Linear)]
-    sets = {"all": chosen}
-    if convs:
-        sets.update(firstconv=[convs[0]], midconv=[convs[len(convs) // 2]],
-                    lastconv=[convs[-1]])
-    if dense:
-        sets["firstdense"] = [dense[0]]
-    return sets
-
-
-@dataclass
-class PenaltyStudy:
-    """What :func:`penalty_study` measured.
-
-    Attributes:
-        frame: Tidy penalties: the recorder columns plus ``seed, layer_set, fraction``.
-        recorders: ``(layer_set, fraction)`` -> the :class:`PenaltyRecorder` that measured it.
-        model: The trained model.
-        history: The training history (:class:`prunelab.train.FitResult`).
-    """
-
-    frame: object
-    recorders: dict
-    model: nn.Module
-    history: object
-
-    def consistency(self, layer_set: str, fraction: float, **kwargs):
-        """:meth:`PenaltyRecorder.consistency` of one recorder (MRP Fig. 7)."""
-        return self.recorders[(layer_set, float(fraction))].consistency(**kwargs)
-
-    def activations(self, layer_set: str, fraction: float, **kwargs):
-        """:meth:`PenaltyRecorder.activations` of one recorder (MRP Fig. 6b)."""
-        return self.recorders[(layer_set, float(fraction))].activations(**kwargs)
-
-
-def penalty_study(model: nn.Module, bundle, *, recipe, layer_sets: Sequence[str] | None = None,
-                  fractions: Sequence[float] = (0.1,), every: int = 250, sample: int = 1000,
-                  scores: Sequence[str] | None = None, finetune_steps: int = 0,
-                  finetune_lr: float = 1e-3, seed: int = 0, progress: bool = False
-                  ) -> PenaltyStudy:
-    """Train a copy of ``model`` and measure the pruning penalty of every score during training
-    (MRP Sec. 4 and App. 6.2): every ``every`` steps, for each layer set of MRP Table 2 and each
-    fraction, each score prunes a copy and ``L(pruned) - L(dense)`` is measured on a fixed
-    sample of ``sample`` training examples (drawn with ``seed``, as MRP's fixed validation
-    subset of the training set).
-
-    Args:
-        model: The network to train (not modified; a copy is trained).
-        bundle: Data bundle; training uses ``bundle.train``.
-        recipe: Training recipe (:class:`prunelab.train.Recipe`).
-        layer_sets: Names from :func:`layer_sets` (default: all that exist in the model).
-        fractions: Fractions of units pruned per layer.
-        every, scores, finetune_steps, finetune_lr: As :class:`PenaltyRecorder`.
-        seed: Seed of the data order, the fixed sample and ``rand``.
-        progress: Progress bar over training steps.
-
-    Returns:
-        :class:`PenaltyStudy`. An interrupt (Jupyter's Interrupt) stops training; the
-        measurements taken so far are kept in the returned frame.
-    """
-    import pandas as pd
-
-    from prunelab.train import fit
-
-    available = globals()["layer_sets"](model)
-    wanted = list(available) if layer_sets is None else list(dict.fromkeys(layer_sets))
-    for name in wanted:
-        if name not in available:
-            raise ValueError(f"unknown layer set {name!r} for this model; available: "
-                             f"{', '.join(available)}")
-    fractions = [float(f) for f in fractions]
-    if not fractions:
-        raise ValueError("fractions must name at least one fraction")
-    sample_batch = bundle.batch("train", n=sample, seed=seed)
-    recorders = {(name, f): PenaltyRecorder(sample_batch, every=every, fraction=f,
-                                            layers=available[name], scores=scores,
-                                            finetune_steps=finetune_steps,
-                                            finetune_lr=finetune_lr, seed=seed)
-                 for name in wanted for f in fractions}
-
-    def callback(m, step):
-        for rec in recorders.values():
-            rec(m, step)
-
-    trained = copy.deepcopy(model)
-    history = fit(trained, bundle.train, recipe=recipe, seed=seed, progress=progress,
-                  step_callback=callback, desc="train + penalties")
-    frames = [rec.frame().assign(seed=seed, layer_set=name, fraction=f)
-              for (name, f), rec in recorders.items()]
-    frame = pd.concat(frames, ignore_index=True)
-    front = ["seed", "layer_set", "fraction"]
-    frame = frame[front + [c for c in frame.columns if c not in front]]
-    return PenaltyStudy(frame, recorders, trained, history)

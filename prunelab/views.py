@@ -7,7 +7,7 @@ collapse, path barriers, and the style they share (a display name and a fixed co
 criterion, axis labels that name the split and the unit, the chance level, log-axis ticks that
 read at every range). Torch-free and plotting-library-free: numpy and pandas only.
 
-Over 500 lines on purpose: the style table and one preparation per figure family, kept
+Over 500 lines because the style table and one preparation per figure family are kept
 together so that plots and figures cannot drift apart.
 """
 from __future__ import annotations

@@ -1,19 +1,22 @@
 """Interactive pruning in a notebook: ipywidgets controls wired to the library's calls.
 
 :class:`PruningExplorer` (weights) and :class:`UnitExplorer` (whole units, MRP) are returned,
-never displayed (put one last in a cell or call ``display``). Everything it shows comes from :mod:`prunelab.criteria`,
-:mod:`prunelab.masks`, :func:`prunelab.pruning.prune` and :func:`prunelab.train.evaluate`; this
+never displayed (put one last in a cell or call ``display``). Everything they show comes from
+:class:`prunelab.explore.Pruner` (masks at any sparsity, one-shot or staged),
+:mod:`prunelab.units` / :mod:`prunelab.structured` and :func:`prunelab.train.evaluate`; this
 module only wires them to controls and two plotly ``FigureWidget``\\ s updated in place.
 
 ipywidgets, plotly and anywidget are optional dependencies (the ``notebooks`` extra): they are
 imported when a widget is built, so ``import prunelab`` stays light.
+
+Over 500 lines because it holds two explorers; each is widget wiring only (the pruning
+engine is :mod:`prunelab.explore`).
 """
 from __future__ import annotations
 
 import copy
 import html
 import math
-import statistics
 import threading
 import time
 from collections import OrderedDict
@@ -24,10 +27,12 @@ from torch import nn
 from prunelab import criteria as C
 from prunelab import graph as G
 from prunelab import masks as M
-from prunelab.pruning import SCHEDULES, prune
+from prunelab.explore import NeedsRun, Pruner, one_shot_scores
+from prunelab.pruning import SCHEDULES
 from prunelab.train import evaluate
 
-__all__ = ["PruningExplorer", "UnitExplorer"]
+__all__ = ["PruningExplorer", "UnitExplorer", "layer_density_figure",
+           "stage_trajectory_figure", "unit_penalty_figure", "unit_scores_figure"]
 
 LOG_LIMIT = 1000  # entries kept in ``PruningExplorer.log``
 
@@ -91,8 +96,63 @@ class _LRU(OrderedDict):
         return None
 
 
-class _NeedsRun(Exception):
-    """The one-shot path cannot show this configuration (e.g. OBS also moves the kept weights)."""
+# ----------------------------------------------------------------- the explorers' figures
+# Plots-style builders of the live figures (plotly FigureWidgets updated in place by the
+# explorers); ``go`` is ``plotly.graph_objects``, passed in so plotly loads with a widget only.
+_MARGIN = dict(l=55, r=15, t=45, b=45)
+
+
+def layer_density_figure(go, labels: list[str], numels: list[int]):
+    """Bars of the fraction of weights kept per layer (all 1 until the first update)."""
+    return go.FigureWidget(
+        data=[go.Bar(x=labels, y=[1.0] * len(labels), name="density",
+                     customdata=numels, marker_color="#4C78A8",
+                     texttemplate="%{y:.3g}",
+                     textposition="outside", cliponaxis=False,
+                     hovertemplate="%{x}: %{customdata} weights<br>density %{y:.4g}"
+                                   "<extra></extra>")],
+        layout=dict(title=dict(text="fraction of weights kept per layer", font_size=14),
+                    yaxis=dict(range=[0, 1.12], title="density"),
+                    height=320, width=460, margin=_MARGIN, template="plotly_white"))
+
+
+def stage_trajectory_figure(go):
+    """An empty line of ΔL per stage, filled by a staged run (customdata: the sparsity)."""
+    return go.FigureWidget(
+        data=[go.Scatter(x=[], y=[], mode="lines+markers", name="ΔL",
+                         marker_color="#F58518",
+                         hovertemplate="stage %{x}<br>ΔL %{y:.4g}<br>sparsity "
+                                       "%{customdata:.4f}<extra></extra>")],
+        layout=dict(title=dict(text="ΔL per stage", font_size=14),
+                    annotations=[dict(text="no staged run yet:<br>set π > 1 and press Run",
+                                      x=0.5, y=0.5, xref="paper", yref="paper",
+                                      showarrow=False, font=dict(size=13, color="#777"))],
+                    xaxis=dict(title="stage", rangemode="tozero"),
+                    yaxis=dict(title="ΔL on the pruning batch", rangemode="tozero"),
+                    height=320, width=460, margin=_MARGIN, template="plotly_white"))
+
+
+def unit_penalty_figure(go):
+    """Two bars: the pruning penalty with the units removed and with them mean-replaced."""
+    return go.FigureWidget(
+        data=[go.Bar(x=["removed", "mean replaced"], y=[0.0, 0.0],
+                     marker_color=["#E45756", "#4C78A8"], texttemplate="%{y:.3g}",
+                     textposition="outside", cliponaxis=False,
+                     hovertemplate="%{x}: penalty %{y:.4g}<extra></extra>")],
+        layout=dict(title=dict(text="pruning penalty L(pruned) − L(dense)", font_size=14),
+                    yaxis=dict(title="penalty"), height=320, width=420, margin=_MARGIN,
+                    template="plotly_white"))
+
+
+def unit_scores_figure(go, order: list, values: list, colors: list, xtitle: str):
+    """Unit scores sorted ascending (``order``: the unit indices), pruned units in red."""
+    return go.FigureWidget(
+        data=[go.Bar(x=list(range(len(order))), y=values, customdata=order,
+                     marker_color=colors,
+                     hovertemplate="unit %{customdata}<br>score %{y:.4g}<extra></extra>")],
+        layout=dict(title=dict(text="unit scores, sorted (red = pruned)", font_size=14),
+                    xaxis=dict(title=xtitle), yaxis=dict(title="score"), height=320,
+                    width=480, margin=_MARGIN, template="plotly_white"))
 
 
 class PruningExplorer:
@@ -107,7 +167,8 @@ class PruningExplorer:
     (:attr:`readout`), the density of every prunable layer (:attr:`layers_fig`) and ΔL after each
     stage of the last staged run (:attr:`trajectory_fig`).
 
-    Two paths:
+    The engine is :class:`prunelab.explore.Pruner` (shared with :mod:`prunelab.collapse`); the
+    explorer only wires controls, caches and figures to it. Two paths:
 
     * **One-shot** (π = 1 and a criterion that does not prune toward the target inside itself,
       i.e. not ``spec(name).uses_target``): the scores of each (criterion, λ) are computed once on
@@ -116,8 +177,8 @@ class PruningExplorer:
       reused buffers (one comparison per weight: no sort, no allocation), multiplies them into
       the copy's weights and evaluates the fixed evaluation batch, so a move costs the
       evaluation plus a fixed ~1 ms of mask writing and widget traffic
-      (:meth:`time_slider_move` measures it; DESIGN.md's budget: within 1.3× of evaluating
-      1,000 examples).
+      (``benchmarks/explorer.py``'s ``time_slider_move`` measures it; DESIGN.md's budget:
+      within 1.3× of evaluating 1,000 examples).
     * **Staged** (π > 1, or a target-using criterion such as ``synflow`` or ``lap-forward``):
       moving a control only says what will run; the Run button calls :func:`prunelab.prune` with a
       callback that advances :attr:`progress`, extends the trajectory per stage and stops the run
@@ -254,30 +315,9 @@ class PruningExplorer:
                           self.stages, self.run_button]
 
         # ---- figures, built from the initial state (see _sync_figure)
-        labels = [n.removesuffix(".weight") for n in self._names]
-        margin = dict(l=55, r=15, t=45, b=45)
-        self.layers_fig = go.FigureWidget(
-            data=[go.Bar(x=labels, y=[1.0] * len(labels), name="density",
-                         customdata=self._numels, marker_color="#4C78A8",
-                         texttemplate="%{y:.3g}",
-                         textposition="outside", cliponaxis=False,
-                         hovertemplate="%{x}: %{customdata} weights<br>density %{y:.4g}"
-                                       "<extra></extra>")],
-            layout=dict(title=dict(text="fraction of weights kept per layer", font_size=14),
-                        yaxis=dict(range=[0, 1.12], title="density"),
-                        height=320, width=460, margin=margin, template="plotly_white"))
-        self.trajectory_fig = go.FigureWidget(
-            data=[go.Scatter(x=[], y=[], mode="lines+markers", name="ΔL",
-                             marker_color="#F58518",
-                             hovertemplate="stage %{x}<br>ΔL %{y:.4g}<br>sparsity "
-                                           "%{customdata:.4f}<extra></extra>")],
-            layout=dict(title=dict(text="ΔL per stage", font_size=14),
-                        annotations=[dict(text="no staged run yet:<br>set π > 1 and press Run",
-                                          x=0.5, y=0.5, xref="paper", yref="paper",
-                                          showarrow=False, font=dict(size=13, color="#777"))],
-                        xaxis=dict(title="stage", rangemode="tozero"),
-                        yaxis=dict(title="ΔL on the pruning batch", rangemode="tozero"),
-                        height=320, width=460, margin=margin, template="plotly_white"))
+        self.layers_fig = layer_density_figure(
+            go, [n.removesuffix(".weight") for n in self._names], self._numels)
+        self.trajectory_fig = stage_trajectory_figure(go)
 
         for w in (self.criterion, self.scope, self.schedule, self.lam, self.stages):
             w.observe(self._on_control, names="value")
@@ -360,51 +400,24 @@ class PruningExplorer:
         self._cancel.set()
         self._log(event="cancel")
 
-    def time_slider_move(self, repeats: int = 41, values=(0.2, 0.1, 0.05, 0.02), *,
-                         clock=time.process_time) -> dict:
-        """Median time of one sparsity-slider move vs one evaluation, timed alternately.
+    @property
+    def model(self) -> nn.Module:
+        """The explorer's own dense copy of the model (scored and evaluated; do not modify)."""
+        return self._model
 
-        Each round sets ``density.value`` (everything a move triggers: masks rewritten in place,
-        evaluation, readout and figure update), then evaluates the unpruned model on the same
-        evaluation batch, then on 1,000 training examples, so all three see the same machine
-        load (DESIGN.md: ratios of variants timed round-robin). The default clock is the
-        process's CPU time: on a shared machine wall-clock medians swing several-fold with other
-        jobs, CPU time does not count the time the process waits for a core (pass
-        ``clock=time.perf_counter`` for wall time). Needs the one-shot path.
+    @property
+    def score_batch(self):
+        """The fixed scoring batch ``(x, y)`` (``batch_size`` training examples)."""
+        return self._score_batch
 
-        Returns:
-            ``{"move", "evaluate", "ratio", "examples", "evaluate_1000", "ratio_1000"}``:
-            seconds of a move, of evaluating the evaluation batch (``examples`` rows) and of
-            evaluating 1,000 examples, and the two ratios (DESIGN.md's budget: a move within
-            1.3× of evaluating 1,000 examples).
-        """
-        if not self.one_shot:
-            raise ValueError("time_slider_move needs the one-shot path: stages π = 1 and a "
-                             f"criterion without an inner target ({self.criterion.value!r})")
-        start = self.density.value
-        self._refresh()  # scores and ranking cached before timing
-        x, y = self._score_batch if len(self._score_batch[1]) >= 1000 else self._eval_batch
-        ref = (x[:1000], y[:1000])
-        values = [v for v in values if v != start] or [start * 0.5, start]
-        moves, evals, evals_1000 = [], [], []
-        for v in (values[i % len(values)] for i in range(repeats)):
-            if v == self.density.value:
-                continue
-            t0 = clock()
-            self.density.value = v
-            t1 = clock()
-            evaluate(self._model, self._eval_batch)
-            t2 = clock()
-            evaluate(self._model, ref)
-            t3 = clock()
-            moves.append(t1 - t0)
-            evals.append(t2 - t1)
-            evals_1000.append(t3 - t2)
-        self.density.value = start
-        move, ev, ev1000 = (statistics.median(t) for t in (moves, evals, evals_1000))
-        return {"move": move, "evaluate": ev, "ratio": move / ev,
-                "examples": len(self._eval_batch[1]), "evaluate_1000": ev1000,
-                "ratio_1000": move / ev1000}
+    @property
+    def eval_batch(self):
+        """The fixed evaluation batch ``(x, y)`` of ``eval_split``."""
+        return self._eval_batch
+
+    def refresh(self) -> None:
+        """Show the current controls now (what a control change triggers)."""
+        self._refresh()
 
     def _repr_mimebundle_(self, **kwargs):
         # Displaying the explorer displays its VBox; figures re-synced first (see _sync_figure).
@@ -420,30 +433,35 @@ class PruningExplorer:
             del self.log[: len(self.log) - LOG_LIMIT]
 
     def _ranking(self, name: str, scope: str, lam: float) -> M.Ranking:
+        """The one-shot ranking of the engine (:class:`prunelab.explore.Pruner`) for these
+        controls; scores cached per (criterion, λ), rankings per (criterion, scope, λ)."""
         key = (name, scope, lam)
-        ranking = self._rankings.hit(key)
-        if ranking is not None:
+        pruner = self._rankings.hit(key)
+        if pruner is not None:
             self.stats["hits"] += 1
-            return ranking
+            return pruner.ranking
         scores = self._scores.hit((name, lam))
         if scores is None:
             self._set_note(f"scoring {html.escape(name)} on {len(self._score_batch[1])} "
                            "training examples …")
             t0 = time.perf_counter()
-            result = C.compute(self._model, name, batch=self._score_batch, lam=lam,
-                               seed=self.seed)
-            if result.update is not None:
+            try:
+                scores = one_shot_scores(self._model, name, batch=self._score_batch, lam=lam,
+                                         seed=self.seed, allow_update=False)
+            except NeedsRun:
                 # OBS-like: the kept weights move too, which masks alone cannot show.
                 self._needs_run.add(name)
-                raise _NeedsRun(name)
-            scores = result.scores
+                raise
             self._scores.put((name, lam), scores)
             self.stats["scores"] += 1
             self._log(event="score", criterion=name, lam=lam,
                       seconds=time.perf_counter() - t0)
-        ranking = M.Ranking(scores, scope=scope, previous=self._previous)
+        pruner = Pruner(self._model, name, batch=self._score_batch, scope=scope, seed=self.seed,
+                        lam=lam, scores=scores)
+        ranking = pruner.ranking
         self.stats["rankings"] += 1
-        return self._rankings.put(key, ranking)
+        self._rankings.put(key, pruner)
+        return ranking
 
     def _on_control(self, change) -> None:
         if self.running:  # controls are disabled in the browser; ignore programmatic changes too
@@ -465,7 +483,7 @@ class PruningExplorer:
                 for n, w in self._weights.items():
                     torch.mul(self._dense[n], self._buffers[n], out=w)
             after = evaluate(self._pruned, self._eval_batch)
-        except _NeedsRun:
+        except NeedsRun:
             self._show_pending()
             return
         except Exception as err:  # noqa: BLE001 - shown to the user, the widget stays live
@@ -572,10 +590,10 @@ class PruningExplorer:
     def _run_job(self, config: dict):
         result = None
         try:
-            result = prune(self._model, config["criterion"], sparsity=config["sparsity"],
-                           scope=config["scope"], stages=config["stages"],
-                           schedule=config["schedule"], lam=config["lam"],
-                           batch=self._score_batch, seed=self.seed, callback=self._on_stage)
+            pruner = Pruner(self._model, config["criterion"], batch=self._score_batch,
+                            scope=config["scope"], seed=self.seed, lam=config["lam"])
+            result = pruner.run(config["sparsity"], stages=config["stages"],
+                                schedule=config["schedule"], callback=self._on_stage)
             after = evaluate(result.model, self._eval_batch)
             kept = [int(result.masks[n].sum()) for n in self._names]
             done = len(result.history)
@@ -622,7 +640,7 @@ class UnitExplorer:
     def __init__(self, model: nn.Module, bundle, *, batch_size: int = 500, seed: int = 0,
                  eval_split: str = "val", fraction: float = 0.1, scores=None):
         W, go = _widgets()
-        from prunelab import structured, units
+        from prunelab import mrp, structured, units
 
         self._units, self._structured = units, structured
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -631,7 +649,7 @@ class UnitExplorer:
             raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
         self._model = G.plain_copy(model).eval() if G.is_parametrized(model) else \
             copy.deepcopy(model).eval()
-        self.sets = units.layer_sets(self._model)
+        self.sets = mrp.layer_sets(self._model)
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                      for m in self._model.modules())
         default = list(units.BASE_SCORES) + ["mp-l1", "mp-l2", "lap-l1", "lap-l2", "hrank"] + (
@@ -664,17 +682,9 @@ class UnitExplorer:
         self.mean_replacement = W.Checkbox(value=True, description="show bp_ (mean replacement)",
                                            indent=False)
         self.readout = W.HTML()
-        margin = dict(l=55, r=15, t=45, b=45)
-        self.penalty_fig = go.FigureWidget(
-            data=[go.Bar(x=["removed", "mean replaced"], y=[0.0, 0.0],
-                         marker_color=["#E45756", "#4C78A8"], texttemplate="%{y:.3g}",
-                         textposition="outside", cliponaxis=False,
-                         hovertemplate="%{x}: penalty %{y:.4g}<extra></extra>")],
-            layout=dict(title=dict(text="pruning penalty L(pruned) − L(dense)", font_size=14),
-                        yaxis=dict(title="penalty"), height=320, width=420, margin=margin,
-                        template="plotly_white"))
-        self._go, self._margin = go, margin
-        self.scores_fig = self._scores_figure([], [], [], "units by score")
+        self._go = go
+        self.penalty_fig = unit_penalty_figure(go)
+        self.scores_fig = unit_scores_figure(go, [], [], [], "units by score")
         for w in (self.layer_set, self.score, self.fraction, self.mean_replacement):
             w.observe(lambda change: self._refresh(), names="value")
         self.widget = W.VBox([W.HBox([self.layer_set, self.score]),
@@ -685,16 +695,6 @@ class UnitExplorer:
         self.widget.add_class("prunelab-unit-explorer")
         self._refresh()
 
-    def _scores_figure(self, order: list, values: list, colors: list, xtitle: str):
-        go = self._go
-        return go.FigureWidget(
-            data=[go.Bar(x=list(range(len(order))), y=values, customdata=order,
-                         marker_color=colors,
-                         hovertemplate="unit %{customdata}<br>score %{y:.4g}<extra></extra>")],
-            layout=dict(title=dict(text="unit scores, sorted (red = pruned)", font_size=14),
-                        xaxis=dict(title=xtitle), yaxis=dict(title="score"), height=320,
-                        width=480, margin=self._margin, template="plotly_white"))
-
     def _repr_mimebundle_(self, **kwargs):
         for fig in (self.penalty_fig, self.scores_fig):
             _sync_figure(fig, layout=True)
@@ -703,9 +703,9 @@ class UnitExplorer:
     def _layer_stats(self, name: str):
         if name not in self._stats:
             u = self._units
-            chosen = u._units(self._model, self.sets[name])
-            self._stats[name] = u._statistics(self._model, chosen, self._score_batch,
-                                              torch.nn.functional.cross_entropy, True)
+            chosen = u.layer_units(self._model, self.sets[name])
+            self._stats[name] = u.unit_statistics(self._model, chosen, self._score_batch,
+                                                  torch.nn.functional.cross_entropy, True)
         return self._stats[name]
 
     def _scores(self, layer_set: str, score: str) -> dict:
@@ -714,9 +714,9 @@ class UnitExplorer:
             layers = self.sets[layer_set]
             if score in self._units.BASE_SCORES:
                 stats = self._layer_stats(layer_set)
-                chosen = self._units._units(self._model, layers)
-                self._cache[key] = self._units._unit_scores(self._model, chosen, score, stats,
-                                                            self.seed)
+                chosen = self._units.layer_units(self._model, layers)
+                self._cache[key] = self._units.score_units(self._model, chosen, score, stats,
+                                                           self.seed)
             else:
                 self._cache[key] = self._structured.score(self._model, score, layers=layers,
                                                           batch=self._score_batch,
@@ -731,7 +731,7 @@ class UnitExplorer:
                                  layers=self.sets[name],
                                  unit_scores=self._scores(name, score),
                                  mean_replacement=mean_replacement,
-                                 _stats=self._layer_stats(name))
+                                 stats=self._layer_stats(name))
 
     def _refresh(self) -> None:
         try:
@@ -772,8 +772,8 @@ class UnitExplorer:
         # this trace's x, y, customdata and marker.color were dropped or redrawn from the first
         # state when moves came quickly (tests/test_browser_units.py); a fresh widget carries
         # its whole state. Costs ~20 ms, small beside the two evaluations of a move.
-        self.scores_fig = self._scores_figure(
-            order, [float(scores[i]) for i in order],
+        self.scores_fig = unit_scores_figure(
+            self._go, order, [float(scores[i]) for i in order],
             ["#E45756" if i in dropped else "#9ecae9" for i in order], f"{first}: units by score")
         if hasattr(self, "_figures"):
             self._figures.children = (self.penalty_fig, self.scores_fig)

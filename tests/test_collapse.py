@@ -10,6 +10,7 @@ from torch import nn
 import prunelab as pl
 from prunelab import collapse as K
 from prunelab import masks as M
+from prunelab.explore import Pruner
 
 
 def _two_layer(n_in=10, n_hidden=6, n_out=3):
@@ -161,7 +162,7 @@ def test_layer_density_honours_masks_already_attached():
     for n in ("0.weight", "2.weight"):
         assert df.loc[n, "kept"] == ref.loc[n, "kept"]
     old = M.current(pruned)
-    new = K._Pruner(pruned, "mp", batch=None, scope="global", seed=0, options={}).masks(4.0)
+    new = Pruner(pruned, "mp", batch=None, scope="global", seed=0).masks(1 - 1 / 4.0)
     assert all(not (new[n] & ~old[n]).any() for n in old)  # pruned stays pruned
 
 

@@ -196,3 +196,20 @@ def test_graph_is_fast_when_cached():
         warnings.simplefilter("error")
         g = G.layer_graph(m)
     assert len(g) == 9 and g.traced
+
+
+def test_prunable_types_defined_once():
+    import ast
+    from pathlib import Path
+
+    from prunelab import graph, models
+
+    assert graph.PRUNABLE_TYPES is models.PRUNABLE_TYPES
+    pkg = Path(graph.__file__).parent
+    defined = [p.name for p in pkg.rglob("*.py")
+               for node in ast.walk(ast.parse(p.read_text()))
+               if isinstance(node, (ast.Assign, ast.AnnAssign))
+               and "PRUNABLE_TYPES" in [getattr(t, "id", None) for t in
+                                        (node.targets if isinstance(node, ast.Assign)
+                                         else [node.target])]]
+    assert defined == ["models.py"]

@@ -356,7 +356,7 @@ def test_instability_plot_sorted_by_k():
 def test_mrp_plots_from_a_recorder_like_frame():
     import pandas as pd
 
-    from prunelab import units
+    from prunelab import mrp, units
 
     rows = []
     for step in (1, 2):
@@ -366,14 +366,14 @@ def test_mrp_plots_from_a_recorder_like_frame():
                          "bp": tag.startswith("bp_"),
                          "penalty": 0.1 * step + (0.0 if tag.startswith("bp_") else 0.05)})
     frame = pd.DataFrame(rows)
-    pairs = units.bp_pairs(frame)
+    pairs = mrp.bp_pairs(frame)
     fig = plots.penalty_scatter(pairs)
     assert "100% of points below" in fig.layout.title.text
     assert len(fig.data) == 6 + 1  # one trace per base score and the y = x line
     over = plots.penalty_over_training(frame)
     styles = {t.name: (t.line.color, t.line.dash) for t in over.data}
     assert styles["bp_norm"][0] == styles["norm"][0] and styles["norm"][1] == "dash"
-    prof = plots.performance_profile(units.penalty_profile(frame), pair_prefix="bp_")
+    prof = plots.performance_profile(mrp.penalty_profile(frame), pair_prefix="bp_")
     assert {t.line.dash for t in prof.data} == {"dash", "solid"}
     cons = pd.DataFrame({"step": [1, 2], "score": ["rand", "rand"],
                          "fraction_ever_selected": [0.1, 0.2]})
@@ -384,7 +384,7 @@ def test_mrp_plots_from_a_recorder_like_frame():
 
 
 def test_new_static_figures_save(tmp_path):
-    from prunelab import units
+    from prunelab import mrp, units
 
     rows = [{"u": u, "v": v, "loss": 1 + u * u + v * v}
             for u in (0.0, 1.0, 2.0) for v in (-1.0, 0.0, 1.0)]
@@ -396,7 +396,7 @@ def test_new_static_figures_save(tmp_path):
     frame = pd.DataFrame([{"step": s, "layers": "l", "score": t, "base": t.removeprefix("bp_"),
                            "bp": t.startswith("bp_"), "penalty": s * (1 + len(t))}
                           for s in (1, 2) for t in units.SCORES])
-    written += figures.save(figures.penalty_scatter(units.bp_pairs(frame)), "scatter",
+    written += figures.save(figures.penalty_scatter(mrp.bp_pairs(frame)), "scatter",
                             folder=tmp_path)
     written += figures.save(figures.penalty_over_training(frame), "over", folder=tmp_path)
     cons = pd.DataFrame({"step": [1, 2], "score": ["rand", "rand"],

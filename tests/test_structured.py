@@ -54,6 +54,12 @@ def test_names_and_registry():
     assert structured.names() == list(structured.CRITERIA)
     assert set(structured.CRITERIA) == {"random", "mp-l1", "mp-l2", "lap-l1", "lap-l2", "hrank",
                                         "bn-scale"}
+    cites = {"random": "Park et al. 2020", "mp-l1": "Li et al.", "mp-l2": "Li et al. 2017",
+             "lap-l1": "Park et al. 2020", "lap-l2": "Park et al. 2020", "hrank": "Lin et al.",
+             "bn-scale": "Liu et al."}
+    for name, fn in structured.CRITERIA.items():
+        assert callable(fn) and cites[name] in fn.__doc__, name
+    assert "Zhuang et al." in structured.CRITERIA["bn-scale"].__doc__
 
 
 @pytest.mark.parametrize("fn", [structured.score, structured.prune])

@@ -127,3 +127,19 @@ def test_train_loss_stays_the_data_loss_with_a_regularizer(data):
     assert rb.history.train_regularizer.tolist() == [100.0, 100.0]
     with pytest.raises(ValueError, match="scalar tensor"):
         fit(model(), data, recipe=rec, progress=False, regularizer=lambda m: torch.ones(2))
+
+
+def test_recipe_total_steps_counts_what_fit_runs():
+    import math
+
+    assert Recipe(batch_size=100, epochs=3).total_steps(997) == 30  # ceil(997/100) = 10 a epoch
+    assert Recipe(batch_size=100, epochs=3, max_steps=7).total_steps(997) == 7
+    assert Recipe(batch_size=64, epochs=2, max_steps=1000).total_steps(100) == 4
+    for n, bs, ep in ((1, 1, 1), (65, 64, 5), (1000, 1000, 2)):
+        assert Recipe(batch_size=bs, epochs=ep).total_steps(n) == math.ceil(n / bs) * ep
+    x, y = torch.randn(37, 3), torch.randint(0, 2, (37,))
+    model = torch.nn.Linear(3, 2)
+    steps = []
+    recipe = Recipe(lr=1e-3, batch_size=8, epochs=2)
+    fit(model, (x, y), recipe=recipe, progress=False, step_callback=lambda m, s: steps.append(s))
+    assert len(steps) == recipe.total_steps(37)

@@ -101,7 +101,7 @@ def test_initial_state_is_complete_before_display(explorer, model):
     assert explorer.density.value == pytest.approx(0.3, abs=0.003)  # 0.3 on the log grid
     assert shown_sparsity(explorer.readout.value) == pytest.approx(1 - explorer.density.value,
                                                                    abs=5e-4)
-    assert explorer.metrics["accuracy_before"] == evaluate(model, explorer._eval_batch)["accuracy"]
+    assert explorer.metrics["accuracy_before"] == evaluate(model, explorer.eval_batch)["accuracy"]
     assert bars(explorer) == pytest.approx(kept_fraction(explorer.masks()))
     # the synced widget state (what a late frontend such as Voilà draws) is not the stale
     # y = [1, 1, 1] the figure was built with (ECOSYSTEM.md §1.2 item 3)
@@ -135,10 +135,10 @@ def test_fast_path_equals_the_library(explorer, model, scope):
     explorer.lam.value = 1e-2
     explorer.density.value = 0.1
     ref = pl.prune(model, "mp", sparsity=explorer.sparsity, scope=scope, lam=1e-2,
-                   batch=explorer._score_batch)
+                   batch=explorer.score_batch)
     masks = explorer.masks()
     assert all(torch.equal(masks[n], ref.masks[n]) for n in ref.masks)
-    after = evaluate(ref.model, explorer._eval_batch)
+    after = evaluate(ref.model, explorer.eval_batch)
     assert explorer.metrics["accuracy"] == after["accuracy"]
     assert explorer.metrics["loss"] == pytest.approx(after["loss"], rel=1e-6)
     assert accuracy_after(explorer.readout.value) == pytest.approx(after["accuracy"], abs=5e-4)
@@ -182,11 +182,13 @@ def test_criterion_and_scope_change_what_is_shown(explorer):
 
 
 def test_time_slider_move_reports_the_ratio(explorer):
+    from benchmarks.explorer import time_slider_move
+
     start = explorer.density.value
-    t = explorer.time_slider_move(repeats=5)
+    t = time_slider_move(explorer, repeats=5)
     assert t["move"] > 0 and t["evaluate"] > 0 and t["evaluate_1000"] > 0
     assert t["ratio"] == pytest.approx(t["move"] / t["evaluate"])
-    assert t["examples"] == len(explorer._eval_batch[1])
+    assert t["examples"] == len(explorer.eval_batch[1])
     assert explorer.density.value == start  # restored
 
 
@@ -388,7 +390,7 @@ def test_unit_explorer_numbers_match_library_calls(unit_setup):
     ex.score.value = "norm"
     ex.fraction.value = 0.25
     m = ex.metrics
-    layers = pl.units.layer_sets(model)["midconv"]
+    layers = pl.mrp.layer_sets(model)["midconv"]
     score_batch = bundle.batch("train", n=200, seed=0)
     eval_batch = bundle.batch("val", n=200, seed=0)
     for bp, key in ((False, "penalty"), (True, "penalty_bp")):
@@ -412,7 +414,7 @@ def test_unit_explorer_structured_scores_and_errors_are_shown(unit_setup):
     ex.score.value = "hrank"  # the "all" set holds Linear layers: a readable error, no crash
     assert ex.errors and "hrank" in ex.readout.value and "color:#b00" in ex.readout.value
     ex.layer_set.value = "firstconv"
-    want = pl.structured.score(model, "hrank", layers=pl.units.layer_sets(model)["firstconv"],
+    want = pl.structured.score(model, "hrank", layers=pl.mrp.layer_sets(model)["firstconv"],
                                batch=bundle.batch("train", n=100, seed=0))
     got = ex._scores("firstconv", "hrank")
     assert all(torch.equal(want[k], got[k]) for k in want)

@@ -487,9 +487,9 @@ Loss along t ∈ [0, 1] on the train and test splits; the legend gives each path
 """),
     code("""
 segment = pl.connectivity.interpolate(a, b, bundle, steps=STEPS, splits=("train", "test"))
-curve = pl.connectivity.bezier(a, b)
-bend_history = pl.connectivity.fit_bend(curve, bundle.train, steps=BEND_STEPS, lr=1e-2)
-bent = pl.connectivity.curve_frame(curve, bundle, steps=STEPS, splits=("train", "test"))
+curve = pl.curves.bezier(a, b)
+bend_history = pl.curves.fit_bend(curve, bundle.train, steps=BEND_STEPS, lr=1e-2)
+bent = pl.curves.curve_frame(curve, bundle, steps=STEPS, splits=("train", "test"))
 paths = pd.concat([segment.assign(path="segment"), bent.assign(path="bezier")],
                   ignore_index=True)
 pl.plots.interpolation(paths, title="Loss between two MLPs trained from different seeds")
@@ -515,8 +515,8 @@ test = bundle.test
 pd.Series({
     "a alone": pl.train.evaluate(a, test)["error"],
     "b alone": pl.train.evaluate(b, test)["error"],
-    "ensemble a + b": pl.connectivity.ensemble_error(a, b, test),
-    "ensemble a + φ(½)": pl.connectivity.ensemble_error(a, curve.point(0.5), test),
+    "ensemble a + b": pl.curves.ensemble_error(a, b, test),
+    "ensemble a + φ(½)": pl.curves.ensemble_error(a, curve.point(0.5), test),
 }, name="test error").round(4)
 """),
     md("""
@@ -576,9 +576,9 @@ segment.
 """),
     code("""
 init = pl.models.build("mlp", bundle, seed=0)
-total = pl.lottery._total_steps(recipe, len(bundle.train))
+total = recipe.total_steps(len(bundle.train))
 ks = sorted({0, total // 80, total // 40, total // 20, total // 10, total // 4, total // 2})
-barriers_k, paths_k = pl.connectivity.instability_curve(init, bundle, ks=ks, recipe=recipe,
+barriers_k, paths_k = pl.lottery.instability_curve(init, bundle, ks=ks, recipe=recipe,
                                                         steps=STEPS)
 pl.plots.instability(barriers_k, title=f"Instability of an MLP on digits ({total} steps in all)")
 """),
@@ -631,7 +631,7 @@ reach about 3 % test error (dense about 2 %), with 2 % about 11 %.
 REWIND_SPARSITIES = (0.9, 0.98)
 curves = [barriers_k.assign(network="dense")]
 for sp in REWIND_SPARSITIES:
-    sparse_k, _ = pl.connectivity.instability_curve(init, bundle, ks=ks, recipe=recipe,
+    sparse_k, _ = pl.lottery.instability_curve(init, bundle, ks=ks, recipe=recipe,
                                                     steps=STEPS, sparsity=sp)
     curves.append(sparse_k.assign(network=f"{1 - sp:.0%} of weights, rewound to k"))
 rewound = pd.concat(curves, ignore_index=True)
@@ -717,7 +717,7 @@ recipe = pl.train.Recipe(optimizer="sgd", lr=0.01, momentum=0.9, batch_size=64, 
 studies = {}
 for seed in SEEDS:
     model = pl.models.build(ARCH, bundle, seed=seed)
-    studies[seed] = pl.units.penalty_study(
+    studies[seed] = pl.mrp.penalty_study(
         model, bundle, recipe=recipe, layer_sets=LAYER_SETS, fractions=FRACTIONS,
         every=EVERY, sample=SAMPLE, finetune_steps=FINETUNE, finetune_lr=1e-3, seed=seed)
 frame = pd.concat([s.frame for s in studies.values()], ignore_index=True)
@@ -762,7 +762,7 @@ error. Replacing them by a mean per position instead of per channel helped `rs` 
 worse for `rand`, `norm` and `abs_mrs`.
 """),
     code("""
-pairs = pl.units.bp_pairs(frame)
+pairs = pl.mrp.bp_pairs(frame)
 below = pd.concat({
     "all measurements": pd.Series({"below y = x": pairs.below.mean(), "points": len(pairs)}),
     **{f"layers: {k}": pd.Series({"below y = x": g.below.mean(), "points": len(g)})
@@ -786,7 +786,7 @@ sample, learning rate 1e-3) and its penalty is measured again. MRP reports that 
 mean replacement shrinks as fine-tuning goes on, but is still visible after 500 steps.
 """),
     code("""
-pairs_ft = pl.units.bp_pairs(frame, value="penalty_ft")
+pairs_ft = pl.mrp.bp_pairs(frame, value="penalty_ft")
 pl.plots.penalty_scatter(pairs_ft, title=f"After {FINETUNE} fine-tuning steps: "
                          f"{pairs_ft.below.mean():.0%} of points below y = x")
 """),
@@ -802,7 +802,7 @@ the absolute-valued scores (area ≈ 0.94) beat the signed ones (≈ 0.42), and 
 lies above its plain one, as in MRP Sec. 4.3 and Fig. 5.
 """),
     code("""
-profile = pl.units.penalty_profile(frame)
+profile = pl.mrp.penalty_profile(frame)
 area = profile.groupby("method").fraction.mean().sort_values(ascending=False)
 signed = {s: area[s] for s in area.index if s.removeprefix("bp_") in ("rs", "mrs")}
 absolute = {s: area[s] for s in area.index if s.removeprefix("bp_") in ("abs_rs", "abs_mrs")}
@@ -856,7 +856,7 @@ with and without mean replacement, and evaluated on the test split without fine-
 of the LAP paper reports errors after retraining; these numbers are before it.
 """),
     code("""
-convs = pl.units.layer_sets(trained)
+convs = pl.mrp.layer_sets(trained)
 conv_layers = [convs["firstconv"][0]] + [n for n in convs["all"] if n.startswith("features")][1:]
 channel = pl.structured.compare(
     trained, criteria=["random", "mp-l1", "mp-l2", "lap-l1", "lap-l2", "hrank"],
@@ -892,7 +892,7 @@ px.histogram(gamma, x="abs_gamma", color="training", facet_col="layer", nbins=40
     code("""
 polar = nets["polarized"]
 threshold = pl.structured.polarization_threshold(polar)
-convs_bn = [n for n in pl.units.layer_sets(polar)["all"] if n.startswith("features")]
+convs_bn = [n for n in pl.mrp.layer_sets(polar)["all"] if n.startswith("features")]
 cut = pl.structured.prune_by_threshold(polar, threshold, layers=convs_bn)
 rows = [{"model": "polarized, dense", **pl.train.evaluate(polar, test)},
         {"model": f"polarized, |γ| < {threshold:.3g} pruned", **pl.train.evaluate(cut.model, test)},

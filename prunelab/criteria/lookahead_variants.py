@@ -283,10 +283,10 @@ class _Linearised(torch.fx.Interpreter):
             y = F.linear(x, w) if isinstance(m, nn.Linear) else m._conv_forward(x, w, None)
             self.outputs[n] = y
             return y
-        if isinstance(m, G._BN_MODULES):
+        if isinstance(m, G.BN_MODULES):
             a = self.scales.get(target)
             return x if a is None else x * a.view(1, -1, *(1,) * (x.dim() - 2))
-        if isinstance(m, G._ACT_MODULES + G._PASS_MODULES):
+        if isinstance(m, G.ACT_MODULES + G.PASS_MODULES):
             return x
         if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
             return _avg_for_max((x, m.kernel_size, m.stride, m.padding, m.dilation,
@@ -301,14 +301,14 @@ class _Linearised(torch.fx.Interpreter):
         raise ValueError(f"lap-all cannot linearise module {target!r} ({type(m).__name__})")
 
     def call_function(self, target, args, kwargs):
-        if target in G._ACT_FUNCS or target in G._PASS_FUNCS:
+        if target in G.ACT_FUNCS or target in G.PASS_FUNCS:
             return args[0] if args else kwargs["input"]
         if target in (F.max_pool1d, F.max_pool2d, F.max_pool3d):
             return _avg_for_max(args, kwargs)
         return super().call_function(target, args, kwargs)
 
     def call_method(self, target, args, kwargs):
-        if target in G._ACT_METHODS or target in G._PASS_METHODS:
+        if target in G.ACT_METHODS or target in G.PASS_METHODS:
             return args[0]
         return super().call_method(target, args, kwargs)
 

@@ -155,7 +155,7 @@ def empirical_fisher(model: nn.Module, batch, names: list[str], *, diagonal: tup
     obj = objective or B.Objective()
 
     def loss_one(w: dict[str, Tensor], xi, yi: Tensor) -> Tensor:
-        one = B._map(xi, lambda t: t.unsqueeze(0))
+        one = B.map_tensors(xi, lambda t: t.unsqueeze(0))
         args, kwargs = ((), one) if isinstance(one, dict) else (
             (tuple(one) if isinstance(one, (tuple, list)) else (one,)), {})
         out = functional_call(model, ({**params, **w}, buffers), args, kwargs)
