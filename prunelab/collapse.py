@@ -22,7 +22,7 @@ from torch import nn
 from prunelab import criteria as C
 from prunelab import graph as G
 from prunelab import masks as M
-from prunelab.explore import Pruner
+from prunelab.explore import Pruner, options_for
 
 __all__ = ["collapsed", "max_compression", "layer_density", "critical_compression",
            "critical_compression_search", "conservation_table", "accuracy_vs_compression"]
@@ -89,7 +89,8 @@ def layer_density(model: nn.Module, criteria: str | Sequence[str], compressions:
                leave=False)
     try:
         for crit in names:
-            pruner = Pruner(model, crit, batch=batch, scope=scope, seed=seed, **options)
+            pruner = Pruner(model, crit, batch=batch, scope=scope, seed=seed,
+                            **options_for(crit, options, names))
             for rho in rhos:
                 masks = pruner.masks(_sparsity(rho))
                 for n, m in masks.items():
@@ -266,7 +267,8 @@ def accuracy_vs_compression(model: nn.Module, bundle, criteria: str | Sequence[s
             b = batch
             if b is None and C.spec(crit).needs_data:
                 b = bundle.batch("train", n=min(batch_n, len(bundle.train)), seed=seed)
-            pruner = Pruner(model, crit, batch=b, scope=scope, seed=seed, **options)
+            pruner = Pruner(model, crit, batch=b, scope=scope, seed=seed,
+                            **options_for(crit, options, names))
             for rho in rhos:
                 masks = pruner.masks(_sparsity(rho))
                 pruned = M.apply(model, masks)

@@ -30,8 +30,10 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from prunelab import batches as B
 from prunelab import paths
 from prunelab.data_readers import (DIGIT_CLASSES, FASHION_CLASSES, IDX_FILES, MNIST1D_FILE,
                                    Raw, UnsafePickleError, read_cifar, read_digits, read_idx,
@@ -39,6 +41,9 @@ from prunelab.data_readers import (DIGIT_CLASSES, FASHION_CLASSES, IDX_FILES, MN
 from prunelab.download import URLS, DatasetNotAvailable, safe_extract
 
 __all__ = [
+    "Examples",
+    "from_tensors",
+    "from_datasets",
     "Bundle",
     "DatasetNotAvailable",
     "UnsafePickleError",
@@ -121,7 +126,7 @@ class Bundle:
         x, y = self.split(split).tensors
         size = len(y)
         if n is None:
-            return x.contiguous(), y.contiguous()
+            return B.map_tensors(x, Tensor.contiguous), y.contiguous()
         if isinstance(n, bool):
             raise ValueError(f"n must be an int in 1..{size} or None, got {n!r}")
         try:
@@ -134,7 +139,7 @@ class Bundle:
                 f"(allowed: 1..{size}, or None for the whole split)"
             )
         rows = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n]
-        return x[rows].contiguous(), y[rows].contiguous()
+        return B.map_tensors(B.take(x, rows), Tensor.contiguous), y[rows].contiguous()
 
     def loader(
         self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0
@@ -320,3 +325,101 @@ _REGISTRY: dict[str, _Spec] = {
         lambda download: read_cifar("cifar100", download, 100), (3, 32, 32), 100, 5000
     ),
 }
+
+
+# --------------------------------------------------------------------------------------------
+# Your data (Round 2): a Bundle from tensors or Datasets, usable wherever a registered one is
+# --------------------------------------------------------------------------------------------
+class Examples(Dataset):
+    """In-memory examples ``(x, y)`` whose inputs may be a tensor, a mapping of tensors
+    (``model(**x)``) or a tuple; ``tensors`` is ``(x, y)`` as :meth:`Bundle.batch` reads it."""
+
+    def __init__(self, x, y: Tensor) -> None:
+        if B.length(x) != len(y):
+            raise ValueError(f"inputs and targets must have the same length, got {B.length(x)} "
+                             f"and {len(y)}")
+        self.tensors = (x, y)
+
+    def __len__(self) -> int:
+        return len(self.tensors[1])
+
+    def __getitem__(self, i):
+        x, y = self.tensors
+        return B.take(x, i), y[i]
+
+
+def _infer_classes(ys: list[Tensor]) -> int:
+    y = ys[0]
+    if y.is_floating_point():  # regression: the output width
+        return int(y.shape[1]) if y.dim() > 1 else 1
+    vals = torch.cat([t.reshape(-1) for t in ys])
+    vals = vals[vals != B.IGNORE_INDEX]
+    if not len(vals) or int(vals.min()) < 0:
+        raise ValueError("integer targets must be class indices >= 0 (or -100, ignored)")
+    return int(vals.max()) + 1
+
+
+def from_tensors(train, val=None, test=None, *, num_classes: int | None = None,
+                 name: str = "custom", classes: list[str] | None = None,
+                 val_fraction: float = 0.1, seed: int = 0) -> Bundle:
+    """A :class:`Bundle` from your own data, usable wherever a registered one is (the explorer,
+    sweeps, IMP, :meth:`Bundle.batch`).
+
+    Args:
+        train: ``(x, y)``: ``x`` a tensor ``(N, ...)``, a mapping of tensors (``model(**x)``, e.g.
+            ``input_ids``/``attention_mask``) or a tuple; ``y`` class indices, per-token labels
+            (-100 ignored) or float regression targets. Also a Dataset or DataLoader.
+        val: held-out data for validation / early stopping; None: ``val_fraction`` of ``train``
+            is held out (a seeded split; those rows leave the training set).
+        test: the test data; None: the validation data doubles as test (``meta["test"]`` says so).
+        num_classes: the number of outputs; inferred from integer targets (max + 1) or the width
+            of float targets.
+        name: the name sweeps and frames use for this data.
+        classes: class names (default "0", "1", ...).
+        val_fraction: fraction held out of ``train`` when ``val`` is None, in (0, 1).
+        seed: seed of that split.
+
+    Raises:
+        ValueError / TypeError naming the bad argument.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
+    xt, yt = B.as_batch(train, what="train")
+    meta: dict[str, Any] = {"source": "from_tensors", "seed": seed}
+    if val is None:
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
+                or not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
+        n = len(yt)
+        k = max(1, int(round(val_fraction * n)))
+        if k >= n:
+            raise ValueError(f"train has {n} examples: too few to hold out a validation set; "
+                             f"pass val=")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        xv, yv = B.take(xt, perm[:k]), yt[perm[:k]]
+        xt, yt = B.take(xt, perm[k:]), yt[perm[k:]]
+        meta["val_indices"] = perm[:k].tolist()
+    else:
+        xv, yv = B.as_batch(val, what="val")
+    if test is None:
+        xs, ys = xv, yv
+        meta["test"] = "the validation data (no test= given)"
+    else:
+        xs, ys = B.as_batch(test, what="test")
+    if num_classes is None:
+        num_classes = _infer_classes([yt, yv, ys])
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+            or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    input_shape = tuple(xt.shape[1:]) if isinstance(xt, Tensor) else ()
+    classes = list(classes) if classes is not None else [str(i) for i in range(num_classes)]
+    return Bundle(name, Examples(xt, yt), Examples(xv, yv), Examples(xs, ys), input_shape,
+                  int(num_classes), classes, meta)
+
+
+def from_datasets(train, val=None, test=None, **kwargs) -> Bundle:
+    """:func:`from_tensors` for torch Datasets or DataLoaders (read into memory once; items
+    ``(x, y)`` or mappings with a ``labels`` entry). Keyword arguments as there."""
+    return from_tensors(B.as_batch(train, what="train"),
+                        None if val is None else B.as_batch(val, what="val"),
+                        None if test is None else B.as_batch(test, what="test"), **kwargs)

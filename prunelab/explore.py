@@ -25,7 +25,7 @@ from prunelab import graph as G
 from prunelab import masks as M
 from prunelab.pruning import PruneResult, prune
 
-__all__ = ["Pruner", "NeedsRun", "ranks_once", "one_shot_scores"]
+__all__ = ["Pruner", "NeedsRun", "ranks_once", "one_shot_scores", "options_for"]
 
 
 class NeedsRun(Exception):
@@ -53,6 +53,18 @@ def one_shot_scores(model: nn.Module, criterion: str, *, batch=None, seed: int =
     if result.update is not None and not allow_update:
         raise NeedsRun(criterion)
     return result.scores
+
+
+def options_for(criterion: str, options: dict, criteria) -> dict:
+    """The part of ``options`` that ``criterion`` takes, when one set of options is shared by
+    several criteria (``iterations=`` for SynFlow next to MP): an option no criterion of
+    ``criteria`` takes is still a TypeError naming it."""
+    valid = {c: set(C.options_of(c)) for c in criteria}
+    unknown = sorted(set(options) - set().union(*valid.values()))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for criteria {list(criteria)}; their "
+                        f"options: { {c: sorted(v) for c, v in valid.items()} }")
+    return {k: v for k, v in options.items() if k in valid[criterion]}
 
 
 class Pruner:

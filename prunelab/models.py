@@ -13,7 +13,10 @@ Sources (``/work/shared/seeds``):
 * LM   -- *Revisiting Loss Modelling for Unstructured Pruning*, App. B: MLP 784-300-100-10 tanh,
   BN-free VGG11, PreActResNet18.
 
-Every model is an ``nn.Sequential`` (subclass) of named children made of standard layers
+Besides them, ``vit`` is a small ViT-style transformer (Round 2: a transformer next to the MLP in
+the notebooks), written with ``nn.Linear`` query/key/value/out projections like HuggingFace's.
+
+Every other model is an ``nn.Sequential`` (subclass) of named children made of standard layers
 (``nn.Linear``, ``nn.Conv1d/2d``, ``nn.BatchNorm1d/2d``, ``nn.MaxPool1d/2d``,
 ``nn.AdaptiveAvgPool1d/2d``, ``nn.Flatten``, activation modules with ``inplace=False``), with no
 data-dependent control flow, so ``torch.fx.symbolic_trace`` works and forward hooks see every
@@ -70,6 +73,7 @@ __all__ = [
     "MLP",
     "PreActBlock",
     "ResNet",
+    "Transformer",
     "build",
     "count_parameters",
     "names",
@@ -666,6 +670,132 @@ def wrn16_8(input_shape: Iterable[int], num_classes: int, *, depth: int = 16,
                    width=width, init=init)
 
 
+# --------------------------------------------------------------------------------------------
+# A small transformer (Round 2): so notebooks can show a transformer next to the MLP.
+# --------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head self-attention with separate ``query``/``key``/``value``/``out`` Linear layers
+    (the layout of HuggingFace BERT and ViT), so every projection is a prunable ``nn.Linear``
+    that forward hooks see (Vaswani et al. 2017, Sec. 3.2)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"vit: dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        n, t = h.size(0), h.size(1)  # size(), not shape unpacking: torch.fx traces it
+        d = self.out.in_features
+        q = self.query(h).reshape(n, t, self.heads, d // self.heads).transpose(1, 2)
+        k = self.key(h).reshape(n, t, self.heads, d // self.heads).transpose(1, 2)
+        v = self.value(h).reshape(n, t, self.heads, d // self.heads).transpose(1, 2)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads), dim=-1)
+        return self.out((att @ v).transpose(1, 2).reshape(n, t, d))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer encoder block (ViT, Dosovitskiy et al. 2021, Eq. 2-3):
+    ``h + attn(LN(h))``, then ``h + fc2(GELU(fc1(LN(h))))``."""
+
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2, self.fc1, self.act, self.fc2 = (nn.LayerNorm(dim), nn.Linear(dim, hidden),
+                                                    nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.attn(self.norm1(h))
+        return h + self.fc2(self.act(self.fc1(self.norm2(h))))
+
+
+class Patches(nn.Module):
+    """Cut ``(N, C, L)`` or ``(N, C, H, W)`` into non-overlapping patches: ``(N, T, C·p^d)``."""
+
+    def __init__(self, patch: int, input_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.patch, self.input_shape = patch, tuple(input_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, shape = self.patch, self.input_shape
+        if len(shape) == 2:
+            c, length = shape
+            x = x.reshape(-1, c, length // p, p).permute(0, 2, 1, 3)
+            return x.reshape(-1, length // p, c * p)
+        c, hh, ww = shape
+        x = x.reshape(-1, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(-1, (hh // p) * (ww // p), c * p * p)
+
+
+class Transformer(nn.Module):
+    """ViT-style classifier: patch embedding, a learned class token and positions, pre-norm
+    encoder blocks, a final LayerNorm and a Linear head on the class token."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, patch: int, dim: int,
+                 depth: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.input_shape, self.num_classes = tuple(input_shape), int(num_classes)
+        dims = len(input_shape) - 1
+        tokens = math.prod(s // patch for s in input_shape[1:])
+        self.patches = Patches(patch, input_shape)
+        self.embed = nn.Linear(input_shape[0] * patch ** dims, dim)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.zeros(1, tokens + 1, dim))
+        self.blocks = nn.Sequential(*(EncoderBlock(dim, heads, hidden) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(self.patches(x))
+        h = torch.cat([self.cls.expand(h.size(0), -1, -1), h], dim=1) + self.pos
+        h = self.norm(self.blocks(h))
+        return self.head(h[:, 0])
+
+
+def vit(input_shape: Iterable[int], num_classes: int, *, patch: int | None = None,
+        dim: int = 32, depth: int = 2, heads: int = 4, mlp_ratio: float = 2.0,
+        width: float = 1.0, init: str = "glorot_uniform") -> Transformer:
+    """A small ViT (Dosovitskiy et al. 2021) for MNIST-1D's 40 positions or small images.
+
+    ``(C, L)`` inputs are cut into ``L / patch`` segments, ``(C, H, W)`` into ``patch x patch``
+    squares (``patch=None``: the largest of 4, 2, 1 dividing every axis); each patch is embedded
+    by a Linear layer, a class token and learned positions are added, ``depth`` pre-norm blocks
+    with ``heads`` heads and an MLP of ``mlp_ratio · dim`` GELU units follow, and a Linear head
+    reads the class token. Attention uses separate query/key/value/out Linear layers (the
+    HuggingFace layout), so heads and MLP units are prunable like any Linear.
+
+    Args:
+        input_shape: ``(C, L)`` or ``(C, H, W)``.
+        num_classes: Output units.
+        patch: Patch size along every spatial axis; must divide each.
+        dim: Token width (scaled by ``width``, rounded to a multiple of ``heads``).
+        depth: Number of encoder blocks.
+        heads: Attention heads.
+        mlp_ratio: Hidden units of each block's MLP per token feature.
+        width: Multiplier of ``dim`` and the MLP width.
+        init: Weight initialisation of the Linear layers (Glorot uniform, as ViT's code).
+    """
+    shape = _check_args("vit", input_shape, num_classes, spatial=True, width=width, init=init)
+    if patch is None:
+        patch = next(p for p in (4, 2, 1) if all(s % p == 0 for s in shape[1:]))
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1 \
+            or any(s % patch for s in shape[1:]):
+        raise ValueError(f"vit: patch must be a positive int dividing every spatial size of "
+                         f"{shape}, got {patch!r}")
+    for name, value in (("depth", depth), ("heads", heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"vit: {name} must be an int >= 1, got {value!r}")
+    d = max(heads, int(round(dim * width / heads)) * heads)
+    model = Transformer(shape, num_classes, patch=patch, dim=d, depth=depth, heads=heads,
+                        hidden=max(1, int(round(mlp_ratio * d))))
+    _init_weights(model, init)
+    nn.init.normal_(model.pos, std=0.02)
+    nn.init.normal_(model.cls, std=0.02)
+    return model
+
+
 #: The registry: name -> constructor ``(input_shape, num_classes, **kwargs) -> nn.Module``.
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
@@ -681,6 +811,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "preact_resnet18": preact_resnet18,
     "wrn16_8": wrn16_8,
+    "vit": vit,
 }
 
 

@@ -43,6 +43,9 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("fcn", "fashion-mnist"): _ADAM_FCN,
     ("fcn", "mnist"): _ADAM_FCN,
     ("fcn", "mnist1d"): _ADAM_FCN.replace(epochs=100, patience=15),
+    # The small ViT (Round 2): Adam at 1e-3 as ViT training on small data does, early stopping.
+    ("vit", "mnist1d"): Recipe(optimizer="adam", lr=1e-3, batch_size=100, epochs=150,
+                               patience=20),
 }
 
 
