@@ -106,3 +106,13 @@ def test_manifest_that_is_not_json_names_the_file(tmp_zoo):
 def test_bad_seeds_are_refused(tmp_zoo, seed):
     with pytest.raises(ValueError, match="seed must be an integer >= 0"):
         zoo.load("mlp", "digits", seed=seed, root=tmp_zoo, train_if_missing=False)
+
+
+def test_committed_transformer_loads_and_scores_like_the_mlp():
+    model, bundle = pl.zoo.load("vit", "mnist1d", seed=0, train_if_missing=False)
+    entry = json.loads((pl.paths.ZOO / "vit-mnist1d-s0.json").read_text())
+    acc = pl.train.evaluate(model, bundle.test)["accuracy"]
+    assert acc == pytest.approx(entry["metrics"]["test_accuracy"], abs=1e-6) and acc > 0.7
+    x, y = bundle.batch("train", n=64, seed=0)
+    res = pl.prune(model, "qm", sparsity=0.5, stages=2, batch=(x, y))
+    assert res.history["sparsity"].iloc[-1] == pytest.approx(0.5, abs=1e-3)
