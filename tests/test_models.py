@@ -47,7 +47,7 @@ def test_registry_names():
     assert M.names() == sorted(M.MODELS)
     assert set(M.names()) == {
         "mlp", "fcn", "conv6", "lenet5", "small_conv", "medium_conv", "vgg11", "vgg16", "vgg19",
-        "vgg11_nobn", "resnet18", "preact_resnet18", "wrn16_8",
+        "vgg11_nobn", "resnet18", "preact_resnet18", "wrn16_8", "vit",
     }
     assert pl.models is M
 

@@ -92,7 +92,7 @@ def test_previously_pruned_weights_are_constraints():
         model[0].weight[2, [0, 2, 3, 5, 6]] = 0.0
     w = model[0].weight.detach().clone()
     alive = w != 0
-    result = C.compute(model, "obs", batch=(x, y), damp=0.0)
+    result = C.compute(model, "obs", batch=(x, y % 3), damp=0.0)  # labels fit 3 outputs
     scores = result.scores["0.weight"].double()
     assert (scores[~alive] == 0).all()
     for q, j in alive.nonzero().tolist():
