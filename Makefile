@@ -20,7 +20,8 @@ sysdeps:
 
 demo: install
 	$(PY) -m prunelab.zoo ensure mlp mnist1d --seed 0
-	$(PY) tools/run_notebooks.py notebooks/00_tour.ipynb
+	@mkdir -p build/notebooks
+	$(VENV)/bin/papermill --cwd notebooks notebooks/00_tour.ipynb build/notebooks/00_tour.ipynb
 	@echo
 	@echo "Figures written to figures/:"; ls figures | grep -v '^\.' | sed 's/^/  /'
 	@echo "Open the notebooks in JupyterLab with:  make lab"
@@ -35,7 +36,10 @@ lab: install
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
 figures: install
-	$(PY) tools/run_notebooks.py notebooks/*.ipynb
+	@mkdir -p build/notebooks
+	for nb in notebooks/*.ipynb; do \
+	  $(VENV)/bin/papermill --cwd notebooks -p FAST 0 "$$nb" "build/notebooks/$$(basename $$nb)" || exit 1; \
+	done
 
 NB   ?= notebooks/01_loss_modelling.ipynb
 PORT ?= 8866
