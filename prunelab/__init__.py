@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _SUBMODULES = (
     "paths", "store", "data", "models", "train", "metrics", "zoo", "graph", "criteria", "masks",
     "pruning", "units", "structured", "connectivity", "collapse", "lottery", "at_init",
-    "compression", "experiments", "plots", "figures", "widgets",
+    "compression", "surgery", "semistructured", "experiments", "plots", "figures", "widgets",
 )
 _FUNCTIONS = {"score": ("criteria", "score"), "prune": ("pruning", "prune")}
 

@@ -13,7 +13,8 @@ PKG = Path(__file__).resolve().parent.parent / "prunelab"
 # (figures reuses the frame helpers of plots: the static versions of the same views)
 LAYERS = [
     {"paths", "_parametrize", "store"}, {"data"}, {"models"}, {"train"}, {"metrics"}, {"zoo"}, {"graph"},
-    {"criteria"}, {"masks"}, {"pruning"}, {"units", "connectivity", "collapse", "lottery", "at_init", "compression"},
+    {"criteria"}, {"masks", "semistructured"}, {"pruning"},
+    {"units", "connectivity", "collapse", "lottery", "at_init", "compression", "surgery"},
     {"structured"}, {"experiments"}, {"plots"}, {"figures"}, {"widgets"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
