@@ -41,7 +41,9 @@ same fold (:func:`masked` with the same arguments).
 """
 from __future__ import annotations
 
+import bisect
 import copy
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -49,10 +51,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _pop_mode, _push_mode
 
 from prunelab.graph import is_parametrized, plain_copy
 
+_FIXED_REASON = ("it is combined with channels that cannot be removed (a model input or the "
+                 "output of an opaque operation)")
 CONST = -1  # a constant (parameter, literal): no channel
 FIXED = -2  # a channel that cannot be removed (model input, output of an opaque op)
 
@@ -68,7 +72,7 @@ _STRUCTURAL = {
     "cat", "split", "split_with_sizes", "slice", "select", "unsqueeze", "squeeze", "clone",
     "contiguous", "_to_copy", "detach", "alias", "unbind", "chunk", "narrow", "flatten",
     "unflatten", "lift_fresh", "movedim", "repeat", "index_select", "stack", "expand_as",
-    "view_as", "squeeze_", "unsqueeze_", "transpose_", "t_", "as_strided",
+    "view_as", "squeeze_", "unsqueeze_", "transpose_", "t_",
 }
 _REDUCE = {"mean", "sum", "amax", "amin"}
 _POOL = {"max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices",
@@ -122,7 +126,8 @@ class DependencyGraph:
 
     def __init__(self, model: nn.Module, example):
         self._parent: list[int] = []
-        self._owner: list[tuple[str, int]] = []
+        self._starts: list[int] = []   # first label of each producer, in creation order
+        self._names: list[str] = []
         self.blocked: dict[int, str] = {}
         self.prods: dict[str, _Producer] = {}
         self.consumers: dict[str, Tensor] = {}    # module -> label of each input column/channel
@@ -139,8 +144,14 @@ class DependencyGraph:
     def new_ids(self, module: str, n: int) -> Tensor:
         start = len(self._parent)
         self._parent.extend(range(start, start + n))
-        self._owner.extend((module, k) for k in range(n))
+        self._starts.append(start)
+        self._names.append(module)
         return torch.arange(start, start + n)
+
+    def owner(self, i: int) -> tuple[str, int]:
+        """(module, output index) of label ``i``."""
+        k = bisect.bisect_right(self._starts, i) - 1
+        return self._names[k], i - self._starts[k]
 
     def find(self, i: int) -> int:
         p = self._parent
@@ -151,17 +162,27 @@ class DependencyGraph:
 
     def union(self, a: Tensor, b: Tensor) -> None:
         """Tie the labels of ``a`` and ``b`` position by position (same shape)."""
-        both = (a >= 0) & (b >= 0) & (a != b)
-        if both.any():
-            pairs = torch.unique(torch.stack([a[both], b[both]], 1), dim=0)
-            for x, y in pairs.tolist():
+        if a.dim() >= 3:  # conv activations: labels are constant over positions, pair per channel
+            fa, fb = a.flatten(2), b.flatten(2)
+            if torch.equal(fa, fa[..., :1].expand(fa.shape)) and \
+                    torch.equal(fb, fb[..., :1].expand(fb.shape)):
+                a, b = fa[..., 0], fb[..., 0]
+        # one int per distinct (a, b) pair, shifted past the markers: a single 1-D unique
+        base = len(self._parent) + 2
+        codes = torch.unique((a + 2) * base + (b + 2)).tolist()
+        fixed = []
+        for code in codes:
+            x, y = code // base - 2, code % base - 2
+            if x >= 0 and y >= 0:
                 rx, ry = self.find(x), self.find(y)
                 if rx != ry:
                     self._parent[max(rx, ry)] = min(rx, ry)
-        self.block(a[(a >= 0) & (b == FIXED)], "it is combined with channels that cannot be "
-                   "removed (a model input or the output of an opaque operation)")
-        self.block(b[(b >= 0) & (a == FIXED)], "it is combined with channels that cannot be "
-                   "removed (a model input or the output of an opaque operation)")
+            elif x >= 0 and y == FIXED:
+                fixed.append(x)
+            elif y >= 0 and x == FIXED:
+                fixed.append(y)
+        if fixed:
+            self.block(torch.tensor(fixed), _FIXED_REASON)
 
     def block(self, labels: Tensor, reason: str) -> None:
         for i in torch.unique(labels[labels >= 0]).tolist():
@@ -169,22 +190,30 @@ class DependencyGraph:
 
     # ------------------------------------------------------------------ results
     def _finish(self) -> None:
+        self.producers = {m: len(p.ids) for m, p in self.prods.items()}
+
+    @functools.cached_property
+    def _members(self) -> dict[int, list[int]]:
         roots: dict[int, list[int]] = {}
         for i in range(len(self._parent)):
             roots.setdefault(self.find(i), []).append(i)
-        self._members = roots
-        self.groups = []
-        for root, ids in roots.items():
+        return roots
+
+    @functools.cached_property
+    def groups(self) -> list[Group]:
+        """Every dependency group (computed on first use)."""
+        out = []
+        for ids in self._members.values():
             reason = next((self.blocked[i] for i in ids if i in self.blocked), "")
-            self.groups.append(Group([self._owner[i] for i in ids], reason))
-        self.producers = {m: len(p.ids) for m, p in self.prods.items()}
+            out.append(Group([self.owner(i) for i in ids], reason))
+        return out
 
     def group_of(self, module: str, channel: int) -> Group:
         """The group holding output ``channel`` of ``module``."""
         root = self.find(int(self.prods[module].ids[channel]))
         ids = self._members[root]
         reason = next((self.blocked[i] for i in ids if i in self.blocked), "")
-        return Group([self._owner[i] for i in ids], reason)
+        return Group([self.owner(i) for i in ids], reason)
 
 
 def _name_of(model: nn.Module) -> dict[int, str]:
@@ -241,6 +270,7 @@ class _Tracer(TorchDispatchMode):
         self.dg = dg
         self.labels: dict[int, tuple[Tensor, Tensor]] = {}  # id(tensor) -> (tensor, labels)
         self.depth = 0
+        self.paused = False
 
     def get(self, t) -> Tensor | None:
         if not isinstance(t, Tensor):
@@ -288,6 +318,8 @@ class _Tracer(TorchDispatchMode):
                 lkw = {k: v for k, v in lkw.items() if k not in ("dtype", "device", "layout")}
             if name in ("view", "_unsafe_view", "reshape", "_reshape_alias"):
                 self._split(args[0], out)
+                # views are defined on the logical (row-major) order: labels may live elsewhere
+                largs = (largs[0].contiguous(), *largs[1:])
             res = func(*largs, **lkw)
             for o, r in zip(outs, [r for r in _flat([res]) if isinstance(r, Tensor)]):
                 self.put(o, r.to(torch.long))
@@ -295,18 +327,23 @@ class _Tracer(TorchDispatchMode):
         if torch.Tag.pointwise in func.tags or name in ("where", "masked_fill", "copy_",
                                                         "fill_", "zero_", "dropout"):
             o = outs[0]
-            acc = self.full(o)
+            labs = []
             for a in _flat(args) + _flat(list(kwargs.values())):
-                if isinstance(a, Tensor):
-                    lab = self.get(a)
-                    if lab is None:
-                        continue
-                    lab = lab.expand(o.shape) if lab.dim() <= o.dim() else lab
-                    if lab.shape != o.shape:
+                lab = self.get(a) if isinstance(a, Tensor) else None
+                if lab is not None:
+                    if lab.dim() > o.dim() or any(
+                            ls not in (1, os) for ls, os in zip(reversed(lab.shape),
+                                                                reversed(o.shape))):
                         raise _Opaque("broadcast that shrinks a channel dimension")
-                    dg.union(acc, lab)
-                    acc = torch.where(acc >= 0, acc, torch.where(lab >= 0, lab,
-                                                                 torch.minimum(acc, lab)))
+                    labs.append(lab.expand(o.shape))
+            acc = labs[0]
+            for lab in labs[1:]:
+                if lab is acc or torch.equal(lab, acc):
+                    continue
+                dg.union(acc, lab)
+                acc = torch.where(acc >= 0, acc, torch.where(lab >= 0, lab,
+                                                             torch.minimum(acc, lab)))
+            acc = acc.contiguous()
             for o2 in outs:
                 if o2.shape == o.shape:
                     self.put(o2, acc)
@@ -405,8 +442,8 @@ def _map(x, fn):
 def _channel_labels(lab: Tensor, dim: int, module: str, dg: DependencyGraph) -> Tensor:
     """One label per index of ``dim`` (constant over the other dimensions)."""
     moved = lab.movedim(dim, 0).reshape(lab.shape[dim], -1)
-    lo, hi = moved.amin(1), moved.amax(1)
-    if not torch.equal(lo, hi):
+    lo = moved[:, 0]
+    if not torch.equal(moved, lo[:, None].expand(moved.shape)):
         dg.block(moved, f"layer {module!r} reads channels that vary along another dimension")
         return torch.full_like(lo, FIXED)
     return lo
@@ -423,33 +460,42 @@ def _record(dg: DependencyGraph, store: dict, module: str, lab: Tensor) -> None:
 
 def _trace(dg: DependencyGraph, model: nn.Module, example) -> None:
     tracer = _Tracer(dg)
-    names = _name_of(model)
-    handles = []
-    for m in model.modules():
+    names = {}
+    for name, m in model.named_modules():
+        names[id(m)] = name
         att = _hf_attention(m)
         if att is not None:
-            dg.hf_heads[names[id(m)]] = att
+            dg.hf_heads[name] = att
 
-    def pre(mod, args, kwargs):
+    known = {id(m) for m in model.modules()
+             if isinstance(m, (nn.Linear, *_CONV, nn.Embedding, *_BN, nn.LayerNorm,
+                               nn.MultiheadAttention))}
+
+    def pre(mod, args):
+        if id(mod) not in known:
+            return
         tracer.depth += 1
         if tracer.depth == 1:
-            mod._pl_in = [tracer.get(a) if isinstance(a, Tensor) else None
-                          for a in (*args, *kwargs.values())]
-            mod._pl_args = [a for a in (*args, *kwargs.values())]
+            # a known module is followed by its hooks: run its insides without the mode's cost
+            _pop_mode()
+            tracer.paused = True
 
     def post(mod, args, kwargs, output):
+        if id(mod) not in known:
+            return
         if tracer.depth > 1:
             tracer.depth -= 1
             return
         try:
-            _labels_after(mod, output)
+            _labels_after(mod, [*args, *kwargs.values()], output)
         finally:
             tracer.depth = 0
+            _push_mode(tracer)
+            tracer.paused = False
 
-    def _labels_after(mod, output):
+    def _labels_after(mod, xs, output):
         name = names[id(mod)]
-        ins = mod.__dict__.pop("_pl_in")
-        xs = mod.__dict__.pop("_pl_args")
+        ins = [tracer.get(a) for a in xs]
         x, lab = xs[0] if xs else None, ins[0] if ins else None
         if lab is None and isinstance(x, Tensor):
             lab = tracer.full(x)
@@ -500,25 +546,28 @@ def _trace(dg: DependencyGraph, model: nn.Module, example) -> None:
                     tracer.put(o, tracer.full(o, FIXED))
         return output
 
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, *_CONV, nn.Embedding, *_BN, nn.LayerNorm,
-                          nn.MultiheadAttention)):
-            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(m.register_forward_hook(post, with_kwargs=True))
+    from torch.nn.modules.module import (register_module_forward_hook,
+                                         register_module_forward_pre_hook)
+
+    # two global hooks (removed below) instead of two per module: registration costs ~50 µs each
+    handles = [register_module_forward_pre_hook(pre),
+               register_module_forward_hook(post, with_kwargs=True)]
     try:
         with tracer:
-            for t in _tensors(example):
-                tracer.put(t, tracer.full(t, FIXED))
-            output = call(model, example)
+            try:
+                for t in _tensors(example):
+                    tracer.put(t, tracer.full(t, FIXED))
+                output = call(model, example)
+            finally:
+                if tracer.paused:  # the forward raised inside a known module
+                    _push_mode(tracer)
+                    tracer.paused = False
     except Exception as err:
         raise ValueError(f"cannot trace {type(model).__name__} with one forward pass of the "
                          f"example: {type(err).__name__}: {err}") from err
     finally:
         for h in handles:
             h.remove()
-        for m in model.modules():
-            m.__dict__.pop("_pl_in", None)
-            m.__dict__.pop("_pl_args", None)
     for t in _tensors(output):
         lab = tracer.get(t)
         if lab is not None:
@@ -544,8 +593,30 @@ def dependencies(model: nn.Module, example=None, *, batch=None) -> DependencyGra
         ValueError: The model cannot be run on the example.
     """
     model = plain_copy(model) if is_parametrized(model) else model
-    with torch.enable_grad():  # keeps nn.Transformer* off its fused inference path
-        return DependencyGraph(model, _example(example, batch))
+    example = _example(example, batch)
+    modes = {m: m.training for m in model.modules()}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    try:
+        # eval: BatchNorm statistics stay as they are; no fused nn.Transformer* inference path
+        model.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
+        with torch.no_grad():
+            return DependencyGraph(model, _first(example))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _first(example):
+    """The first example of a batch: labels do not depend on the batch size."""
+    if isinstance(example, Tensor):
+        return example[:1] if example.dim() > 1 else example
+    if isinstance(example, Mapping):
+        return {k: _first(v) for k, v in example.items()}
+    if isinstance(example, (tuple, list)):
+        return type(example)(_first(v) for v in example)
+    return example
 
 
 # ============================================================================== the plan
@@ -615,12 +686,12 @@ def plan(dg: DependencyGraph, selection, *, expand: bool = False,
     for r in roots:
         reason = next((dg.blocked[i] for i in dg._members[r] if i in dg.blocked), "")
         if reason:
-            mod, ch = next(dg._owner[i] for i in dg._members[r] if i in chosen)
+            mod, ch = next(dg.owner(i) for i in dg._members[r] if i in chosen)
             raise ValueError(f"channel {ch} of layer {mod!r} cannot be removed: {reason}")
     extra = closed - chosen
     if extra and not expand:
-        mod, ch = dg._owner[min(extra)]
-        src = next(dg._owner[i] for i in chosen if dg.find(i) == dg.find(min(extra)))
+        mod, ch = dg.owner(min(extra))
+        src = next(dg.owner(i) for i in chosen if dg.find(i) == dg.find(min(extra)))
         raise ValueError(f"removing channel {src[1]} of layer {src[0]!r} breaks a dependency "
                          f"group (a residual add, concatenation or depthwise conv): channel {ch} "
                          f"of layer {mod!r} must go with it; select the whole group or pass "
@@ -663,7 +734,7 @@ def plan(dg: DependencyGraph, selection, *, expand: bool = False,
         rm = torch.tensor([i in closed for i in lab.tolist()]).reshape(blocks, size)
         if not torch.equal(rm.any(1), rm.all(1)):
             raise ValueError(f"a reshape splits the channels of layer "
-                             f"{dg._owner[int(lab[lab >= 0][0])][0]!r} into {blocks} blocks of "
+                             f"{dg.owner(int(lab[lab >= 0][0]))[0]!r} into {blocks} blocks of "
                              f"{size} (attention heads): remove whole blocks")
     pl.matmul = closed & dg.matmul_ids
     pl.selection = {n: sorted(v) for n, v in wanted.items()}
