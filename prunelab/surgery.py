@@ -601,7 +601,13 @@ def dependencies(model: nn.Module, example=None, *, batch=None) -> DependencyGra
         model.eval()
         torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad():
-            return DependencyGraph(model, _first(example))
+            first = _first(example)
+            if first is not example:
+                try:
+                    return DependencyGraph(model, first)
+                except ValueError:  # not a batch after all (an unbatched input): trace it whole
+                    pass
+            return DependencyGraph(model, example)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, mode in modes.items():

@@ -316,3 +316,41 @@ def test_same_as_torch_pruning(case):
     assert ours.params_after < ours.params_before
     with torch.no_grad():
         torch.testing.assert_close(ours.model(x), theirs(x), atol=1e-5, rtol=0)
+
+
+def test_train_mode_model_keeps_its_mode_and_statistics():
+    model = init(ResNetish()).train()
+    stats = copy.deepcopy(model.state_dict())
+    res = S.remove(model, {"block1.conv1": [0, 1]}, _x((4, 3, 8, 8)))
+    assert model.training and all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, stats[k]), k      # BatchNorm running statistics not updated
+    assert res.model.block1.conv1.out_channels == 6
+
+
+def test_dependencies_of_an_unbatched_sequence():
+    """A (T, E) input is no batch: slicing it would still trace, and the groups are the same."""
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    res = S.remove(model, {"0": [1, 2]}, _x((6, 5))[0])
+    assert res.model[2].in_features == 6
+
+
+def test_mean_replacement_through_attention_and_ffn():
+    torch.manual_seed(0)
+    model = HFLayer().eval()
+    x = {"input_ids": torch.randint(0, 11, (8, 6), generator=torch.Generator().manual_seed(2))}
+    sel = {"attention.self": [1], "intermediate": [0, 4]}
+    res = S.remove(model, sel, batch=(x, None), mean_replacement=True)
+    ref = S.masked(model, sel, batch=(x, None), mean_replacement=True)
+    plain = S.masked(model, sel, x)
+    with torch.no_grad():
+        a, b, c = (f(**x)["logits"] for f in (res.model, ref, plain))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert not torch.allclose(b, c)                  # the fold did something
+    # the value units' means went into attention.output.dense's bias
+    assert not torch.equal(res.model.attention.output.dense.bias,
+                           model.attention.output.dense.bias)
+    enc = EncoderClassifier().eval()
+    with pytest.raises(ValueError, match="not supported for nn.MultiheadAttention heads"):
+        S.remove(enc, {"encoder.layers.0.self_attn": [1]}, batch=(_x((4, 6, 5)), None),
+                 mean_replacement=True)
