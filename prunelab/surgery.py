@@ -45,7 +45,7 @@ import bisect
 import copy
 import functools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -214,10 +214,6 @@ class DependencyGraph:
         ids = self._members[root]
         reason = next((self.blocked[i] for i in ids if i in self.blocked), "")
         return Group([self.owner(i) for i in ids], reason)
-
-
-def _name_of(model: nn.Module) -> dict[int, str]:
-    return {id(m): n for n, m in model.named_modules()}
 
 
 def _hf_attention(m: nn.Module):

@@ -8,7 +8,7 @@ from prunelab import semistructured as N
 
 
 def brute(scores, n, m, previous=None):
-    """Per group: sort by (score, index), prune the m - n first; dead weights first and kept dead."""
+    """Per group: sort by (alive, score, index), prune the m - n first; the dead stay dead."""
     flat = scores.reshape(scores.shape[0], -1).tolist()
     alive = (previous.reshape(scores.shape[0], -1).tolist() if previous is not None
              else [[True] * len(r) for r in flat])
