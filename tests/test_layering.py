@@ -8,13 +8,14 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "prunelab"
 
-# DESIGN.md: data < models < train < metrics < zoo < graph < criteria < masks < prune
-#            < units, connectivity, collapse, lottery < experiments < plots < figures < widgets
+# DESIGN.md: data < models < train < metrics < zoo < graph < criteria < semistructured < masks
+#            < prune < surgery < units, connectivity, collapse, lottery < experiments < plots
+#            < figures < widgets
 # (figures reuses the frame helpers of plots: the static versions of the same views)
 LAYERS = [
     {"paths", "_parametrize", "store"}, {"data"}, {"models"}, {"train"}, {"metrics"}, {"zoo"}, {"graph"},
-    {"criteria"}, {"masks", "semistructured"}, {"pruning"},
-    {"units", "connectivity", "collapse", "lottery", "at_init", "compression", "surgery"},
+    {"criteria"}, {"semistructured"}, {"masks"}, {"pruning"}, {"surgery"},
+    {"units", "connectivity", "collapse", "lottery", "at_init", "compression"},
     {"structured"}, {"experiments"}, {"plots"}, {"figures"}, {"widgets"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
