@@ -71,7 +71,7 @@ _STRUCTURAL = {
     "view", "_unsafe_view", "reshape", "_reshape_alias", "permute", "transpose", "t", "expand",
     "cat", "split", "split_with_sizes", "slice", "select", "unsqueeze", "squeeze", "clone",
     "contiguous", "_to_copy", "detach", "alias", "unbind", "chunk", "narrow", "flatten",
-    "unflatten", "lift_fresh", "movedim", "repeat", "index_select", "stack", "expand_as",
+    "unflatten", "lift_fresh", "movedim", "repeat", "stack", "expand_as",
     "view_as", "squeeze_", "unsqueeze_", "transpose_", "t_",
 }
 _REDUCE = {"mean", "sum", "amax", "amin"}
@@ -296,8 +296,10 @@ class _Tracer(TorchDispatchMode):
         name = func.overloadpacket.__name__
         outs = [o for o in _flat([out]) if isinstance(o, Tensor)]
         try:
+            if name.endswith("_") and self.get(args[0]) is None:
+                raise _Opaque("an in-place write of channels into another tensor")
             self._rule(func, name, args, kwargs, out, outs)
-        except _Opaque as why:
+        except Exception as why:  # noqa: BLE001 - whatever we cannot follow blocks its channels
             for lab in labs:
                 if lab is not None:
                     self.dg.block(lab, f"it flows into {name} ({why})")

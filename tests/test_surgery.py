@@ -354,3 +354,28 @@ def test_mean_replacement_through_attention_and_ffn():
     with pytest.raises(ValueError, match="not supported for nn.MultiheadAttention heads"):
         S.remove(enc, {"encoder.layers.0.self_attn": [1]}, batch=(_x((4, 6, 5)), None),
                  mean_replacement=True)
+
+
+class _SliceAssign(nn.Module):
+    """Writes a layer's channels into a preallocated tensor: followed only as far as it is safe."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 3)
+        self.c = nn.Linear(4, 5)
+        self.d = nn.Linear(5, 2)
+
+    def forward(self, x):
+        buf = torch.zeros(x.shape[0], 6, dtype=x.dtype)
+        buf[:, :] = self.a(x)
+        return self.b(buf) + self.d(torch.relu(self.c(x)))[:, :1]
+
+
+def test_unfollowable_ops_block_only_their_channels():
+    model = _SliceAssign()
+    x = _x((3, 4))
+    with pytest.raises(ValueError, match=r"layer 'a' cannot be removed: it flows into copy_"):
+        S.remove(model, {"a": [0]}, x)
+    res = S.remove(model, {"c": [1, 3]}, x)               # the other branch is still removable
+    assert res.model.d.in_features == 3
