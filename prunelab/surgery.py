@@ -125,7 +125,8 @@ class DependencyGraph:
     """
 
     def __init__(self, model: nn.Module, example):
-        self._parent: list[int] = []
+        self._root = torch.arange(0)    # label -> smallest label of its group
+        self._n = 0                      # labels in use
         self._starts: list[int] = []   # first label of each producer, in creation order
         self._names: list[str] = []
         self.blocked: dict[int, str] = {}
@@ -142,8 +143,11 @@ class DependencyGraph:
 
     # ------------------------------------------------------------------ union-find
     def new_ids(self, module: str, n: int) -> Tensor:
-        start = len(self._parent)
-        self._parent.extend(range(start, start + n))
+        start = self._n
+        self._n += n
+        if self._n > len(self._root):  # capacity doubles: amortised O(1) per label
+            cap = max(2 * len(self._root), self._n, 64)
+            self._root = torch.cat([self._root, torch.arange(len(self._root), cap)])
         self._starts.append(start)
         self._names.append(module)
         return torch.arange(start, start + n)
@@ -154,35 +158,50 @@ class DependencyGraph:
         return self._names[k], i - self._starts[k]
 
     def find(self, i: int) -> int:
-        p = self._parent
-        while p[i] != i:
-            p[i] = p[p[i]]
-            i = p[i]
-        return i
+        """The root (smallest label) of ``i``'s group."""
+        return int(self._root[i])
+
+    def _merge(self, x: Tensor, y: Tensor) -> None:
+        """Union of the classes of ``x[k]`` and ``y[k]`` for every k, vectorised.
+
+        ``_root`` always maps a label to the smallest label of its class: each round points
+        every larger root at the smallest partner, then pointer jumping flattens the chains
+        (they only go down, so they end).
+        """
+        root = self._root
+        while True:
+            rx, ry = root[x], root[y]
+            diff = rx != ry
+            if not diff.any():
+                break
+            lo, hi = torch.minimum(rx[diff], ry[diff]), torch.maximum(rx[diff], ry[diff])
+            step = torch.arange(len(root))
+            step.scatter_reduce_(0, hi, lo, reduce="amin")
+            root = step[root]
+            while True:
+                jumped = root[root]
+                if torch.equal(jumped, root):
+                    break
+                root = jumped
+        self._root = root
 
     def union(self, a: Tensor, b: Tensor) -> None:
         """Tie the labels of ``a`` and ``b`` position by position (same shape)."""
-        if a.dim() >= 3:  # conv activations: labels are constant over positions, pair per channel
+        ca, cb = _compact(a), _compact(b)
+        if ca is not None and cb is not None:
+            a, b = ca, cb
+        elif a.dim() >= 3:  # conv activations: labels are constant over positions, pair per channel
             fa, fb = a.flatten(2), b.flatten(2)
             if torch.equal(fa, fa[..., :1].expand(fa.shape)) and \
                     torch.equal(fb, fb[..., :1].expand(fb.shape)):
                 a, b = fa[..., 0], fb[..., 0]
-        # one int per distinct (a, b) pair, shifted past the markers: a single 1-D unique
-        base = len(self._parent) + 2
-        codes = torch.unique((a + 2) * base + (b + 2)).tolist()
-        fixed = []
-        for code in codes:
-            x, y = code // base - 2, code % base - 2
-            if x >= 0 and y >= 0:
-                rx, ry = self.find(x), self.find(y)
-                if rx != ry:
-                    self._parent[max(rx, ry)] = min(rx, ry)
-            elif x >= 0 and y == FIXED:
-                fixed.append(x)
-            elif y >= 0 and x == FIXED:
-                fixed.append(y)
-        if fixed:
-            self.block(torch.tensor(fixed), _FIXED_REASON)
+        a, b = a.reshape(-1), b.reshape(-1)
+        both = (a >= 0) & (b >= 0)
+        if both.any():
+            self._merge(a[both], b[both])
+        fixed = torch.cat([a[(a >= 0) & (b == FIXED)], b[(b >= 0) & (a == FIXED)]])
+        if len(fixed):
+            self.block(fixed, _FIXED_REASON)
 
     def block(self, labels: Tensor, reason: str) -> None:
         for i in torch.unique(labels[labels >= 0]).tolist():
@@ -194,10 +213,10 @@ class DependencyGraph:
 
     @functools.cached_property
     def _members(self) -> dict[int, list[int]]:
-        roots: dict[int, list[int]] = {}
-        for i in range(len(self._parent)):
-            roots.setdefault(self.find(i), []).append(i)
-        return roots
+        roots = self._root[: self._n]
+        order = torch.argsort(roots, stable=True)
+        keys, counts = torch.unique_consecutive(roots[order], return_counts=True)
+        return {int(k): ids.tolist() for k, ids in zip(keys, torch.split(order, counts.tolist()))}
 
     @functools.cached_property
     def groups(self) -> list[Group]:
@@ -218,12 +237,13 @@ class DependencyGraph:
 
 def _hf_attention(m: nn.Module):
     """(qkv child names, heads, head size) of a HuggingFace-style self-attention module."""
-    heads = next((getattr(m, a) for a in _HEADS if isinstance(getattr(m, a, None), int)), None)
-    size = next((getattr(m, a) for a in _HEAD_SIZE if isinstance(getattr(m, a, None), int)), None)
+    d = m.__dict__  # plain attributes only: cheap enough to ask every module
+    heads = next((d[a] for a in _HEADS if isinstance(d.get(a), int)), None)
+    size = next((d[a] for a in _HEAD_SIZE if isinstance(d.get(a), int)), None)
     if heads is None or size is None or isinstance(m, nn.MultiheadAttention):
         return None
     for names in _QKV:
-        if all(isinstance(getattr(m, n, None), nn.Linear) for n in names):
+        if all(isinstance(m._modules.get(n), nn.Linear) for n in names):
             return list(names), heads, size
     return None
 
@@ -334,6 +354,9 @@ class _Tracer(TorchDispatchMode):
                                                                 reversed(o.shape))):
                         raise _Opaque("broadcast that shrinks a channel dimension")
                     labs.append(lab.expand(o.shape))
+            small = [_compact(lab) for lab in labs]
+            if len(labs) > 1 and all(c is not None for c in small):
+                labs = small  # constant over positions: combine one label per channel
             acc = labs[0]
             for lab in labs[1:]:
                 if lab is acc or torch.equal(lab, acc):
@@ -341,7 +364,7 @@ class _Tracer(TorchDispatchMode):
                 dg.union(acc, lab)
                 acc = torch.where(acc >= 0, acc, torch.where(lab >= 0, lab,
                                                              torch.minimum(acc, lab)))
-            acc = acc.contiguous()
+            acc = acc.expand(o.shape)
             for o2 in outs:
                 if o2.shape == o.shape:
                     self.put(o2, acc)
@@ -354,6 +377,9 @@ class _Tracer(TorchDispatchMode):
             dims = [dims] if isinstance(dims, int) else list(dims)
             keep = args[2] if len(args) > 2 and isinstance(args[2], bool) else kwargs.get(
                 "keepdim", False)
+            small = _compact(lab)
+            if small is not None and {d % lab.dim() for d in dims} >= set(range(2, lab.dim())):
+                lab = small  # every position reduced: one label per channel is enough
             lo, hi = lab.amin(dims, keepdim=keep), lab.amax(dims, keepdim=keep)
             if not torch.equal(lo, hi):
                 raise _Opaque("a reduction over channels")
@@ -361,13 +387,13 @@ class _Tracer(TorchDispatchMode):
             return
         if name in _POOL:
             lab = self.lab_or_const(args[0])
+            lab = _compact(lab) if _compact(lab) is not None else lab
             per = lab.flatten(2) if lab.dim() > 2 else lab.unsqueeze(-1)
             if not torch.equal(per.amin(-1), per.amax(-1)):
                 raise _Opaque("pooling across channels")
             ch = per[..., 0]
             for o in outs:
-                self.put(o, ch.reshape(*ch.shape, *([1] * (o.dim() - 2))).expand(o.shape)
-                         .clone())
+                self.put(o, ch.reshape(*ch.shape, *([1] * (o.dim() - 2))).expand(o.shape))
             return
         if name in _MATMUL:
             a, b = self.lab_or_const(args[0]), self.lab_or_const(args[1])
@@ -437,8 +463,26 @@ def _map(x, fn):
     return x
 
 
+def _compact(lab: Tensor) -> Tensor | None:
+    """``lab`` as ``(N, C, 1, ...)`` when it is a stride-0 expansion over the positions."""
+    nd = lab.dim()
+    if nd < 3:
+        return None
+    stride, shape = lab.stride(), lab.shape
+    for i in range(2, nd):
+        if stride[i] and shape[i] != 1:
+            return None
+    return lab[_FIRST_POSITION[nd]]
+
+
+_FIRST_POSITION = {nd: (slice(None), slice(None)) + (slice(0, 1),) * (nd - 2) for nd in range(3, 9)}
+
+
 def _channel_labels(lab: Tensor, dim: int, module: str, dg: DependencyGraph) -> Tensor:
     """One label per index of ``dim`` (constant over the other dimensions)."""
+    small = _compact(lab) if dim == 1 else None
+    if small is not None:  # constant over positions by construction: check the batch only
+        lab = small.flatten(1)
     moved = lab.movedim(dim, 0).reshape(lab.shape[dim], -1)
     lo = moved[:, 0]
     if not torch.equal(moved, lo[:, None].expand(moved.shape)):
@@ -501,7 +545,7 @@ def _trace(dg: DependencyGraph, model: nn.Module, example) -> None:
             _record(dg, dg.consumers, name, _channel_labels(lab, -1, name, dg))
             dg.consumer_kind[name] = "linear"
             ids = _producer(dg, name, "linear", mod.out_features)
-            tracer.put(output, ids.expand(output.shape).clone())
+            tracer.put(output, ids.expand(output.shape))
         elif isinstance(mod, _CONV):
             ch = _channel_labels(lab, 1, name, dg) if x.dim() == mod.weight.dim() else \
                 _channel_labels(lab, 0, name, dg)
@@ -520,14 +564,14 @@ def _trace(dg: DependencyGraph, model: nn.Module, example) -> None:
                 dg.grouped[name] = _Grouped(name, g, ch, ids)
             shape = [1] * output.dim()
             shape[dim] = -1
-            tracer.put(output, ids.reshape(shape).expand(output.shape).clone())
+            tracer.put(output, ids.reshape(shape).expand(output.shape))
         elif isinstance(mod, nn.Embedding):
             ids = _producer(dg, name, "embedding", mod.embedding_dim)
-            tracer.put(output, ids.expand(output.shape).clone())
+            tracer.put(output, ids.expand(output.shape))
         elif isinstance(mod, _BN):
             ch = _channel_labels(lab, 1, name, dg)
             _record(dg, dg.norms, name, ch)
-            tracer.put(output, lab.clone())
+            tracer.put(output, lab)
         elif isinstance(mod, nn.LayerNorm):
             dg.block(lab, f"LayerNorm {name!r} normalises over these channels: removing some "
                      "would change its mean and variance")
@@ -592,11 +636,12 @@ def dependencies(model: nn.Module, example=None, *, batch=None) -> DependencyGra
     """
     model = plain_copy(model) if is_parametrized(model) else model
     example = _example(example, batch)
-    modes = {m: m.training for m in model.modules()}
+    training = [m for m in model.modules() if m.training]
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         # eval: BatchNorm statistics stay as they are; no fused nn.Transformer* inference path
-        model.eval()
+        for m in training:
+            m.training = False
         torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad():
             first = _first(example)
@@ -608,8 +653,8 @@ def dependencies(model: nn.Module, example=None, *, batch=None) -> DependencyGra
             return DependencyGraph(model, example)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-        for m, mode in modes.items():
-            m.training = mode
+        for m in training:
+            m.training = True
 
 
 def _first(example):
