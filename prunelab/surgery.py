@@ -625,10 +625,15 @@ def _producer(dg: DependencyGraph, name: str, kind: str, n: int) -> Tensor:
 def dependencies(model: nn.Module, example=None, *, batch=None) -> DependencyGraph:
     """The dependency groups of ``model`` from one traced forward pass of ``example``.
 
+    The pass runs without gradients, in eval mode (BatchNorm statistics untouched; the modes are
+    restored after) and without ``nn.TransformerEncoderLayer``'s fused inference path, on the
+    first example of the batch (the whole input when that fails: an unbatched input). The
+    first call in a process also pays torch's one-time import of ``torch._dynamo`` (seconds),
+    which any ``TorchDispatchMode`` triggers.
+
     Args:
-        model: Any module; never modified (traced in its current mode, without gradients kept).
-        example: A model input (tensor, tuple, or mapping for ``model(**x)``); a couple of
-            examples suffice.
+        model: Any module; never modified.
+        example: A model input (tensor, tuple, or mapping for ``model(**x)``).
         batch: ``(x, y)``, used for ``example`` when that is not given.
 
     Raises:
