@@ -419,6 +419,23 @@ class _Tracer(TorchDispatchMode):
                 lab = self.full(o, FIXED if fixed else CONST)
             self.put(o, lab)
             return
+        if name.startswith("_scaled_dot_product") or name == "scaled_dot_product_attention":
+            # softmax(q kᵀ) v over (..., T, d): q's and k's last dims are contracted (tied), the
+            # output carries v's last dim; masks and scales are per position, not per channel
+            q, k, v = (self.lab_or_const(a) for a in args[:3])
+            kq, _ = _matmul_side(q, contracted=-1, free=-2)
+            kk, _ = _matmul_side(k, contracted=-1, free=-2)
+            if (kq is None) != (kk is None):
+                raise _Opaque("query/key channels contracted against fixed ones")
+            if kq is not None:
+                dg.union(kq, kk)
+                dg.matmul_ids.update(torch.unique(kq[kq >= 0]).tolist())
+            kv, _ = _matmul_side(v, contracted=-1, free=-2)
+            o = outs[0]
+            lab = (kv.unsqueeze(-2).expand(o.shape) if kv is not None
+                   else self.full(o, FIXED if bool((v == FIXED).any()) else CONST))
+            self.put(o, lab)
+            return
         raise _Opaque("an operation prunelab does not know to be channel-wise")
 
     def _split(self, src: Tensor, out: Tensor) -> None:

@@ -186,3 +186,22 @@ def init(model, seed=0):
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.3)
     return model.eval()
+
+
+class SDPAttention(HFSelfAttention):
+    """The same attention through F.scaled_dot_product_attention (HF's default "sdpa" path)."""
+
+    def forward(self, hidden, attention_mask=None):
+        q, k, v = (self.split(f(hidden)) for f in (self.query, self.key, self.value))
+        ctx = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        ctx = ctx.permute(0, 2, 1, 3).contiguous()
+        return (ctx.reshape(*ctx.shape[:-2], self.all_head_size),)
+
+
+def hf_layer_sdpa(**kw):
+    model = HFLayer(**kw)
+    old = model.attention.self
+    new = SDPAttention(old.query.in_features, old.num_attention_heads)
+    new.load_state_dict(old.state_dict())
+    model.attention.self = new
+    return model

@@ -9,7 +9,7 @@ import prunelab as pl
 from prunelab import surgery as S
 
 from surgery_models import (ConvBNFlat, Concat, Depthwise, EncoderClassifier, Grouped, HFLayer,
-                            ResNetish, init, mlp)
+                            ResNetish, hf_layer_sdpa, init, mlp)
 
 
 def _x(shape, dtype=torch.float32, seed=0):
@@ -58,7 +58,11 @@ CASES = {
         lambda: HFLayer().eval(), lambda dt: _ids(),
         {"attention.self": [0, 2], "intermediate": [1, 2]}, False,
         # 2 of 4 heads: 8 rows (+ bias) of query, key, value; 8 columns of the output dense
-        sum(p.numel() for p in HFLayer().parameters()) - 3 * 8 * (16 + 1) - 8 * 16 - 2 * (16 + 1) - 2 * 16),
+        sum(p.numel() for p in HFLayer().parameters()) - 3 * 8 * (16 + 1) - 8 * 16
+        - 2 * (16 + 1) - 2 * 16),
+    "hf-attention-sdpa": (
+        lambda: hf_layer_sdpa().eval(), lambda dt: _ids(), {"attention.self": [3]}, False,
+        sum(p.numel() for p in HFLayer().parameters()) - 3 * 4 * (16 + 1) - 4 * 16),
 }
 
 
@@ -181,18 +185,21 @@ def test_hf_attention_heads_bookkeeping_and_partial_heads():
 def test_bert_from_config():
     transformers = pytest.importorskip(
         "transformers", reason="transformers is not installed: the tiny BertModel test is skipped")
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=24,
-                                  attn_implementation="eager")
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
-    x = {"input_ids": torch.randint(0, 50, (2, 7))}
-    sel = {"encoder.layer.0.attention.self": [1], "encoder.layer.1.intermediate.dense": [0, 3]}
-    res = S.remove(model, sel, x)
-    ref = S.masked(model, sel, x)
-    with torch.no_grad():
-        torch.testing.assert_close(res.model(**x).last_hidden_state,
-                                   ref(**x).last_hidden_state, atol=1e-5, rtol=0)
+    for attn in ("eager", "sdpa"):
+        cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=24,
+                                      attn_implementation=attn)
+        torch.manual_seed(0)
+        model = transformers.BertModel(cfg).eval()
+        x = {"input_ids": torch.randint(0, 50, (2, 7)),
+             "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2])}
+        sel = {"encoder.layer.0.attention.self": [1], "encoder.layer.1.intermediate.dense": [0, 3]}
+        res = S.remove(model, sel, x)
+        ref = S.masked(model, sel, x)
+        assert res.params_after == res.params_before - 3 * 4 * 17 - 4 * 16 - 2 * 17 - 2 * 16
+        with torch.no_grad():
+            torch.testing.assert_close(res.model(**x).last_hidden_state,
+                                       ref(**x).last_hidden_state, atol=1e-5, rtol=0)
 
 
 def test_mean_replacement_folds_means_into_consumer_biases():
