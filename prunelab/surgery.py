@@ -19,7 +19,8 @@ How the dependencies are found (:func:`dependencies`)
     each input's labels at their offsets; flatten into a Linear gives each channel its block of
     columns; BatchNorm carries labels through and has its entries sliced; a depthwise conv ties its
     output channel to its input channel; a matrix product ties the labels of its contracted
-    dimension (query and key units of one attention head). Anything that mixes channels —
+    dimension (query and key units of one attention head, also inside
+    ``scaled_dot_product_attention``). Anything that mixes channels —
     LayerNorm over them, softmax over them, an unknown operation, the model output, a model input
     added to a channel — *blocks* the labels it sees: a selection touching a blocked group raises
     ``ValueError`` naming the layer and the reason.
@@ -590,9 +591,13 @@ def _trace(dg: DependencyGraph, model: nn.Module, example) -> None:
             _record(dg, dg.norms, name, ch)
             tracer.put(output, lab)
         elif isinstance(mod, nn.LayerNorm):
-            dg.block(lab, f"LayerNorm {name!r} normalises over these channels: removing some "
-                     "would change its mean and variance")
-            tracer.put(output, tracer.full(output, FIXED))
+            flat = lab.flatten(-len(mod.normalized_shape))
+            if torch.equal(flat, flat[..., :1].expand(flat.shape)):
+                tracer.put(output, lab)  # channels outside the normalised dims pass through
+            else:
+                dg.block(lab, f"LayerNorm {name!r} normalises over these channels: removing "
+                         "some would change its mean and variance")
+                tracer.put(output, tracer.full(output, FIXED))
         elif isinstance(mod, nn.MultiheadAttention):
             for a in ins:
                 if a is not None:

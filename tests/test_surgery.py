@@ -386,3 +386,23 @@ def test_unfollowable_ops_block_only_their_channels():
         S.remove(model, {"a": [0]}, x)
     res = S.remove(model, {"c": [1, 3]}, x)               # the other branch is still removable
     assert res.model.d.in_features == 3
+
+
+class _RowNorm(nn.Module):
+    """LayerNorm over the width of a conv map: it does not mix channels, so they stay removable."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.mix = nn.Conv2d(6, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.mix(torch.relu(self.norm(self.conv(x)))).mean((2, 3)))
+
+
+def test_layernorm_blocks_only_the_channels_it_normalises():
+    x = _x((2, 3, 8, 8))
+    res = S.remove(_RowNorm(), {"conv": [0, 5]}, x)
+    assert res.model.mix.in_channels == 4 and res.max_diff <= 1e-5
