@@ -207,6 +207,12 @@ def bench_import(args):
     return [row("import prunelab (s, absolute)", "-", t["prunelab"] - t["python"], 1.0, 1.5)]
 
 
+def bench_surgery(args):
+    from benchmarks import bench_surgery as surgery
+
+    return surgery.run(args, round_robin=round_robin, row=row)
+
+
 def row(name, arch, value, baseline, budget, higher_is_better=False):
     ratio = value / baseline
     ok = ratio >= budget if higher_is_better else ratio <= budget
@@ -216,7 +222,7 @@ def row(name, arch, value, baseline, budget, higher_is_better=False):
 
 BENCHES = {"lap": bench_lap_vs_mp, "mask": bench_global_mask, "ggn": bench_ggn,
            "slider": bench_slider, "explorer": bench_explorer, "stages": bench_stages,
-           "masked_step": bench_masked_step, "import": bench_import}
+           "masked_step": bench_masked_step, "import": bench_import, "surgery": bench_surgery}
 
 
 def main(argv=None) -> int:
