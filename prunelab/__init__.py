@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 _SUBMODULES = (
     "paths", "store", "executors", "batches", "data", "models", "train", "metrics", "zoo", "graph",
     "selection", "criteria", "masks", "config", "pruning", "units", "structured", "connectivity",
-    "collapse", "lottery", "at_init", "compression", "experiments", "views", "plots", "figures",
-    "widgets",
+    "landscape", "collapse", "lottery", "at_init", "compression", "experiments", "views", "plots",
+    "figures", "widgets",
 )
 _FUNCTIONS = {"score": ("criteria", "score"), "prune": ("pruning", "prune")}
 

@@ -16,6 +16,7 @@ Tanaka, Frankle, Garipov), all in the one style; splitting them by paper would s
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import pandas as pd
 from prunelab import paths
 from prunelab import views as V
 
-__all__ = ["style", "current_style", "new_axes", "save", "DPI", "accuracy_vs_density",
+__all__ = ["style", "current_style", "new_axes", "save", "is_fast", "DPI", "accuracy_vs_density",
            "delta_loss_vs_lambda", "stage_trajectories", "delta_loss_scatter",
            "performance_profile", "penalty_scatter", "penalty_over_training",
            "selection_consistency", "activation_histogram", "loss_plane", "instability",
@@ -530,19 +531,47 @@ def instability(barriers: pd.DataFrame, *, x: str = "k", y: str = "barrier",
     return ax
 
 
+def is_fast() -> bool:
+    """True when the environment asks for the small FAST setting (``PRUNELAB_FAST`` set to
+    anything but ``""``/``"0"``), as the notebooks' papermill parameter does."""
+    return os.environ.get("PRUNELAB_FAST", "0").strip() not in ("", "0")
+
+
 def save(fig_or_ax, name: str, *, folder: str | Path | None = None,
-         formats: Sequence[str] = ("pdf", "png"), dpi: int = DPI) -> list[Path]:
+         formats: Sequence[str] = ("pdf", "png"), dpi: int = DPI, final: bool | None = None,
+         scratch: str | Path | None = None) -> list[Path]:
     """Write a matplotlib figure (or an Axes' figure) as ``figures/NAME.{pdf,png}``: PNG at
     ``dpi`` (300), PDF with embedded TrueType fonts (``pdf.fonttype`` 42), no timestamps.
+
+    Only a complete, full-setting run writes ``figures/`` (or ``folder``): a FAST or partial
+    (interrupted) run is not final, and its figure goes to the scratch folder instead
+    (``scratch``, default :data:`prunelab.paths.SCRATCH_FIGURES`, ``build/scratch_figures/``),
+    with one line on stdout saying where and why, so the paper's figures are never overwritten
+    by a demo.
+
+    Args:
+        final: True for a complete run at full settings; False for a FAST or partial one;
+            None (default): final unless ``PRUNELAB_FAST`` is set (:func:`is_fast`). With
+            ``PRUNELAB_FAST`` set a figure is never final, whatever ``final`` says.
 
     Returns:
         The paths written.
     """
+    if final not in (None, True, False):
+        raise ValueError(f"final must be True, False or None (decided by PRUNELAB_FAST), got "
+                         f"{final!r}")
     plt = _plt()
     import matplotlib
 
     fig = getattr(fig_or_ax, "figure", fig_or_ax)
     out_dir = Path(folder) if folder is not None else paths.FIGURES
+    fast = is_fast()
+    if fast or final is False:
+        why = "PRUNELAB_FAST is set" if fast else "final=False (a FAST or partial run)"
+        target = Path(scratch) if scratch is not None else paths.SCRATCH_FIGURES
+        print(f"figures.save: {name} is not a final figure ({why}): written to {target}, "
+              f"not {out_dir}", flush=True)
+        out_dir = target
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     meta = {"pdf": {"CreationDate": None, "ModDate": None}, "png": {"Software": None},

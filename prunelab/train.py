@@ -170,17 +170,35 @@ class FitResult:
     extra: dict = field(default_factory=dict)
 
 
+ON_INTERRUPT = ("raise", "return")
+
+
+def check_on_interrupt(on_interrupt) -> None:
+    """Refuse an ``on_interrupt`` other than ``"raise"`` or ``"return"``."""
+    if on_interrupt not in ON_INTERRUPT:
+        raise ValueError(f"on_interrupt must be one of {list(ON_INTERRUPT)}, got {on_interrupt!r}")
+
+
+def _keep_best(model: nn.Module, best_state) -> bool:
+    """Load the early-stopping best weights into ``model``; False when there are none."""
+    if best_state is None:
+        return False
+    model.load_state_dict(best_state)
+    return True
+
+
 def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
         progress: bool = True, step_callback: Callable[[nn.Module, int], None] | None = None,
         desc: str = "train",
         regularizer: Callable[[nn.Module], Tensor] | None = None, loss="cross_entropy",
-        output=None) -> FitResult:
+        output=None, on_interrupt: str = "raise") -> FitResult:
     """Train ``model`` in place with ``recipe``; one history row per epoch.
 
     Deterministic on the CPU for a given ``seed``: the shuffling order comes from a generator
     seeded with it, and the global RNG is not touched. A Jupyter Interrupt (KeyboardInterrupt)
     stops training cleanly: the weights reached so far (or the best ones, with early stopping)
-    stay in the model and ``interrupted`` is set.
+    stay in the model (in eval mode), then the interrupt propagates to the caller, unless
+    ``on_interrupt="return"``, which returns the :class:`FitResult` with ``interrupted`` set.
 
     Args:
         model: the network; trained in place (copy it first to keep the original).
@@ -197,6 +215,8 @@ def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
             the forward pass. The recipe's ``weight_decay`` still acts in the optimiser.
         loss, output: the loss (``"cross_entropy"``, ``"mse"`` or a callable) and output rule
             (:mod:`prunelab.batches`).
+        on_interrupt: ``"raise"`` (default: re-raise KeyboardInterrupt after the clean-up) or
+            ``"return"`` (return what was reached, ``interrupted=True``).
 
     Returns:
         :class:`FitResult` with columns epoch, step, lr, train_loss, train_accuracy, val_loss,
@@ -205,6 +225,7 @@ def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
         ``train_regularizer`` (its mean over the epoch's steps) follows ``train_accuracy``.
         Without one, training and history are exactly as before the option existed.
     """
+    check_on_interrupt(on_interrupt)
     obj = B.objective(loss, output)
     x, y = _tensors(train, "train")
     n = len(y)
@@ -287,12 +308,13 @@ def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
                 break
     except KeyboardInterrupt:
         interrupted = True
+        if on_interrupt == "raise":
+            _keep_best(model, best_state)
+            raise
     finally:
         bar.close()
         model.eval()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    else:
+    if not _keep_best(model, best_state):
         best_epoch = rows[-1]["epoch"] if rows else 0
     return FitResult(model, pd.DataFrame(rows), best_epoch, stopped_early, interrupted)
 

@@ -288,3 +288,52 @@ def test_save_writes_300_dpi_png_and_pdf_with_truetype_fonts(tmp_path):
     data = pdf.read_bytes()
     assert b"/FontFile2" in data                     # TrueType font program embedded
     assert b"/Type3" not in data
+
+
+@pytest.mark.parametrize("env,final,where", [
+    (None, None, "figures"), (None, True, "figures"), (None, False, "scratch"),
+    ("1", None, "scratch"), ("1", True, "scratch"), ("0", None, "figures"),
+])
+def test_only_final_full_setting_figures_reach_the_figures_folder(tmp_path, monkeypatch, capsys,
+                                                                   env, final, where):
+    if env is None:
+        monkeypatch.delenv("PRUNELAB_FAST", raising=False)
+    else:
+        monkeypatch.setenv("PRUNELAB_FAST", env)
+    monkeypatch.setattr(figures.paths, "FIGURES", tmp_path / "figures")
+    monkeypatch.setattr(figures.paths, "SCRATCH_FIGURES", tmp_path / "scratch")
+    written = figures.save(figures.instability(pd.DataFrame({"k": [0, 5], "barrier": [0.2, 0.1]})),
+                           "fig", final=final)
+    assert [p.parent for p in written] == [tmp_path / where] * 2
+    assert all(p.exists() for p in written)
+    assert not (tmp_path / ("scratch" if where == "figures" else "figures")).exists()
+    said = capsys.readouterr().out
+    if where == "scratch":
+        assert said.count("\n") == 1 and "not a final figure" in said and str(tmp_path / "scratch") in said
+        assert ("PRUNELAB_FAST" in said) == (env == "1")
+    else:
+        assert said == ""
+
+
+def test_scratch_folder_argument_and_bad_final(tmp_path, monkeypatch):
+    monkeypatch.delenv("PRUNELAB_FAST", raising=False)
+    ax = figures.instability(pd.DataFrame({"k": [0, 5], "barrier": [0.2, 0.1]}))
+    written = figures.save(ax, "f", folder=tmp_path / "paper", scratch=tmp_path / "tmp",
+                           final=False, formats=("png",))
+    assert written == [tmp_path / "tmp" / "f.png"] and not (tmp_path / "paper").exists()
+    with pytest.raises(ValueError, match="final must be.*'yes'"):
+        figures.save(ax, "f", folder=tmp_path, final="yes")
+
+
+def test_scratch_path_follows_the_environment(tmp_path):
+    import subprocess
+    import sys
+    code = "import prunelab.paths as p; print(p.SCRATCH_FIGURES)"
+    env = {**__import__("os").environ, "PRUNELAB_SCRATCH_FIGURES": str(tmp_path / "s")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == str(tmp_path / "s")
+    env.pop("PRUNELAB_SCRATCH_FIGURES")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out.endswith("build/scratch_figures")

@@ -15,7 +15,8 @@ PKG = Path(__file__).resolve().parent.parent / "prunelab"
 LAYERS = [
     {"paths", "_parametrize", "store", "executors"}, {"batches"}, {"data"}, {"models"}, {"train"},
     {"metrics"}, {"zoo"}, {"graph"}, {"selection"}, {"criteria"}, {"masks"}, {"config"},
-    {"pruning"}, {"units", "connectivity", "collapse", "lottery", "at_init", "compression"},
+    {"pruning"}, {"units", "connectivity", "landscape", "collapse", "lottery", "at_init",
+     "compression"},
     {"structured"}, {"experiments"}, {"views"}, {"plots"}, {"figures"}, {"widgets"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}

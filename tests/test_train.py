@@ -127,3 +127,33 @@ def test_train_loss_stays_the_data_loss_with_a_regularizer(data):
     assert rb.history.train_regularizer.tolist() == [100.0, 100.0]
     with pytest.raises(ValueError, match="scalar tensor"):
         fit(model(), data, recipe=rec, progress=False, regularizer=lambda m: torch.ones(2))
+
+
+def _interrupt_at(step_no):
+    def step_callback(model, step):
+        if step == step_no:
+            raise KeyboardInterrupt  # Jupyter's Interrupt after this optimiser step
+    return step_callback
+
+
+def test_interrupt_propagates_and_keeps_the_weights_reached(data):
+    rec = Recipe(optimizer="sgd", lr=0.05, epochs=3, batch_size=32)
+    m = model()
+    with pytest.raises(KeyboardInterrupt):
+        fit(m, data, recipe=rec, seed=3, progress=False, step_callback=_interrupt_at(4))
+    assert not m.training  # cleaned up: eval mode
+    ref = model()  # the same 4 steps, run to the end of max_steps=4
+    fit(ref, data, recipe=Recipe(optimizer="sgd", lr=0.05, epochs=3, batch_size=32, max_steps=4),
+        seed=3, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(m.state_dict().values(),
+                                                 ref.state_dict().values()))
+
+
+def test_interrupt_returns_with_on_interrupt_return(data):
+    rec = Recipe(optimizer="sgd", lr=0.05, epochs=3, batch_size=32)
+    m = model()
+    res = fit(m, data, recipe=rec, val=data, seed=3, progress=False, step_callback=_interrupt_at(20),
+              on_interrupt="return")
+    assert res.interrupted and res.model is m and len(res.history) == 1  # epoch 1 had 10 steps
+    with pytest.raises(ValueError, match="on_interrupt.*'ignore'"):
+        fit(model(), data, recipe=rec, progress=False, on_interrupt="ignore")
