@@ -33,6 +33,11 @@ __all__ = ["style", "current_style", "new_axes", "save", "is_fast", "DPI", "accu
            "collapse_curves", "layer_density_heatmap", "layer_density", "interpolation",
            "loss_landscape"]
 
+
+def __dir__():
+    return sorted(__all__)
+
+
 #: Resolution of saved raster files (PNG).
 DPI = 300
 # pdf/ps.fonttype 42: TrueType fonts embedded (journals refuse Type 3); svg text kept as text.

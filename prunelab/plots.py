@@ -26,6 +26,11 @@ __all__ = ["CONFIG_COLUMNS", "hover_columns", "lambda_positions", "collapse_poin
            "selection_consistency", "activation_histogram", "loss_plane", "instability",
            "loss_landscape"]
 
+
+def __dir__():
+    return sorted(__all__)
+
+
 _label = V.axis_label
 _require = V.require_columns
 _fmt = V.fmt

@@ -21,10 +21,18 @@ from torch import nn
 from prunelab import criteria as C
 from prunelab import graph as G
 from prunelab import masks as M
+from prunelab import results as R
 from prunelab import selection as S
 from prunelab.config import PruneConfig
 from prunelab.metrics import loss as metrics_loss
 from prunelab.train import FitResult, Recipe, check_on_interrupt, fit
+
+__all__ = ["prune", "prune_with", "PruneResult", "SCHEDULES"]
+
+
+def __dir__():
+    return sorted(__all__)
+
 
 SCHEDULES = S.SCHEDULES
 
@@ -52,6 +60,29 @@ class PruneResult:
     finetune: FitResult | None = None
     interrupted: bool = False
     extra: dict = field(default_factory=dict)
+
+    def _fields(self) -> dict:
+        c, h = self.config, self.history
+        reached = M.sparsity(self.masks) if self.masks else 0.0
+        target = c.get("sparsity")
+        out = {"criterion": c.get("criterion"),
+               "sparsity": R.text(R.fmt(reached) + (f" (target {R.fmt(target)})"
+                                                    if target is not None else "")),
+               "stages": R.text(f"{len(h)}/{c.get('stages')}")}
+        loss0 = self.extra.get("loss0", math.nan)
+        last = float(h["loss"].iloc[-1]) if len(h) else math.nan
+        if not (math.isnan(loss0) and math.isnan(last)):
+            out["loss"] = R.text(f"{R.fmt(loss0)} → {R.fmt(last)}")
+        if self.finetune is not None:
+            out["finetune"] = R.text(f"{len(self.finetune.history)} epochs")
+        out["interrupted"] = self.interrupted
+        return out
+
+    def __repr__(self) -> str:
+        return R.short_repr("PruneResult", self._fields())
+
+    def _repr_html_(self) -> str:
+        return R.html_summary("PruneResult", self._fields(), self.history, "history (per stage)")
 
 
 def _layer_targets(layer_sparsity: dict[str, float], stages: int, kind: str,

@@ -21,6 +21,16 @@ import torch
 from torch import Tensor, nn
 
 from prunelab import batches as B
+from prunelab import results as R
+from prunelab.results import Summary
+
+__all__ = ["Recipe", "OPTIMIZERS", "Batch", "evaluate", "make_optimizer", "FitResult", "fit",
+           "finetune", "ON_INTERRUPT", "check_on_interrupt"]
+
+
+def __dir__():
+    return sorted(__all__)
+
 
 Batch = tuple[Tensor, Tensor]
 
@@ -122,7 +132,8 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 1000, loss="cross_entr
         output: optional ``model output -> tensor``.
 
     Returns:
-        ``{"loss": float, "accuracy": float, "error": float, "n": int}``; accuracy and error are
+        ``{"loss": float, "accuracy": float, "error": float, "n": int}`` as a
+        :class:`prunelab.results.Summary` (a dict that renders in Jupyter); accuracy and error are
         NaN for a loss that does not classify. Per-token cross-entropy averages over the tokens
         that are not ignored and counts accuracy per token.
     """
@@ -140,7 +151,8 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 1000, loss="cross_entr
             correct += hit
             counted += cnt
     acc = correct / counted if counted else math.nan
-    return {"loss": total / max(units, 1), "accuracy": acc, "error": 1.0 - acc, "n": len(y)}
+    return Summary({"loss": total / max(units, 1), "accuracy": acc, "error": 1.0 - acc,
+                    "n": len(y)}, title="Evaluation")
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -168,6 +180,25 @@ class FitResult:
     stopped_early: bool = False
     interrupted: bool = False
     extra: dict = field(default_factory=dict)
+
+    def _fields(self) -> dict:
+        h = self.history
+        out = {"epochs": len(h), "steps": int(h["step"].iloc[-1]) if len(h) else 0}
+        if len(h):
+            out["train_loss"] = R.text(f"{R.fmt(h['train_loss'].iloc[0])} → "
+                                       f"{R.fmt(h['train_loss'].iloc[-1])}")
+            if "val_accuracy" in h:
+                best = h.loc[h["epoch"] == self.best_epoch, "val_accuracy"]
+                out["val_accuracy"] = float(best.iloc[0] if len(best) else h["val_accuracy"].iloc[-1])
+        out.update(best_epoch=self.best_epoch, stopped_early=self.stopped_early,
+                   interrupted=self.interrupted)
+        return out
+
+    def __repr__(self) -> str:
+        return R.short_repr("FitResult", self._fields())
+
+    def _repr_html_(self) -> str:
+        return R.html_summary("FitResult", self._fields(), self.history, "history (per epoch)")
 
 
 ON_INTERRUPT = ("raise", "return")

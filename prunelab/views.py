@@ -31,6 +31,10 @@ __all__ = ["CONFIG_COLUMNS", "require_columns", "Style", "STYLES", "FALLBACK_COL
            "profile_kind", "histogram_edges", "LandscapeView", "landscape_view"]
 
 
+def __dir__():
+    return sorted(__all__)
+
+
 # ============================================================================ style
 @dataclass(frozen=True)
 class Style:

@@ -13,14 +13,14 @@ PKG = Path(__file__).resolve().parent.parent / "prunelab"
 #            < figures < widgets
 # (views prepares the frames and the style once; plots and figures only draw them)
 LAYERS = [
-    {"paths", "_parametrize", "store", "executors"}, {"batches"}, {"data"}, {"models"}, {"train"},
+    {"paths", "_parametrize", "store", "executors", "results"}, {"batches"}, {"data"}, {"models"}, {"train"},
     {"metrics"}, {"zoo"}, {"graph"}, {"selection"}, {"criteria"}, {"masks"}, {"config"},
     {"pruning"}, {"units", "connectivity", "landscape", "collapse", "lottery", "at_init",
      "compression"},
     {"structured"}, {"experiments"}, {"views"}, {"plots"}, {"figures"}, {"widgets"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
-TORCH_FREE = {"paths", "store", "executors", "views", "plots", "figures"}
+TORCH_FREE = {"paths", "store", "executors", "results", "views", "plots", "figures"}
 
 
 def module_files():

@@ -243,3 +243,17 @@ def test_interrupt_during_stage_finetuning_stops_pruning(data, monkeypatch):
     r = pl.prune(tiny(), "mp", sparsity=0.8, stages=3, batch=data, finetune=recipe,
                  train_data=data, finetune_stages=True, on_interrupt="return")
     assert r.interrupted and len(r.history) == 0 and len(calls) == 2 and T.fit is real_fit
+
+
+def test_prune_result_has_a_short_repr_and_an_html_history(data):
+    r = pl.prune(tiny(), "lm", sparsity=0.9, stages=4, batch=data)
+    text = repr(r)
+    assert len(text) < 200, text
+    loss0, last = r.extra["loss0"], r.history["loss"].iloc[-1]
+    assert text == (f"PruneResult(criterion='lm', sparsity={M.sparsity(r.masks):.4g} (target 0.9), "
+                    f"stages=4/4, loss={loss0:.4g} → {last:.4g}, interrupted=False)")
+    html = r._repr_html_()
+    assert "PruneResult" in html and "history (per stage)" in html
+    assert html.count("<tr>") == 5 + 4  # summary rows, one history row a stage
+    stopped = pl.prune(tiny(), "mp", sparsity=0.9, stages=10, callback=lambda row: True)
+    assert repr(stopped).endswith("stages=1/10, interrupted=True)")

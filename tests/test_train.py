@@ -157,3 +157,36 @@ def test_interrupt_returns_with_on_interrupt_return(data):
     assert res.interrupted and res.model is m and len(res.history) == 1  # epoch 1 had 10 steps
     with pytest.raises(ValueError, match="on_interrupt.*'ignore'"):
         fit(model(), data, recipe=rec, progress=False, on_interrupt="ignore")
+
+
+def test_evaluate_returns_a_dict_that_renders(data):
+    import json
+    import pickle
+
+    from prunelab.results import Summary
+
+    m = model()
+    ev = evaluate(m, data)
+    assert isinstance(ev, dict) and isinstance(ev, Summary)
+    plain = dict(ev)
+    assert ev == plain and set(plain) == {"loss", "accuracy", "error", "n"}
+    assert ev["error"] == pytest.approx(1 - ev["accuracy"]) and ev["n"] == 300
+    assert repr(ev) == (f"Evaluation(loss={ev['loss']:.4g}, accuracy={ev['accuracy']:.4g}, "
+                        f"error={ev['error']:.4g}, n=300)")
+    html = ev._repr_html_()
+    assert html.count("<tr>") == 4 and "Evaluation" in html
+    assert json.loads(json.dumps(ev)) == plain
+    again = pickle.loads(pickle.dumps(ev))
+    assert again == ev and repr(again) == repr(ev)
+
+
+def test_fit_result_has_a_short_repr_and_an_html_history(data):
+    res = fit(model(), data, recipe=Recipe(lr=1e-2, epochs=3, batch_size=100), val=data,
+              progress=False)
+    text = repr(res)
+    h = res.history
+    assert text.startswith("FitResult(epochs=3, steps=9, train_loss=") and len(text) < 200
+    assert f"{h.train_loss.iloc[0]:.4g} → {h.train_loss.iloc[-1]:.4g}" in text
+    assert "interrupted=False" in text and "stopped_early=False" in text
+    html = res._repr_html_()
+    assert "history (per epoch)" in html and html.count("<tr>") == 7 + 3  # summary rows, one history row an epoch
