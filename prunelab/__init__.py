@@ -11,10 +11,10 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "paths", "store", "executors", "results", "batches", "data", "models", "train", "metrics", "zoo", "graph",
-    "selection", "criteria", "masks", "config", "pruning", "units", "structured", "connectivity",
-    "landscape", "collapse", "lottery", "at_init", "compression", "experiments", "views", "plots",
-    "figures", "widgets",
+    "paths", "store", "executors", "results", "batches", "data", "models", "train", "metrics", "zoo",
+    "graph", "selection", "criteria", "masks", "config", "pruning", "units", "structured",
+    "connectivity", "landscape", "collapse", "lottery", "at_init", "compression", "experiments",
+    "views", "plots", "figures", "widgets",
 )
 _FUNCTIONS = {"score": ("criteria", "score"), "prune": ("pruning", "prune")}
 

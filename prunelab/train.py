@@ -189,7 +189,8 @@ class FitResult:
                                        f"{R.fmt(h['train_loss'].iloc[-1])}")
             if "val_accuracy" in h:
                 best = h.loc[h["epoch"] == self.best_epoch, "val_accuracy"]
-                out["val_accuracy"] = float(best.iloc[0] if len(best) else h["val_accuracy"].iloc[-1])
+                out["val_accuracy"] = float(best.iloc[0] if len(best)
+                                            else h["val_accuracy"].iloc[-1])
         out.update(best_epoch=self.best_epoch, stopped_early=self.stopped_early,
                    interrupted=self.interrupted)
         return out

@@ -8,13 +8,13 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "prunelab"
 
-# DESIGN.md: data < models < train < metrics < zoo < graph < selection < criteria < masks < config
-#            < prune < units, connectivity, collapse, lottery < experiments < views < plots
-#            < figures < widgets
+# DESIGN.md: paths, store, executors, results < batches < data < models < train < metrics < zoo
+#            < graph < selection < criteria < masks < config < prune < units, connectivity,
+#            landscape, collapse, lottery < experiments < views < plots < figures < widgets
 # (views prepares the frames and the style once; plots and figures only draw them)
 LAYERS = [
-    {"paths", "_parametrize", "store", "executors", "results"}, {"batches"}, {"data"}, {"models"}, {"train"},
-    {"metrics"}, {"zoo"}, {"graph"}, {"selection"}, {"criteria"}, {"masks"}, {"config"},
+    {"paths", "_parametrize", "store", "executors", "results"}, {"batches"}, {"data"}, {"models"},
+    {"train"}, {"metrics"}, {"zoo"}, {"graph"}, {"selection"}, {"criteria"}, {"masks"}, {"config"},
     {"pruning"}, {"units", "connectivity", "landscape", "collapse", "lottery", "at_init",
      "compression"},
     {"structured"}, {"experiments"}, {"views"}, {"plots"}, {"figures"}, {"widgets"},

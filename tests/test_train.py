@@ -152,8 +152,8 @@ def test_interrupt_propagates_and_keeps_the_weights_reached(data):
 def test_interrupt_returns_with_on_interrupt_return(data):
     rec = Recipe(optimizer="sgd", lr=0.05, epochs=3, batch_size=32)
     m = model()
-    res = fit(m, data, recipe=rec, val=data, seed=3, progress=False, step_callback=_interrupt_at(20),
-              on_interrupt="return")
+    res = fit(m, data, recipe=rec, val=data, seed=3, progress=False,
+              step_callback=_interrupt_at(20), on_interrupt="return")
     assert res.interrupted and res.model is m and len(res.history) == 1  # epoch 1 had 10 steps
     with pytest.raises(ValueError, match="on_interrupt.*'ignore'"):
         fit(model(), data, recipe=rec, progress=False, on_interrupt="ignore")
@@ -189,4 +189,5 @@ def test_fit_result_has_a_short_repr_and_an_html_history(data):
     assert f"{h.train_loss.iloc[0]:.4g} → {h.train_loss.iloc[-1]:.4g}" in text
     assert "interrupted=False" in text and "stopped_early=False" in text
     html = res._repr_html_()
-    assert "history (per epoch)" in html and html.count("<tr>") == 7 + 3  # summary rows, one history row an epoch
+    # summary rows, then one history row an epoch
+    assert "history (per epoch)" in html and html.count("<tr>") == 7 + 3
