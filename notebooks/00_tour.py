@@ -48,7 +48,8 @@ frame = pl.experiments.accuracy_curve(model, bundle, criteria=criteria, sparsiti
 frame[["criterion", "sparsity", "density", "accuracy", "loss"]].round(4)
 
 # %%
-fig = pl.plots.accuracy_vs_density(frame, title="MLP on MNIST-1D, one-shot pruning, no fine-tuning")
+fig = pl.plots.accuracy_vs_density(frame, chance=1 / bundle.num_classes,
+                                   title="MLP on MNIST-1D, one-shot pruning, no fine-tuning")
 fig
 
 # %% [markdown]
@@ -60,7 +61,8 @@ pl.masks.density(result.masks)
 
 # %%
 # Static copy for papers and slides: figures/00_tour_accuracy_vs_density.{pdf,png}
-pl.figures.save(pl.figures.accuracy_vs_density(frame), "00_tour_accuracy_vs_density")
+pl.figures.save(pl.figures.accuracy_vs_density(frame, chance=1 / bundle.num_classes),
+                "00_tour_accuracy_vs_density", final=not FAST)
 
 # %% [markdown]
 # ## Next

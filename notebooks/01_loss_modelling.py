@@ -21,12 +21,11 @@
 # LM g·θ (Eq. 6), with G the exact Gauss-Newton diagonal; MP (|θ|) is the baseline. The models are
 # local, so the paper prunes in π stages and penalises large steps with λ/2·θ².
 #
-# 1. **The explorer**: sliders for sparsity, λ, π and the criterion on the pretrained MLP.
-# 2. **A sweep** over criteria × π × λ × seeds, each run fine-tuned with the original recipe,
-#    stored in SQLite (re-running skips finished runs).
-# 3. **The paper's figures**: ΔL vs λ per π (Fig. 1), ΔL and ‖Δθ‖ per stage (Fig. 2), ΔL vs the
-#    validation-error gap after fine-tuning with Spearman's ρ (Fig. 3), and accuracy vs fraction of
-#    weights remaining (LAP paper Fig. 3).
+# 1. **A sweep** over criteria × π × λ × seeds, each run fine-tuned with the original recipe,
+#    stored in SQLite (re-running skips finished runs), and **the paper's figures**: ΔL vs λ per
+#    π (Fig. 1), ΔL and ‖Δθ‖ per stage (Fig. 2), ΔL vs the validation-error gap after fine-tuning
+#    with Spearman's ρ (Fig. 3), and accuracy vs fraction of weights remaining (LAP paper Fig. 3).
+# 2. **The explorer**: sliders for sparsity, λ, π and the criterion on the pretrained MLP.
 
 # %% tags=["parameters"]
 import os
@@ -51,17 +50,7 @@ model, bundle = pl.zoo.load("mlp", "mnist1d", seed=0)
 pl.train.evaluate(model, bundle.val)
 
 # %% [markdown]
-# ## 1. The explorer
-#
-# Move the fraction of weights remaining: for a one-shot criterion the scores are cached, so each
-# move only thresholds and evaluates. For π > 1 press *Run* (and *Cancel* to stop between stages).
-
-# %%
-explorer = pl.widgets.PruningExplorer(model, bundle)
-explorer
-
-# %% [markdown]
-# ## 2. The sweep
+# ## 1. The sweep
 #
 # Every run loads the pretrained model of its seed, prunes it to the target sparsity with its
 # criterion, π and λ (global, exponential schedule, 1,000 training examples for the criteria),
@@ -132,8 +121,24 @@ pl.plots.accuracy_vs_density(curves, title="MLP on MNIST-1D, one-shot, no fine-t
 
 # %%
 # Static figures for papers: figures/01_*.{pdf,png}
-pl.figures.save(pl.figures.delta_loss_vs_lambda(frame), "01_fig1_delta_loss_vs_lambda")
-pl.figures.save(pl.figures.stage_trajectories(history, hue="schedule"), "01_fig2_stage_trajectories")
+pl.figures.save(pl.figures.delta_loss_vs_lambda(frame), "01_fig1_delta_loss_vs_lambda",
+                final=not FAST)
+pl.figures.save(pl.figures.stage_trajectories(history, hue="schedule"),
+                "01_fig2_stage_trajectories", final=not FAST)
 pl.figures.save(pl.figures.delta_loss_scatter(frame, x="delta_loss", y="val_error_gap_ft"),
-                "01_fig3_delta_loss_vs_finetuned")
-pl.figures.save(pl.figures.accuracy_vs_density(curves), "01_accuracy_vs_density")
+                "01_fig3_delta_loss_vs_finetuned", final=not FAST)
+pl.figures.save(pl.figures.accuracy_vs_density(curves, chance=1 / bundle.num_classes),
+                "01_accuracy_vs_density", final=not FAST)
+
+# %% [markdown]
+# ## 2. The explorer
+#
+# (Placed after the sweep: a cell runs only when the one before it is done, so an explorer
+# above a 25-minute sweep would sit frozen through Run All.)
+#
+# Move the fraction of weights remaining: for a one-shot criterion the scores are cached, so each
+# move only thresholds and evaluates. For π > 1 press *Run* (and *Cancel* to stop between stages).
+
+# %%
+explorer = pl.widgets.PruningExplorer(model, bundle)
+explorer

@@ -259,10 +259,10 @@ pd.DataFrame(rows).set_index("model")[["accuracy", "loss"]].round(3)
 
 # %%
 # Static figures: figures/02_*.{pdf,png}
-pl.figures.save(pl.figures.penalty_over_training(one), "02_penalty_over_training")
-pl.figures.save(pl.figures.penalty_scatter(pairs), "02_bp_scatter")
-pl.figures.save(pl.figures.penalty_scatter(pairs_ft), "02_bp_scatter_finetuned")
-pl.figures.save(pl.figures.performance_profile(profile, pair_prefix="bp_"), "02_performance_profile")
+pl.figures.save(pl.figures.penalty_over_training(one), "02_penalty_over_training", final=not FAST)
+pl.figures.save(pl.figures.penalty_scatter(pairs), "02_bp_scatter", final=not FAST)
+pl.figures.save(pl.figures.penalty_scatter(pairs_ft), "02_bp_scatter_finetuned", final=not FAST)
+pl.figures.save(pl.figures.performance_profile(profile, pair_prefix="bp_"), "02_performance_profile", final=not FAST)
 pl.figures.save(pl.figures.activation_histogram(acts, scores=["rand", "abs_mrs", "mrs"]),
-                "02_selected_activations")
-pl.figures.save(pl.figures.selection_consistency(consistency), "02_selection_consistency")
+                "02_selected_activations", final=not FAST)
+pl.figures.save(pl.figures.selection_consistency(consistency), "02_selection_consistency", final=not FAST)

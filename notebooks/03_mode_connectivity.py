@@ -225,8 +225,8 @@ pl.plots.loss_plane(surface, labels=("a", "b", "φ(½)"),
 
 # %%
 # Static figures: figures/03_*.{pdf,png}
-pl.figures.save(pl.figures.instability(rewound, color="network"), "03_instability_vs_k")
-pl.figures.save(pl.figures.loss_plane(surface, labels=("a", "b", "φ(½)")), "03_loss_plane")
-pl.figures.save(pl.figures.interpolation(paths), "03_segment_vs_bezier_loss")
-pl.figures.save(pl.figures.interpolation(paths, y="error"), "03_segment_vs_bezier_error")
-pl.figures.save(pl.figures.interpolation(sparse.assign(path="pruned")), "03_pruned_interpolation")
+pl.figures.save(pl.figures.instability(rewound, color="network"), "03_instability_vs_k", final=not FAST)
+pl.figures.save(pl.figures.loss_plane(surface, labels=("a", "b", "φ(½)")), "03_loss_plane", final=not FAST)
+pl.figures.save(pl.figures.interpolation(paths), "03_segment_vs_bezier_loss", final=not FAST)
+pl.figures.save(pl.figures.interpolation(paths, y="error"), "03_segment_vs_bezier_error", final=not FAST)
+pl.figures.save(pl.figures.interpolation(sparse.assign(path="pruned")), "03_pruned_interpolation", final=not FAST)

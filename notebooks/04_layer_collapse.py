@@ -124,10 +124,10 @@ pl.collapse.conservation_table(model).round(4)
 
 # %%
 # Static figures: figures/04_*.{pdf,png}
-pl.figures.save(pl.figures.collapse_curves(density), "04_collapse_curves")
+pl.figures.save(pl.figures.collapse_curves(density), "04_collapse_curves", final=not FAST)
 for crit in ("snip", "synflow"):
     pl.figures.save(pl.figures.layer_density_heatmap(density, criterion=crit),
-                    f"04_layer_density_{crit}")
+                    f"04_layer_density_{crit}", final=not FAST)
 
 # %% [markdown]
 # ## Part 2: prune at initialisation, then train
@@ -150,7 +150,7 @@ pl.plots.collapse_curves(after_training, title="MLP on digits, pruned at init th
                          "test accuracy vs compression")
 
 # %%
-pl.figures.save(pl.figures.collapse_curves(after_training), "04_accuracy_vs_compression")
+pl.figures.save(pl.figures.collapse_curves(after_training), "04_accuracy_vs_compression", final=not FAST)
 
 # %% [markdown]
 # ## Part 3: *Missing the mark* ablations
@@ -198,7 +198,7 @@ sns.barplot(data=last, x="criterion", y="test_accuracy", hue="ablation", ax=ax)
 ax.axhline(dense.test_accuracy.mean(), color="black", linestyle="--", linewidth=1)
 ax.set_title(f"{last.sparsity.iloc[0]:.0%} sparse at initialisation, then trained")
 ax.legend(frameon=False, fontsize="small", loc="lower right")
-pl.figures.save(ax, "04_missing_the_mark")
+pl.figures.save(ax, "04_missing_the_mark", final=not FAST)
 
 # %% [markdown]
 # ## Part 4: global vs layerwise, magnitude vs gradient (Blalock et al. 2020)

@@ -152,7 +152,7 @@ pl.plots.delta_loss_scatter(frame, x="delta_loss", y="val_error_gap_ft")
 
 # %%
 pl.figures.save(pl.figures.delta_loss_scatter(frame, x="delta_loss", y="val_error_gap_ft"),
-                "05_rescnn_delta_loss_scatter")
+                "05_rescnn_delta_loss_scatter", final=not FAST)
 
 # %% [markdown]
 # ## The explorer on your model

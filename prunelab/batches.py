@@ -31,6 +31,11 @@ __all__ = ["Objective", "objective", "LOSSES", "TARGET_KEYS", "IGNORE_INDEX", "c
            "output_tensor", "as_batch", "length", "take", "to_model", "model_device_dtype",
            "chunks", "check_inputs", "evaluating", "probe", "map_tensors"]
 
+
+def __dir__():
+    return sorted(__all__)
+
+
 LOSSES = ("cross_entropy", "mse")
 IGNORE_INDEX = -100
 TARGET_KEYS = ("labels", "label", "targets", "target", "y")

@@ -31,6 +31,14 @@ from torch.nn.utils import parametrize
 from prunelab import graph as G
 from prunelab import masks as M
 
+__all__ = ["storage_report", "kmeans_share", "quantized_copy", "huffman_code", "huffman_bits",
+           "relative_indices", "FLOAT_BITS"]
+
+
+def __dir__():
+    return sorted(__all__)
+
+
 FLOAT_BITS = 32
 _FILLER = -1  # the symbol of a filler entry in the Huffman-coded weight stream
 

@@ -27,6 +27,11 @@ from prunelab.train import OPTIMIZERS
 
 __all__ = ["PruneConfig", "check_integer", "check_recipe_fields", "SCHEDULES", "SCOPES"]
 
+
+def __dir__():
+    return sorted(__all__)
+
+
 SCHEDULES = S.SCHEDULES
 SCOPES = S.SCOPES
 

@@ -41,7 +41,7 @@ from prunelab.metrics import loss as batch_loss
 from prunelab.config import PruneConfig, check_integer, check_recipe_fields
 from prunelab.pruning import prune, prune_with
 from prunelab.store import Store, canonical_json, config_key
-from prunelab.train import Recipe, evaluate, finetune as finetune_model
+from prunelab.train import Recipe, check_on_interrupt, evaluate, finetune as finetune_model
 
 __all__ = ["accuracy_curve", "Sweep", "SweepError", "run_one", "normalize_config",
            "finetune_recipe", "FIELDS", "DEFAULTS", "MEASURED", "TIMINGS"]
@@ -448,7 +448,8 @@ class Sweep:
 
     def run(self, store: Store | str | os.PathLike | None = None, *,
             executor: Any = "local", workers: int | None = None, progress: bool = True,
-            zoo_root: str | os.PathLike | None = None) -> pd.DataFrame:
+            zoo_root: str | os.PathLike | None = None,
+            on_interrupt: str = "raise") -> pd.DataFrame:
         """Run every run not yet in ``store``, committing each result as it arrives.
 
         Finished runs (their key is in the store) are skipped, so running the same sweep again
@@ -468,19 +469,22 @@ class Sweep:
                 ``"local"``, 0 or 1 runs inline in this process (handy in notebooks).
             progress: show a progress bar over runs and say how many were skipped.
             zoo_root: zoo folder (default ``paths.ZOO``), resolved here and passed to workers.
+            on_interrupt: on Ctrl-C / Jupyter's Interrupt the pending runs are cancelled and the
+                workers stopped; what finished is committed and stays (run again to resume).
+                Then ``"raise"`` (default) re-raises the KeyboardInterrupt, so the cell stops;
+                ``"return"`` returns the *partial* frame with ``attrs["interrupted"] = True``.
 
         Returns:
             :meth:`frame`: every run of this sweep in the store. ``frame.attrs`` holds
-            ``ran``, ``skipped``, ``failed`` (counts) and ``interrupted``. On Ctrl-C / Jupyter's
-            Interrupt the pending runs are cancelled and the workers stopped; what was committed
-            stays, and the *partial* frame is returned with ``attrs["interrupted"] = True``
-            (no exception, like :func:`prunelab.pruning.prune`); run again to resume.
+            ``ran``, ``skipped``, ``failed`` (counts) and ``interrupted``.
 
         Raises:
             ValueError: bad ``executor``/``workers``, a store path that is not a store, or
                 ``examples`` larger than a dataset's training split (before anything runs).
             SweepError: some runs raised; the others are committed.
+            KeyboardInterrupt: interrupted, with ``on_interrupt="raise"`` (after committing).
         """
+        check_on_interrupt(on_interrupt)
         X.check_executor(executor, workers)
         st = _store(store)
         configs, keys = self.configs(), self.keys()
@@ -504,7 +508,7 @@ class Sweep:
 
         from tqdm.auto import tqdm
 
-        ran, failures, interrupted, finished = 0, [], False, False
+        ran, failures, interrupted, finished = 0, [], None, False
         runner, bar = X.Inline(), None
         try:
             if pending:
@@ -523,19 +527,22 @@ class Sweep:
                     bar.set_postfix(failed=len(failures))
                 bar.update(1)
             finished = True
-        except KeyboardInterrupt:
-            interrupted = True
+        except KeyboardInterrupt as exc:
+            interrupted = exc
         finally:
             if bar is not None:
                 bar.close()
             # Any early exit (Ctrl-C, or an error such as a full disk) cancels the rest at once.
             runner.close(cancel=not finished)
-        if interrupted:
-            say(f"sweep interrupted: {ran} of {len(pending)} runs committed to {st.path}; "
-                f"run the same sweep again to resume")
+        if interrupted is not None:
+            msg = (f"sweep interrupted: {ran} of {len(pending)} runs committed to {st.path}; "
+                   f"run the same sweep again to resume")
+            if on_interrupt == "raise":
+                raise KeyboardInterrupt(msg) from interrupted
+            say(msg)
         frame = self.frame(st)
         frame.attrs.update(ran=ran, skipped=len(configs) - len(pending), failed=len(failures),
-                           interrupted=interrupted)
+                           interrupted=interrupted is not None)
         if failures:
             raise SweepError(f"{len(failures)} of {len(pending)} runs failed ({ran} committed, "
                              f"see .failures); first failure: {failures[0][0]}\n"

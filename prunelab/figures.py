@@ -17,6 +17,7 @@ the style.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,11 +27,17 @@ import pandas as pd
 from prunelab import paths
 from prunelab import views as V
 
-__all__ = ["style", "current_style", "new_axes", "save", "DPI", "accuracy_vs_density",
+__all__ = ["style", "current_style", "new_axes", "save", "is_fast", "DPI", "accuracy_vs_density",
            "delta_loss_vs_lambda", "stage_trajectories", "delta_loss_scatter",
            "performance_profile", "penalty_scatter", "penalty_over_training",
            "selection_consistency", "activation_histogram", "loss_plane", "instability",
-           "collapse_curves", "layer_density_heatmap", "layer_density", "interpolation"]
+           "collapse_curves", "layer_density_heatmap", "layer_density", "interpolation",
+           "loss_landscape"]
+
+
+def __dir__():
+    return sorted(__all__)
+
 
 #: Resolution of saved raster files (PNG).
 DPI = 300
@@ -531,19 +538,47 @@ def instability(barriers: pd.DataFrame, *, x: str = "k", y: str = "barrier",
     return ax
 
 
+def is_fast() -> bool:
+    """True when the environment asks for the small FAST setting (``PRUNELAB_FAST`` set to
+    anything but ``""``/``"0"``), as the notebooks' papermill parameter does."""
+    return os.environ.get("PRUNELAB_FAST", "0").strip() not in ("", "0")
+
+
 def save(fig_or_ax, name: str, *, folder: str | Path | None = None,
-         formats: Sequence[str] = ("pdf", "png"), dpi: int = DPI) -> list[Path]:
+         formats: Sequence[str] = ("pdf", "png"), dpi: int = DPI, final: bool | None = None,
+         scratch: str | Path | None = None) -> list[Path]:
     """Write a matplotlib figure (or an Axes' figure) as ``figures/NAME.{pdf,png}``: PNG at
     ``dpi`` (300), PDF with embedded TrueType fonts (``pdf.fonttype`` 42), no timestamps.
+
+    Only a complete, full-setting run writes ``figures/`` (or ``folder``): a FAST or partial
+    (interrupted) run is not final, and its figure goes to the scratch folder instead
+    (``scratch``, default :data:`prunelab.paths.SCRATCH_FIGURES`, ``build/scratch_figures/``),
+    with one line on stdout saying where and why, so the paper's figures are never overwritten
+    by a demo.
+
+    Args:
+        final: True for a complete run at full settings; False for a FAST or partial one;
+            None (default): final unless ``PRUNELAB_FAST`` is set (:func:`is_fast`). With
+            ``PRUNELAB_FAST`` set a figure is never final, whatever ``final`` says.
 
     Returns:
         The paths written.
     """
+    if final not in (None, True, False):
+        raise ValueError(f"final must be True, False or None (decided by PRUNELAB_FAST), got "
+                         f"{final!r}")
     plt = _plt()
     import matplotlib
 
     fig = getattr(fig_or_ax, "figure", fig_or_ax)
     out_dir = Path(folder) if folder is not None else paths.FIGURES
+    fast = is_fast()
+    if fast or final is False:
+        why = "PRUNELAB_FAST is set" if fast else "final=False (a FAST or partial run)"
+        target = Path(scratch) if scratch is not None else paths.SCRATCH_FIGURES
+        print(f"figures.save: {name} is not a final figure ({why}): written to {target}, "
+              f"not {out_dir}", flush=True)
+        out_dir = target
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     meta = {"pdf": {"CreationDate": None, "ModDate": None}, "png": {"Software": None},
@@ -682,3 +717,49 @@ def interpolation(frame: pd.DataFrame, *, y: str = "loss", x: str = "t",
     _labels(ax, None, V.axis_label(y))
     _outside_legend(ax)
     return ax
+
+
+def loss_landscape(frame: pd.DataFrame, *, z: str = "loss", network: str = "network",
+                   log: bool = False, axes=None):
+    """Loss landscape along filter-normalised random directions (Li et al. 2018, Figs. 1, 5),
+    frames as :func:`prunelab.plots.loss_landscape`. 1-D: one line per network on one axes
+    (returns the Axes); 2-D: one filled-contour panel per network side by side on one colour
+    scale (returns the Figure). ``log``: colour / y axis by log10 of ``z``."""
+    view = V.landscape_view(frame, z=z, network=network)
+    label = V.axis_label(z)
+    if view.dims == 1:
+        ax = axes if axes is not None else new_axes(4.2, 3.0)[1]
+        colors = V.palette([name for name, _ in view.parts])
+        for name, part in view.parts:
+            ax.plot(part["alpha"], part[z], marker="o", markersize=2.5, linewidth=1.3,
+                    color=colors[name], label=None if name is None else V.display_name(name))
+        if log:
+            ax.set_yscale("log")
+            _readable_log(ax.yaxis)
+        _labels(ax, V.axis_label("alpha"))
+        _labels(ax, None, label)
+        if view.parts[0][0] is not None:
+            _outside_legend(ax, title=network)
+        return ax
+    n = len(view.parts)
+    if axes is None:
+        fig, axes = _axes_row(n, 3.4 * n, 3.2, sharey=True)
+    else:
+        axes = list(np.atleast_1d(axes))
+        if len(axes) != n:
+            raise ValueError(f"axes must hold {n} Axes (one per network), got {len(axes)}")
+        fig = axes[0].figure
+    lo, hi = view.zrange
+    transform = (lambda v: np.log10(np.maximum(v, 1e-12))) if log else (lambda v: v)
+    levels = np.linspace(transform(lo), transform(hi) + 1e-12, 21)
+    for ax, (name, grid) in zip(axes, view.parts):
+        cs = ax.contourf(grid.columns.to_numpy(), grid.index.to_numpy(),
+                         transform(grid.to_numpy(dtype=float)), levels=levels, cmap="viridis")
+        ax.plot(0, 0, "o", color="white", markeredgecolor="black", markersize=5)
+        if name is not None:
+            ax.set_title(V.display_name(name), fontsize="medium")
+        ax.set_aspect("equal", adjustable="box")
+        _labels(ax, "α")
+    _labels(axes[0], None, "β")
+    fig.colorbar(cs, ax=list(axes), label=("log10 " if log else "") + label)
+    return fig

@@ -29,6 +29,15 @@ from prunelab import graph as G
 from prunelab.selection import (SCOPES, Ranking, check_scope, check_sparsity,  # noqa: F401
                                 lap_layer_sparsity, n_pruned, schedule, select)
 
+__all__ = ["density", "sparsity", "apply", "current", "remove", "shuffle", "invert", "reinitialize",
+           "WeightMask", "dense_state_dict", "load_dense", "to_torch_prune", "from_torch_prune",
+           "save", "load", "SCOPES"]
+
+
+def __dir__():
+    return sorted(__all__)
+
+
 Masks = G.Masks
 Scores = G.Scores
 

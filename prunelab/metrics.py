@@ -17,11 +17,17 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
+from prunelab.results import Summary
+
 if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["loss", "delta_loss", "evaluate", "spearman", "seed_table", "best_over", "error_gaps",
-           "performance_profile", "CONFIG_COLUMNS", "require_columns"]
+           "performance_profile", "PROFILE_KINDS", "CONFIG_COLUMNS", "require_columns"]
+
+
+def __dir__():
+    return sorted(__all__)
 
 
 # ----------------------------------------------------------------------------- models
@@ -147,7 +153,8 @@ def spearman(frame: pd.DataFrame, x: str = "delta_loss", y: str = "val_error_gap
         seed: seed of the resampling.
 
     Returns:
-        ``{"rho", "low", "high", "n", "pvalue"}``; ``pvalue`` is scipy's (t-distribution) test
+        ``{"rho", "low", "high", "n", "pvalue"}`` as a :class:`prunelab.results.Summary` (a dict
+        that renders in Jupyter); ``pvalue`` is scipy's (t-distribution) test
         of ρ = 0.
 
     Raises:
@@ -182,8 +189,8 @@ def spearman(frame: pd.DataFrame, x: str = "delta_loss", y: str = "val_error_gap
     boot = boot[np.isfinite(boot)]
     alpha = (1.0 - ci) / 2
     low, high = (np.quantile(boot, [alpha, 1 - alpha]) if len(boot) else (np.nan, np.nan))
-    return {"rho": float(res.statistic), "low": float(low), "high": float(high), "n": n,
-            "pvalue": float(res.pvalue)}
+    return Summary({"rho": float(res.statistic), "low": float(low), "high": float(high), "n": n,
+                    "pvalue": float(res.pvalue)}, title="Spearman")
 
 
 # ----------------------------------------------------------------------------- tables

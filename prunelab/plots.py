@@ -24,7 +24,13 @@ __all__ = ["CONFIG_COLUMNS", "hover_columns", "lambda_positions", "collapse_poin
            "path_barriers", "accuracy_vs_density", "delta_loss_vs_lambda", "stage_trajectories",
            "delta_loss_scatter", "performance_profile", "layer_density", "collapse_curves",
            "layer_density_heatmap", "interpolation", "penalty_scatter", "penalty_over_training",
-           "selection_consistency", "activation_histogram", "loss_plane", "instability"]
+           "selection_consistency", "activation_histogram", "loss_plane", "instability",
+           "loss_landscape"]
+
+
+def __dir__():
+    return sorted(__all__)
+
 
 _label = V.axis_label
 _require = V.require_columns
@@ -677,5 +683,61 @@ def instability(barriers: pd.DataFrame, *, x: str = "k", y: str = "barrier",
     fig.update_xaxes(title_text="rewinding / splitting step k (training steps)")
     fig.update_yaxes(title_text=f"{metric} barrier (instability)")
     fig.update_layout(title=title or "Instability vs the step the two copies split at",
+                      template="plotly_white")
+    return fig
+
+
+# ------------------------------------------------------------- loss landscape (Li et al. 2018)
+def loss_landscape(frame: pd.DataFrame, *, z: str = "loss", kind: str = "contour",
+                   network: str = "network", title: str | None = None):
+    """Loss landscape along filter-normalised random directions (Li et al. 2018, Figs. 1, 5),
+    from :func:`prunelab.landscape.line`, :func:`~prunelab.landscape.surface` or
+    :func:`~prunelab.landscape.compare`.
+
+    1-D frames: one line of ``z`` over α per network. 2-D frames: one panel per network side
+    by side, ``kind="contour"`` (default) or ``"surface"`` (3-D), on one shared colour scale.
+    """
+    if kind not in ("contour", "surface"):
+        raise ValueError(f"kind must be 'contour' or 'surface', got {kind!r}")
+    go = _go()
+    view = V.landscape_view(frame, z=z, network=network)
+    names = [name for name, _ in view.parts]
+    label = _label(z)
+    if view.dims == 1:
+        colors = V.palette(names)
+        fig = go.Figure()
+        for name, part in view.parts:
+            fig.add_trace(go.Scatter(
+                x=part["alpha"], y=part[z], mode="lines+markers",
+                name=None if name is None else V.display_name(name), showlegend=name is not None,
+                line=dict(color=colors[name]),
+                hovertemplate=f"α=%{{x:.3g}}<br>{z}=%{{y:.4g}}<extra></extra>"))
+        fig.update_xaxes(title_text=_label("alpha"))
+        fig.update_yaxes(title_text=label)
+    else:
+        n = len(view.parts)
+        titles = [V.display_name(name) if name is not None else "" for name in names]
+        spec = {"type": "scene"} if kind == "surface" else {}
+        fig = _subplots(rows=1, cols=n, subplot_titles=titles, specs=[[spec] * n],
+                        horizontal_spacing=0.08)
+        lo, hi = view.zrange
+        for i, (name, grid) in enumerate(view.parts, start=1):
+            common = dict(x=grid.columns.to_numpy(), y=grid.index.to_numpy(),
+                          z=grid.to_numpy(dtype=float), colorscale="Viridis", zmin=lo, zmax=hi,
+                          showscale=i == n, colorbar=dict(title=z),
+                          hovertemplate=f"α=%{{x:.3g}}<br>β=%{{y:.3g}}<br>{z}=%{{z:.4g}}"
+                                        "<extra></extra>")
+            if kind == "surface":
+                common.pop("zmin"), common.pop("zmax")
+                trace = go.Surface(cmin=lo, cmax=hi, **common)
+            else:
+                trace = go.Contour(ncontours=25, **common)
+            fig.add_trace(trace, row=1, col=i)
+        if kind == "surface":
+            fig.update_scenes(xaxis_title_text="α", yaxis_title_text="β", zaxis_title_text=z)
+        else:
+            fig.update_xaxes(title_text=_label("alpha"))
+            fig.update_yaxes(title_text=_label("beta"), col=1)
+    fig.update_layout(title=title or f"{label} along filter-normalised random directions",
                       template="plotly_white")
     return fig

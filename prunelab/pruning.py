@@ -21,10 +21,18 @@ from torch import nn
 from prunelab import criteria as C
 from prunelab import graph as G
 from prunelab import masks as M
+from prunelab import results as R
 from prunelab import selection as S
 from prunelab.config import PruneConfig
 from prunelab.metrics import loss as metrics_loss
-from prunelab.train import FitResult, Recipe, fit
+from prunelab.train import FitResult, Recipe, check_on_interrupt, fit
+
+__all__ = ["prune", "prune_with", "PruneResult", "SCHEDULES"]
+
+
+def __dir__():
+    return sorted(__all__)
+
 
 SCHEDULES = S.SCHEDULES
 
@@ -53,6 +61,29 @@ class PruneResult:
     interrupted: bool = False
     extra: dict = field(default_factory=dict)
 
+    def _fields(self) -> dict:
+        c, h = self.config, self.history
+        reached = M.sparsity(self.masks) if self.masks else 0.0
+        target = c.get("sparsity")
+        out = {"criterion": c.get("criterion"),
+               "sparsity": R.text(R.fmt(reached) + (f" (target {R.fmt(target)})"
+                                                    if target is not None else "")),
+               "stages": R.text(f"{len(h)}/{c.get('stages')}")}
+        loss0 = self.extra.get("loss0", math.nan)
+        last = float(h["loss"].iloc[-1]) if len(h) else math.nan
+        if not (math.isnan(loss0) and math.isnan(last)):
+            out["loss"] = R.text(f"{R.fmt(loss0)} → {R.fmt(last)}")
+        if self.finetune is not None:
+            out["finetune"] = R.text(f"{len(self.finetune.history)} epochs")
+        out["interrupted"] = self.interrupted
+        return out
+
+    def __repr__(self) -> str:
+        return R.short_repr("PruneResult", self._fields())
+
+    def _repr_html_(self) -> str:
+        return R.html_summary("PruneResult", self._fields(), self.history, "history (per stage)")
+
 
 def _layer_targets(layer_sparsity: dict[str, float], stages: int, kind: str,
                    start: dict[str, float]) -> list[dict[str, float]]:
@@ -68,7 +99,7 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
           finetune_stages: bool = False, seed: int = 0, inplace: bool = False,
           obs_update: bool = True, progress: bool = False,
           callback: Callable[[dict], bool | None] | None = None, loss="cross_entropy",
-          output=None, device=None, **options) -> PruneResult:
+          output=None, device=None, on_interrupt: str = "raise", **options) -> PruneResult:
     """Prune ``model`` with ``criterion`` to ``sparsity`` in ``stages`` stages.
 
     Args:
@@ -95,6 +126,12 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
             fine-tuning minimises.
         output: optional ``model output -> tensor`` (default: tensor, first of a tuple, logits).
         device: where to prune (None: the model's device); the result lives there.
+        on_interrupt: what a KeyboardInterrupt (Jupyter's Interrupt) does. ``"raise"`` (default):
+            the stages stop and the interrupt propagates; nothing of the caller's is changed
+            (also with ``inplace=True``, unless it came during the final fine-tuning, which
+            works on the pruned model itself). ``"return"``: return the stages finished so far
+            with ``interrupted=True``. A ``callback`` returning True is not an interrupt: it
+            always returns the stages so far.
         **options: passed to the criterion (e.g. ``signed=True``, ``mc_samples=1``); an option
             it does not take raises TypeError.
 
@@ -110,14 +147,16 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
                          options=options, loss=loss, output=output, device=device)
     return prune_with(model, config, batch=batch, finetune=finetune, train_data=train_data,
                       val_data=val_data, finetune_stages=finetune_stages, inplace=inplace,
-                      obs_update=obs_update, progress=progress, callback=callback)
+                      obs_update=obs_update, progress=progress, callback=callback,
+                      on_interrupt=on_interrupt)
 
 
 def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
                finetune: Recipe | None = None, train_data=None, val_data=None,
                finetune_stages: bool = False, inplace: bool = False, obs_update: bool = True,
                progress: bool = False,
-               callback: Callable[[dict], bool | None] | None = None) -> PruneResult:
+               callback: Callable[[dict], bool | None] | None = None,
+               on_interrupt: str = "raise") -> PruneResult:
     """:func:`prune` for a :class:`~prunelab.config.PruneConfig` (validated when it was built).
 
     Checks only what needs the model and the data (layer names, the batch, the fine-tuning
@@ -125,6 +164,7 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
     """
     if not isinstance(config, PruneConfig):
         raise ValueError(f"config must be a prunelab.config.PruneConfig, got {config!r}")
+    check_on_interrupt(on_interrupt)
     criterion, sparsity, layer_sparsity = config.criterion, config.sparsity, config.layer_sparsity
     stages, seed = config.stages, config.seed
     spec = C.spec(criterion)
@@ -238,6 +278,8 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
                 interrupted = True
                 break
     except KeyboardInterrupt:
+        if on_interrupt == "raise":  # only the private copy `work` was touched
+            raise
         interrupted = True
     finally:
         bar.close()
@@ -255,7 +297,8 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
     tuned = None
     if finetune is not None and not interrupted:
         tuned = fit(target_model, train_data, recipe=finetune, val=val_data, seed=seed,
-                    progress=progress, desc="fine-tune", loss=objective)
+                    progress=progress, desc="fine-tune", loss=objective, on_interrupt=on_interrupt)
+        interrupted = tuned.interrupted
     target_model.eval()
     return PruneResult(target_model, {n: m.clone() for n, m in cur.items()}, history, scores,
                        record, tuned, interrupted, {"loss0": loss0})

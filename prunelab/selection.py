@@ -34,6 +34,10 @@ __all__ = ["SCOPES", "SCHEDULES", "as_real", "check_sparsity", "check_scope", "c
            "lap_layer_sparsity"]
 
 
+def __dir__():
+    return sorted(__all__)
+
+
 # ----------------------------------------------------------------------------- validation
 def as_real(value, what: str, allowed: str) -> float:
     """``value`` as a Python float, numpy scalars included; ValueError for bools and non-numbers.

@@ -34,7 +34,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["Store", "config_key", "canonical_json"]
+__all__ = ["Store", "config_key", "canonical_json", "TABLE", "COLUMNS"]
+
+
+def __dir__():
+    return sorted(__all__)
+
 
 TABLE = "runs"
 COLUMNS = ("key", "config", "result", "created", "status")

@@ -21,6 +21,16 @@ import torch
 from torch import Tensor, nn
 
 from prunelab import batches as B
+from prunelab import results as R
+from prunelab.results import Summary
+
+__all__ = ["Recipe", "OPTIMIZERS", "Batch", "evaluate", "make_optimizer", "FitResult", "fit",
+           "finetune", "ON_INTERRUPT", "check_on_interrupt"]
+
+
+def __dir__():
+    return sorted(__all__)
+
 
 Batch = tuple[Tensor, Tensor]
 
@@ -131,7 +141,8 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 1000, loss="cross_entr
         output: optional ``model output -> tensor``.
 
     Returns:
-        ``{"loss": float, "accuracy": float, "error": float, "n": int}``; accuracy and error are
+        ``{"loss": float, "accuracy": float, "error": float, "n": int}`` as a
+        :class:`prunelab.results.Summary` (a dict that renders in Jupyter); accuracy and error are
         NaN for a loss that does not classify. Per-token cross-entropy averages over the tokens
         that are not ignored and counts accuracy per token.
     """
@@ -149,7 +160,8 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 1000, loss="cross_entr
             correct += hit
             counted += cnt
     acc = correct / counted if counted else math.nan
-    return {"loss": total / max(units, 1), "accuracy": acc, "error": 1.0 - acc, "n": len(y)}
+    return Summary({"loss": total / max(units, 1), "accuracy": acc, "error": 1.0 - acc,
+                    "n": len(y)}, title="Evaluation")
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -178,18 +190,56 @@ class FitResult:
     interrupted: bool = False
     extra: dict = field(default_factory=dict)
 
+    def _fields(self) -> dict:
+        h = self.history
+        out = {"epochs": len(h), "steps": int(h["step"].iloc[-1]) if len(h) else 0}
+        if len(h):
+            out["train_loss"] = R.text(f"{R.fmt(h['train_loss'].iloc[0])} → "
+                                       f"{R.fmt(h['train_loss'].iloc[-1])}")
+            if "val_accuracy" in h:
+                best = h.loc[h["epoch"] == self.best_epoch, "val_accuracy"]
+                out["val_accuracy"] = float(best.iloc[0] if len(best)
+                                            else h["val_accuracy"].iloc[-1])
+        out.update(best_epoch=self.best_epoch, stopped_early=self.stopped_early,
+                   interrupted=self.interrupted)
+        return out
+
+    def __repr__(self) -> str:
+        return R.short_repr("FitResult", self._fields())
+
+    def _repr_html_(self) -> str:
+        return R.html_summary("FitResult", self._fields(), self.history, "history (per epoch)")
+
+
+ON_INTERRUPT = ("raise", "return")
+
+
+def check_on_interrupt(on_interrupt) -> None:
+    """Refuse an ``on_interrupt`` other than ``"raise"`` or ``"return"``."""
+    if on_interrupt not in ON_INTERRUPT:
+        raise ValueError(f"on_interrupt must be one of {list(ON_INTERRUPT)}, got {on_interrupt!r}")
+
+
+def _keep_best(model: nn.Module, best_state) -> bool:
+    """Load the early-stopping best weights into ``model``; False when there are none."""
+    if best_state is None:
+        return False
+    model.load_state_dict(best_state)
+    return True
+
 
 def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
         progress: bool = True, step_callback: Callable[[nn.Module, int], None] | None = None,
         desc: str = "train",
         regularizer: Callable[[nn.Module], Tensor] | None = None, loss="cross_entropy",
-        output=None) -> FitResult:
+        output=None, on_interrupt: str = "raise") -> FitResult:
     """Train ``model`` in place with ``recipe``; one history row per epoch.
 
     Deterministic on the CPU for a given ``seed``: the shuffling order comes from a generator
     seeded with it, and the global RNG is not touched. A Jupyter Interrupt (KeyboardInterrupt)
     stops training cleanly: the weights reached so far (or the best ones, with early stopping)
-    stay in the model and ``interrupted`` is set.
+    stay in the model (in eval mode), then the interrupt propagates to the caller, unless
+    ``on_interrupt="return"``, which returns the :class:`FitResult` with ``interrupted`` set.
 
     Args:
         model: the network; trained in place (copy it first to keep the original).
@@ -206,6 +256,8 @@ def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
             the forward pass. The recipe's ``weight_decay`` still acts in the optimiser.
         loss, output: the loss (``"cross_entropy"``, ``"mse"`` or a callable) and output rule
             (:mod:`prunelab.batches`).
+        on_interrupt: ``"raise"`` (default: re-raise KeyboardInterrupt after the clean-up) or
+            ``"return"`` (return what was reached, ``interrupted=True``).
 
     Returns:
         :class:`FitResult` with columns epoch, step, lr, train_loss, train_accuracy, val_loss,
@@ -214,6 +266,7 @@ def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
         ``train_regularizer`` (its mean over the epoch's steps) follows ``train_accuracy``.
         Without one, training and history are exactly as before the option existed.
     """
+    check_on_interrupt(on_interrupt)
     obj = B.objective(loss, output)
     x, y = _tensors(train, "train")
     n = len(y)
@@ -296,12 +349,13 @@ def fit(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0,
                 break
     except KeyboardInterrupt:
         interrupted = True
+        if on_interrupt == "raise":
+            _keep_best(model, best_state)
+            raise
     finally:
         bar.close()
         model.eval()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    else:
+    if not _keep_best(model, best_state):
         best_epoch = rows[-1]["epoch"] if rows else 0
     return FitResult(model, pd.DataFrame(rows), best_epoch, stopped_early, interrupted)
 

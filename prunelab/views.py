@@ -28,7 +28,11 @@ __all__ = ["CONFIG_COLUMNS", "require_columns", "Style", "STYLES", "FALLBACK_COL
            "lambda_view", "log_ticks", "tick_text", "density_bars", "collapse_points",
            "collapse_summary", "collapse_view", "path_groups", "pick_criterion",
            "density_matrix", "path_barriers",
-           "profile_kind", "histogram_edges"]
+           "profile_kind", "histogram_edges", "LandscapeView", "landscape_view"]
+
+
+def __dir__():
+    return sorted(__all__)
 
 
 # ============================================================================ style
@@ -146,6 +150,8 @@ _LABELS = {
     "fraction_ever_selected": "fraction of units ever selected",
     "step": "training step",
     "k": "splitting step k",
+    "alpha": "α (along the filter-normalised direction δ)",
+    "beta": "β (along the filter-normalised direction η)",
 }
 _SPLITS = {"train": "training", "val": "validation", "test": "test"}
 _KINDS = {"error": "error (fraction)", "loss": "loss (nats)", "accuracy": "accuracy (fraction)",
@@ -588,3 +594,46 @@ def histogram_edges(frame: pd.DataFrame, value: str, bins: int,
     data = data.assign(log10=np.log10(data[value].to_numpy(dtype=float)))
     edges = np.linspace(data["log10"].min(), data["log10"].max() + 1e-9, bins + 1)
     return data, edges
+
+
+# ----------------------------------------------------------------------------- loss landscapes
+@dataclass(frozen=True)
+class LandscapeView:
+    """A loss-landscape frame (:mod:`prunelab.landscape`) ready to draw.
+
+    Attributes:
+        dims: 1 (``alpha``) or 2 (``alpha``, ``beta``).
+        parts: one ``(network name or None, data)`` per network in frame order; ``data`` is
+            the rows sorted by ``alpha`` (1-D) or the grid of ``z`` with index ``beta`` and
+            columns ``alpha`` (2-D).
+        z: the drawn column; zrange: (min, max) of ``z`` over all networks (one colour scale).
+    """
+
+    dims: int
+    parts: list
+    z: str
+    zrange: tuple
+
+
+def landscape_view(frame: pd.DataFrame, *, z: str = "loss",
+                   network: str = "network") -> LandscapeView:
+    """Split a landscape frame by its ``network`` column (if any) into lines or grids."""
+    require_columns(frame, ["alpha", z])
+    if frame.empty:
+        raise ValueError("the landscape frame is empty")
+    dims = 2 if "beta" in frame.columns else 1
+    groups = list(frame.groupby(network, sort=False)) if network in frame.columns \
+        else [(None, frame)]
+    keys = [network] if network in frame.columns else []
+    check_unique(frame, [*keys, "alpha", *(["beta"] if dims == 2 else [])])
+    parts = []
+    for name, part in groups:
+        if dims == 1:
+            parts.append((name, part.sort_values("alpha").reset_index(drop=True)))
+        else:
+            parts.append((name, part.pivot_table(index="beta", columns="alpha", values=z,
+                                                 aggfunc="first", dropna=False).sort_index()))
+    values = frame[z].to_numpy(dtype=float)
+    finite = values[np.isfinite(values)]
+    zrange = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    return LandscapeView(dims, parts, z, zrange)

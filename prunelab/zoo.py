@@ -27,6 +27,14 @@ from prunelab import models as M
 from prunelab import paths
 from prunelab.train import Recipe, evaluate, fit
 
+__all__ = ["load", "key", "RECIPES", "recipe_for", "train_and_save", "manifest", "read_manifest",
+           "read_state_dict", "sha256", "check_seed", "ChecksumError"]
+
+
+def __dir__():
+    return sorted(__all__)
+
+
 # Recipes follow the papers (LM paper App. B: SGD, momentum 0.9, weight decay 5e-4, batch 100,
 # early stopping on validation; LAP paper App. A: Adam, batch 60, lr 1.2e-3 for FCN and 3e-4 for
 # the others, no weight decay), with epoch counts cut to what two CPU cores train in minutes.

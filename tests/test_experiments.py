@@ -158,12 +158,32 @@ def test_interrupt_keeps_committed_runs_and_resumes(lab, monkeypatch):
         return real(config, *args)
 
     monkeypatch.setattr(E, "_measure", measure)
-    partial = sweep.run(store, workers=1, progress=False)
+    partial = sweep.run(store, workers=1, progress=False, on_interrupt="return")
     assert partial.attrs["interrupted"] and partial.attrs["ran"] == 2
     assert partial["sparsity"].tolist() == [0.3, 0.5]
     frame = sweep.run(store, workers=1, progress=False)
     assert frame.attrs == {"ran": 2, "skipped": 2, "failed": 0, "interrupted": False}
     assert frame["sparsity"].tolist() == [0.3, 0.5, 0.7, 0.9] and frame["key"].is_unique
+
+
+def test_interrupt_propagates_after_committing_finished_runs(lab, monkeypatch):
+    store = lab.results / "interrupt-raise.sqlite"
+    sweep = E.Sweep(**dict(TINY, criterion="mp", sparsity=[0.3, 0.5, 0.7]))
+    calls, real = [], E._measure
+
+    def measure(config, *args):
+        calls.append(config["sparsity"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Jupyter's Interrupt during the second run
+        return real(config, *args)
+
+    monkeypatch.setattr(E, "_measure", measure)
+    with pytest.raises(KeyboardInterrupt, match="1 of 3 runs committed"):
+        sweep.run(store, workers=1, progress=False)
+    assert calls == [0.3, 0.5]  # the third run never started
+    assert sweep.frame(store)["sparsity"].tolist() == [0.3]  # the finished run is committed
+    with pytest.raises(ValueError, match="on_interrupt.*'swallow'"):
+        sweep.run(store, workers=1, progress=False, on_interrupt="swallow")
 
 
 def test_failed_runs_are_reported_and_the_others_committed(lab, monkeypatch):

@@ -139,6 +139,22 @@ def dolan_more_profile() -> pd.DataFrame:
     return metrics.performance_profile(tab, kind="dolan-more")
 
 
+def landscape_frame(dims: int = 1) -> pd.DataFrame:
+    """A landscape frame as pl.landscape.compare returns it: two bowls of different width."""
+    grid = np.linspace(-1, 1, 7)
+    rows = []
+    for net, width in (("dense", 1.0), ("pruned", 3.0)):
+        for b in (grid if dims == 2 else [None]):
+            for a in grid:
+                row = {"network": net, "alpha": a, "loss": 0.1 + width * (a ** 2 + (b or 0) ** 2),
+                       "accuracy": 0.9}
+                if dims == 2:
+                    row["beta"] = b
+                rows.append(row)
+    cols = ["network", "alpha", *(["beta"] if dims == 2 else []), "loss", "accuracy"]
+    return pd.DataFrame(rows)[cols]
+
+
 # name: (draw, expected legend entries or None for a figure without legend)
 CASES = {
     "accuracy_vs_density": (lambda: figures.accuracy_vs_density(accuracy_frame()),
@@ -173,6 +189,11 @@ CASES = {
     "interpolation": (lambda: figures.interpolation(path_frame()),
                       ["segment · train (barrier 1)", "segment · test (barrier 1)",
                        "bezier · train (barrier 0.1)", "bezier · test (barrier 0.1)"]),
+    "loss_landscape_line": (lambda: figures.loss_landscape(landscape_frame(1)),
+                            ["dense", "pruned"]),
+    "loss_landscape_line_log": (lambda: figures.loss_landscape(landscape_frame(1), log=True),
+                                ["dense", "pruned"]),
+    "loss_landscape_surface": (lambda: figures.loss_landscape(landscape_frame(2)), None),
 }
 
 
@@ -288,3 +309,66 @@ def test_save_writes_300_dpi_png_and_pdf_with_truetype_fonts(tmp_path):
     data = pdf.read_bytes()
     assert b"/FontFile2" in data                     # TrueType font program embedded
     assert b"/Type3" not in data
+
+
+@pytest.mark.parametrize("env,final,where", [
+    (None, None, "figures"), (None, True, "figures"), (None, False, "scratch"),
+    ("1", None, "scratch"), ("1", True, "scratch"), ("0", None, "figures"),
+])
+def test_only_final_full_setting_figures_reach_the_figures_folder(tmp_path, monkeypatch, capsys,
+                                                                   env, final, where):
+    if env is None:
+        monkeypatch.delenv("PRUNELAB_FAST", raising=False)
+    else:
+        monkeypatch.setenv("PRUNELAB_FAST", env)
+    monkeypatch.setattr(figures.paths, "FIGURES", tmp_path / "figures")
+    monkeypatch.setattr(figures.paths, "SCRATCH_FIGURES", tmp_path / "scratch")
+    written = figures.save(figures.instability(pd.DataFrame({"k": [0, 5], "barrier": [0.2, 0.1]})),
+                           "fig", final=final)
+    assert [p.parent for p in written] == [tmp_path / where] * 2
+    assert all(p.exists() for p in written)
+    assert not (tmp_path / ("scratch" if where == "figures" else "figures")).exists()
+    said = capsys.readouterr().out
+    if where == "scratch":
+        assert said.count("\n") == 1 and "not a final figure" in said
+        assert str(tmp_path / "scratch") in said
+        assert ("PRUNELAB_FAST" in said) == (env == "1")
+    else:
+        assert said == ""
+
+
+def test_scratch_folder_argument_and_bad_final(tmp_path, monkeypatch):
+    monkeypatch.delenv("PRUNELAB_FAST", raising=False)
+    ax = figures.instability(pd.DataFrame({"k": [0, 5], "barrier": [0.2, 0.1]}))
+    written = figures.save(ax, "f", folder=tmp_path / "paper", scratch=tmp_path / "tmp",
+                           final=False, formats=("png",))
+    assert written == [tmp_path / "tmp" / "f.png"] and not (tmp_path / "paper").exists()
+    with pytest.raises(ValueError, match="final must be.*'yes'"):
+        figures.save(ax, "f", folder=tmp_path, final="yes")
+
+
+def test_scratch_path_follows_the_environment(tmp_path):
+    import subprocess
+    import sys
+    code = "import prunelab.paths as p; print(p.SCRATCH_FIGURES)"
+    env = {**__import__("os").environ, "PRUNELAB_SCRATCH_FIGURES": str(tmp_path / "s")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == str(tmp_path / "s")
+    env.pop("PRUNELAB_SCRATCH_FIGURES")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out.endswith("build/scratch_figures")
+
+
+def test_loss_landscape_surface_has_one_panel_per_network_on_one_colour_scale():
+    fig = figures.loss_landscape(landscape_frame(2))
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["dense", "pruned"]
+    colorbars = [ax for ax in fig.axes if ax not in panels]
+    assert len(colorbars) == 1 and "loss" in colorbars[0].get_ylabel()
+    line = figures.loss_landscape(landscape_frame(1).query("network == 'dense'")
+                                  .drop(columns="network"))
+    assert len(line.lines) == 1 and line.get_legend() is None
+    with pytest.raises(ValueError, match="several rows"):
+        figures.loss_landscape(pd.concat([landscape_frame(1)] * 2))

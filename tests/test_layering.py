@@ -21,10 +21,10 @@ NOTEBOOKS = ROOT / "notebooks"
 # < data; connectivity's path toolkit and the explore engine sit just below the studies that use
 # them: lottery's instability, curves, collapse and the widgets).
 LAYERS = [
-    {"paths", "_parametrize", "store", "executors"}, {"download"}, {"batches"}, {"data_readers"},
+    {"paths", "_parametrize", "store", "executors", "results"}, {"download"}, {"batches"}, {"data_readers"},
     {"data"}, {"models"}, {"train"}, {"metrics"}, {"zoo"}, {"graph"}, {"semistructured"},
     {"selection"}, {"criteria"}, {"masks"}, {"config"}, {"pruning"}, {"surgery"},
-    {"connectivity", "explore"},
+    {"connectivity", "explore", "landscape"},
     {"units", "curves", "collapse", "lottery", "at_init", "compression"},
     {"mrp", "structured"}, {"experiments"}, {"views"}, {"plots"}, {"figures"}, {"widgets"},
 ]
@@ -35,7 +35,7 @@ MAX_LINES = 500
 PENDING_PRIVATE: dict[str, str] = {}
 PENDING_SIZE: set[str] = set()
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
-TORCH_FREE = {"paths", "store", "executors", "download", "views", "plots", "figures"}
+TORCH_FREE = {"paths", "store", "executors", "results", "download", "views", "plots", "figures"}
 
 
 def module_files():

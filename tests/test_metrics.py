@@ -30,6 +30,14 @@ def test_spearman_equals_scipy_on_a_small_frame():
     assert set(s) == {"rho", "low", "high", "n", "pvalue"}
 
 
+def test_spearman_result_is_a_dict_that_renders():
+    s = M.spearman(correlated(20), n_boot=100)
+    assert isinstance(s, dict) and dict(s) == s and s == {k: s[k] for k in s}
+    assert repr(s) == (f"Spearman(rho={s['rho']:.4g}, low={s['low']:.4g}, high={s['high']:.4g}, "
+                       f"n=20, pvalue={s['pvalue']:.4g})")
+    assert s._repr_html_().count("<tr>") == 5 and "Spearman" in s._repr_html_()
+
+
 def test_spearman_interval_contains_rho_is_seeded_and_narrows_with_more_runs():
     small, large = correlated(25), correlated(400)
     a = M.spearman(small, n_boot=500, seed=3)

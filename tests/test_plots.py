@@ -405,3 +405,22 @@ def test_new_static_figures_save(tmp_path):
     acts = pd.DataFrame({"score": ["rand", "rand", "norm"], "sq_activation": [1.0, 10.0, 3.0]})
     written += figures.save(figures.activation_histogram(acts), "acts", folder=tmp_path)
     assert len(written) == 12 and all(p.stat().st_size > 1000 for p in written)
+
+
+
+def test_loss_landscape_line_contour_and_surface():
+    from test_figures import landscape_frame
+
+    fig = plots.loss_landscape(landscape_frame(1))
+    assert [t.name for t in fig.data] == ["dense", "pruned"]
+    assert list(fig.data[0].x) == sorted(fig.data[0].x) and "α" in fig.layout.xaxis.title.text
+    contour = plots.loss_landscape(landscape_frame(2))
+    assert [t.type for t in contour.data] == ["contour", "contour"]
+    assert contour.data[0].zmax == contour.data[1].zmax == pytest.approx(6.1)
+    assert [a.text for a in contour.layout.annotations] == ["dense", "pruned"]
+    z = np.asarray(contour.data[1].z)
+    assert z.shape == (7, 7) and z[3, 3] == pytest.approx(0.1)  # β rows, α columns, centre θ
+    surface = plots.loss_landscape(landscape_frame(2), kind="surface")
+    assert [t.type for t in surface.data] == ["surface", "surface"]
+    with pytest.raises(ValueError, match="kind must be .*'wire'"):
+        plots.loss_landscape(landscape_frame(2), kind="wire")

@@ -197,3 +197,63 @@ def test_obs_update_is_applied_to_the_kept_weights(data):
         assert (w_up[~m] == 0).all() and (w_plain[~m] == 0).all()
         assert not torch.allclose(w_up[m], w_plain[m])
     assert torch.equal(pl.graph.weight(model, "1.weight"), tiny().get_submodule("1").weight)
+
+
+def _interrupt_at(stage):
+    def callback(row):
+        if row["stage"] == stage:
+            raise KeyboardInterrupt  # Jupyter's Interrupt during stage 3
+    return callback
+
+
+def test_interrupt_propagates_and_leaves_the_caller_model(data):
+    model = tiny()
+    before = state(model)
+    with pytest.raises(KeyboardInterrupt):
+        pl.prune(model, "mp", sparsity=0.9, stages=10, batch=data, inplace=True,
+                 callback=_interrupt_at(3))
+    assert same(before, state(model)) and not M.current(model)
+
+
+def test_interrupt_returns_partial_result_with_on_interrupt_return(data):
+    model = tiny()
+    r = pl.prune(model, "mp", sparsity=0.9, stages=10, batch=data, callback=_interrupt_at(3),
+                 on_interrupt="return")
+    assert r.interrupted and len(r.history) == 3 and r.finetune is None
+    assert M.sparsity(r.masks) == pytest.approx(r.history["sparsity"].iloc[-1])
+    with pytest.raises(ValueError, match="on_interrupt"):
+        pl.prune(tiny(), "mp", sparsity=0.5, on_interrupt=False)
+
+
+def test_interrupt_during_stage_finetuning_stops_pruning(data, monkeypatch):
+    import prunelab.train as T
+    recipe = Recipe(optimizer="sgd", lr=0.1, epochs=2, batch_size=50)
+    calls = []
+
+    def step_callback(model, step):
+        calls.append(step)
+        raise KeyboardInterrupt
+    real_fit = pl.pruning.fit
+    monkeypatch.setattr(pl.pruning, "fit", lambda *a, **k: real_fit(*a, **k,
+                                                                     step_callback=step_callback))
+    with pytest.raises(KeyboardInterrupt):
+        pl.prune(tiny(), "mp", sparsity=0.8, stages=3, batch=data, finetune=recipe,
+                 train_data=data, finetune_stages=True)
+    assert len(calls) == 1  # the next stages did not run
+    r = pl.prune(tiny(), "mp", sparsity=0.8, stages=3, batch=data, finetune=recipe,
+                 train_data=data, finetune_stages=True, on_interrupt="return")
+    assert r.interrupted and len(r.history) == 0 and len(calls) == 2 and T.fit is real_fit
+
+
+def test_prune_result_has_a_short_repr_and_an_html_history(data):
+    r = pl.prune(tiny(), "lm", sparsity=0.9, stages=4, batch=data)
+    text = repr(r)
+    assert len(text) < 200, text
+    loss0, last = r.extra["loss0"], r.history["loss"].iloc[-1]
+    assert text == (f"PruneResult(criterion='lm', sparsity={M.sparsity(r.masks):.4g} (target 0.9), "
+                    f"stages=4/4, loss={loss0:.4g} → {last:.4g}, interrupted=False)")
+    html = r._repr_html_()
+    assert "PruneResult" in html and "history (per stage)" in html
+    assert html.count("<tr>") == 5 + 4  # summary rows, one history row a stage
+    stopped = pl.prune(tiny(), "mp", sparsity=0.9, stages=10, callback=lambda row: True)
+    assert repr(stopped).endswith("stages=1/10, interrupted=True)")

@@ -143,3 +143,67 @@ def test_recipe_total_steps_counts_what_fit_runs():
     recipe = Recipe(lr=1e-3, batch_size=8, epochs=2)
     fit(model, (x, y), recipe=recipe, progress=False, step_callback=lambda m, s: steps.append(s))
     assert len(steps) == recipe.total_steps(37)
+
+
+def _interrupt_at(step_no):
+    def step_callback(model, step):
+        if step == step_no:
+            raise KeyboardInterrupt  # Jupyter's Interrupt after this optimiser step
+    return step_callback
+
+
+def test_interrupt_propagates_and_keeps_the_weights_reached(data):
+    rec = Recipe(optimizer="sgd", lr=0.05, epochs=3, batch_size=32)
+    m = model()
+    with pytest.raises(KeyboardInterrupt):
+        fit(m, data, recipe=rec, seed=3, progress=False, step_callback=_interrupt_at(4))
+    assert not m.training  # cleaned up: eval mode
+    ref = model()  # the same 4 steps, run to the end of max_steps=4
+    fit(ref, data, recipe=Recipe(optimizer="sgd", lr=0.05, epochs=3, batch_size=32, max_steps=4),
+        seed=3, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(m.state_dict().values(),
+                                                 ref.state_dict().values()))
+
+
+def test_interrupt_returns_with_on_interrupt_return(data):
+    rec = Recipe(optimizer="sgd", lr=0.05, epochs=3, batch_size=32)
+    m = model()
+    res = fit(m, data, recipe=rec, val=data, seed=3, progress=False,
+              step_callback=_interrupt_at(20), on_interrupt="return")
+    assert res.interrupted and res.model is m and len(res.history) == 1  # epoch 1 had 10 steps
+    with pytest.raises(ValueError, match="on_interrupt.*'ignore'"):
+        fit(model(), data, recipe=rec, progress=False, on_interrupt="ignore")
+
+
+def test_evaluate_returns_a_dict_that_renders(data):
+    import json
+    import pickle
+
+    from prunelab.results import Summary
+
+    m = model()
+    ev = evaluate(m, data)
+    assert isinstance(ev, dict) and isinstance(ev, Summary)
+    plain = dict(ev)
+    assert ev == plain and set(plain) == {"loss", "accuracy", "error", "n"}
+    assert ev["error"] == pytest.approx(1 - ev["accuracy"]) and ev["n"] == 300
+    assert repr(ev) == (f"Evaluation(loss={ev['loss']:.4g}, accuracy={ev['accuracy']:.4g}, "
+                        f"error={ev['error']:.4g}, n=300)")
+    html = ev._repr_html_()
+    assert html.count("<tr>") == 4 and "Evaluation" in html
+    assert json.loads(json.dumps(ev)) == plain
+    again = pickle.loads(pickle.dumps(ev))
+    assert again == ev and repr(again) == repr(ev)
+
+
+def test_fit_result_has_a_short_repr_and_an_html_history(data):
+    res = fit(model(), data, recipe=Recipe(lr=1e-2, epochs=3, batch_size=100), val=data,
+              progress=False)
+    text = repr(res)
+    h = res.history
+    assert text.startswith("FitResult(epochs=3, steps=9, train_loss=") and len(text) < 200
+    assert f"{h.train_loss.iloc[0]:.4g} → {h.train_loss.iloc[-1]:.4g}" in text
+    assert "interrupted=False" in text and "stopped_early=False" in text
+    html = res._repr_html_()
+    # summary rows, then one history row an epoch
+    assert "history (per epoch)" in html and html.count("<tr>") == 7 + 3

@@ -27,6 +27,15 @@ from prunelab import batches as B
 from prunelab import graph as G
 from prunelab import selection as S
 
+__all__ = ["names", "score", "compute", "spec", "get", "CRITERIA", "Spec", "ScoreResult",
+           "options_of", "check_options", "check_batch", "check_lam", "check_finite_weights",
+           "check_scores", "check_masks"]
+
+
+def __dir__():
+    return sorted(__all__)
+
+
 Scores = G.Scores
 Masks = G.Masks
 
