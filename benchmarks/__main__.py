@@ -189,6 +189,18 @@ def bench_import(args):
     return [row("import prunelab (s, absolute)", "-", t["prunelab"] - t["python"], 1.0, 1.5)]
 
 
+def bench_generic(args):
+    from benchmarks import bench_generic as BG
+
+    return BG.bench_generic(args, round_robin, row)
+
+
+def bench_transformer(args):
+    from benchmarks import bench_generic as BG
+
+    return BG.bench_transformer(args, round_robin, row)
+
+
 def row(name, arch, value, baseline, budget, higher_is_better=False):
     ratio = value / baseline
     ok = ratio >= budget if higher_is_better else ratio <= budget
@@ -198,7 +210,7 @@ def row(name, arch, value, baseline, budget, higher_is_better=False):
 
 BENCHES = {"lap": bench_lap_vs_mp, "mask": bench_global_mask, "ggn": bench_ggn,
            "slider": bench_slider, "stages": bench_stages, "masked_step": bench_masked_step,
-           "import": bench_import}
+           "import": bench_import, "generic": bench_generic, "transformer": bench_transformer}
 
 
 def main(argv=None) -> int:
