@@ -53,26 +53,37 @@ __all__ = ["accuracy_curve", "Sweep", "SweepError", "run_one", "normalize_config
 def accuracy_curve(model: nn.Module, bundle, *, criteria: Sequence[str] = ("mp",),
                    sparsities: Iterable[float] = (0.5, 0.8, 0.9, 0.95, 0.98),
                    scope: str = "global", stages: int = 1, batch_size: int = 1000,
-                   split: str = "test", seed: int = 0, **prune_options) -> pd.DataFrame:
+                   split: str = "test", seed: int = 0, loss="cross_entropy", output=None,
+                   device: str | None = None, **prune_options) -> pd.DataFrame:
     """Accuracy of ``model`` pruned one-shot (or in ``stages``) at each sparsity, no fine-tuning.
+
+    ``bundle``: a :class:`prunelab.data.Bundle` or any object with ``train``/``val``/``test``
+    Datasets and ``batch(split, n, seed)``. ``loss``/``output`` (:mod:`prunelab.batches`) are
+    used by the criteria and the evaluation; ``device``: where pruning and evaluation run
+    (None: where the model is; the caller's model is never moved).
 
     Returns:
         One row per (criterion, sparsity): criterion, sparsity (actual), density, accuracy,
         loss, error, split, seconds; plus the dense model as sparsity 0 for each criterion.
+        Accuracy and error are NaN for a loss that does not classify.
     """
-    data = bundle.split(split)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be one of ['train', 'val', 'test'], got {split!r}")
+    device = check_device(device)
+    data = getattr(bundle, split)
     x, y = bundle.batch("train", n=min(batch_size, len(bundle.train)), seed=seed)
-    dense = evaluate(model, data)
+    dense_model = model if device is None else copy.deepcopy(model).to(device)
+    dense = evaluate(dense_model, data, loss=loss, output=output)
     rows = []
     for crit in criteria:
         rows.append({"criterion": crit, "sparsity": 0.0, "density": 1.0, **dense,
                      "split": split, "seconds": 0.0})
         for s in sparsities:
             t0 = time.perf_counter()
-            r = prune(model, crit, sparsity=s, scope=scope, stages=stages, batch=(x, y),
-                      seed=seed, **prune_options)
-            ev = evaluate(r.model, data)
-            actual = M.sparsity(r.masks)
+            r = prune(dense_model, crit, sparsity=s, scope=scope, stages=stages, batch=(x, y),
+                      seed=seed, loss=loss, output=output, **prune_options)
+            ev = evaluate(r.model, data, loss=loss, output=output)
+            actual = float(M.sparsity(r.masks))
             rows.append({"criterion": crit, "sparsity": actual, "density": 1.0 - actual, **ev,
                          "split": split, "seconds": time.perf_counter() - t0})
     return pd.DataFrame(rows)
@@ -668,7 +679,8 @@ class Sweep:
     def __repr__(self) -> str:
         varied = {k: v for k, v in self.grid.items() if len(v) > 1}
         fixed = {k: v[0] for k, v in self.grid.items() if len(v) == 1}
-        return f"Sweep({len(self)} runs; varied={varied}, fixed={{**fixed, **self.settings}})"
+        fixed.update(self.settings)
+        return f"Sweep({len(self)} runs; varied={varied}, fixed={fixed})"
 
     def __len__(self) -> int:
         return len(self._configs)

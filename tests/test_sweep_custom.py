@@ -285,3 +285,61 @@ def test_local_workers_run_a_module_level_factory(store):
     inline = sweep.run(store.with_name("inline.sqlite"), executor="inline", progress=False)
     assert local.attrs["ran"] == 2
     assert local[NON_TIMING].equals(inline[NON_TIMING])
+
+
+def make_digits_mlp(seed):
+    """A custom "pretrained" model for the registered digits dataset (untrained is enough)."""
+    from prunelab import data, models
+
+    return models.build("mlp", data.load("digits"), seed=seed).eval()
+
+
+def test_custom_model_on_a_registered_dataset_runs(store):
+    from prunelab import data
+
+    sweep = E.Sweep(arch={"my-mlp": make_digits_mlp}, dataset="digits", criterion="snip",
+                    sparsity=0.5, finetune=None, examples=50)
+    frame = sweep.run(store, executor="inline", progress=False)
+    assert frame["arch"].tolist() == ["my-mlp"] and frame["dataset"].tolist() == ["digits"]
+    bundle = data.load("digits")
+    expected = metrics.loss(make_digits_mlp(0), bundle.batch("train", n=50, seed=0))
+    assert frame["loss_dense"].iloc[0] == expected
+
+
+def test_accuracy_curve_on_a_custom_bundle_with_loss_and_device():
+    from prunelab.train import evaluate
+
+    model = make_tiny(0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    frame = E.accuracy_curve(model, BLOBS, criteria=["mp", "qm"], sparsities=[0.5, 0.9],
+                             batch_size=64)
+    assert len(frame) == 2 * 3 and frame["criterion"].tolist() == ["mp"] * 3 + ["qm"] * 3
+    dense = evaluate(model, BLOBS.test)
+    assert frame.loc[0, "loss"] == dense["loss"] and frame.loc[0, "accuracy"] == dense["accuracy"]
+    n = 8 * 32 + 32 * 3
+    assert frame["sparsity"].tolist()[1:3] == [M.n_pruned(s, n) / n for s in (0.5, 0.9)]
+    on_cpu = E.accuracy_curve(model, BLOBS, criteria=["mp", "qm"], sparsities=[0.5, 0.9],
+                              batch_size=64, device="cpu")
+    cols = ["criterion", "sparsity", "loss", "accuracy", "error"]
+    assert on_cpu[cols].equals(frame[cols])
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # untouched
+
+    reg = make_regressor(0)
+    mse = E.accuracy_curve(reg, REGRESSION, criteria=["obd"], sparsities=[0.5], batch_size=64,
+                           loss="mse")
+    assert mse["error"].isna().all() and mse["accuracy"].isna().all()
+    assert mse.loc[0, "loss"] == pytest.approx(evaluate(reg, REGRESSION.test, loss="mse")["loss"])
+    assert mse.loc[1, "loss"] > mse.loc[0, "loss"]
+    with pytest.raises(ValueError, match="split must be one of"):
+        E.accuracy_curve(model, BLOBS, split="holdout")
+    with pytest.raises(ValueError, match="device must be"):
+        E.accuracy_curve(model, BLOBS, device="gpu")
+
+
+def test_repr_shows_the_custom_names_and_settings():
+    sweep = E.Sweep(arch={"reg": make_regressor}, dataset={"wave": REGRESSION}, loss="mse",
+                    device="cpu", criterion=["mp", "obd"])
+    text = repr(sweep)
+    assert text.startswith("Sweep(2 runs; varied={'criterion': ['mp', 'obd']}")
+    assert "'arch': 'reg'" in text and "'dataset': 'wave'" in text
+    assert "'loss': 'mse'" in text and "'device': 'cpu'" in text
