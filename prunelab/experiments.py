@@ -6,6 +6,12 @@ grid: load the pretrained zoo model, prune it, measure ΔL(θ, Δθ) = |L(θ+Δ�
 batch and the train / val / test loss and error, fine-tune with the original training recipe
 (App. B), measure again, and commit one row per run to a :class:`prunelab.store.Store`.
 
+The grid takes your own models and data too: ``Sweep(arch={"mine": make_model},
+dataset={"mine": bundle})`` maps a name to a callable ``seed -> pretrained model`` or to a bundle
+(DESIGN.md "Round 2"); the name is what the config, the store key and the frame hold.
+``loss="mse"`` sweeps regression models; ``device="cuda"`` prunes, fine-tunes and evaluates every
+run there, and frames hold plain numbers whatever the device.
+
 Runs execute inline, in local worker processes (``executor="local"``) or on a Dask cluster
 (``executor="dask"`` or a ``dask.distributed.Client``; the machinery is :mod:`prunelab.executors`).
 Workers only compute: the process that calls :meth:`Sweep.run` commits each result as it arrives,
@@ -697,7 +703,8 @@ class Sweep:
         """The runs of this sweep found in ``store``, in grid order, one tidy row each.
 
         Columns: the :data:`FIELDS`, ``loss`` / ``device`` when set, the :data:`MEASURED`
-        values, ``key`` and ``created`` (UTC commit time). A store that does not exist gives an empty frame (and is not created).
+        values, ``key`` and ``created`` (UTC commit time). A store that does not exist gives an
+        empty frame (and is not created).
         """
         columns = [*FIELDS, *self.settings, *MEASURED]
         if not isinstance(store, Store) and not _store_path(store).exists():

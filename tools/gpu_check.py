@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         if not ok:
             failed.append(r["criterion"])
         print(f"{r['criterion']:<18} {'free' if r['data_free'] else 'batch':>5} "
-              f"{r['scope']:>9} {r['agreement']:>10.6f} {str(r['on_device']):>7} {r['seconds_cpu']:>8.3f} "
+              f"{r['scope']:>9} {r['agreement']:>10.6f} {str(r['on_device']):>7} "
+              f"{r['seconds_cpu']:>8.3f} "
               f"{r['seconds_device']:>9.3f} {r['seconds_cpu'] / r['seconds_device']:>8.2f}  "
               f"{verdict}")
     tour_rows = [r for r in rows if "seconds" in r]
