@@ -10,7 +10,6 @@ alternating spreads that noise over both sides. Results are printed and appended
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import platform
 import statistics
@@ -213,6 +212,18 @@ def bench_surgery(args):
     return surgery.run(args, round_robin=round_robin, row=row)
 
 
+def bench_generic(args):
+    from benchmarks import bench_generic as BG
+
+    return BG.bench_generic(args, round_robin, row)
+
+
+def bench_transformer(args):
+    from benchmarks import bench_generic as BG
+
+    return BG.bench_transformer(args, round_robin, row)
+
+
 def row(name, arch, value, baseline, budget, higher_is_better=False):
     ratio = value / baseline
     ok = ratio >= budget if higher_is_better else ratio <= budget
@@ -222,7 +233,8 @@ def row(name, arch, value, baseline, budget, higher_is_better=False):
 
 BENCHES = {"lap": bench_lap_vs_mp, "mask": bench_global_mask, "ggn": bench_ggn,
            "slider": bench_slider, "explorer": bench_explorer, "stages": bench_stages,
-           "masked_step": bench_masked_step, "import": bench_import, "surgery": bench_surgery}
+           "masked_step": bench_masked_step, "import": bench_import, "surgery": bench_surgery,
+           "generic": bench_generic, "transformer": bench_transformer}
 
 
 def main(argv=None) -> int:

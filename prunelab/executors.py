@@ -16,8 +16,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["Outcome", "Inline", "Local", "Dask", "check_executor", "make_executor",
-           "error_text"]
+__all__ = ["Outcome", "Inline", "Local", "Dask", "check_executor", "check_resources", "kind",
+           "make_executor", "error_text"]
 
 
 def _init_worker(parent_pid: int) -> None:
@@ -109,9 +109,15 @@ class Local:
 
 
 class Dask:
-    """A ``dask.distributed.Client``: ours on a fresh ``LocalCluster``, or the user's."""
+    """A ``dask.distributed.Client``: ours on a fresh ``LocalCluster``, or the user's.
 
-    def __init__(self, client=None, workers: int = 2):
+    ``resources`` (e.g. ``{"GPU": 1}``) is what each task takes on a worker
+    (``client.map(..., resources=)``): a worker started with ``--resources "GPU=1"`` then runs
+    one such task at a time. Our own ``LocalCluster``'s workers declare ``resources`` so the
+    tasks can be placed.
+    """
+
+    def __init__(self, client=None, workers: int = 2, resources: dict | None = None):
         try:
             from distributed import Client, LocalCluster
         except ImportError as exc:
@@ -121,8 +127,10 @@ class Dask:
         if client is None:
             import logging
 
+            extra = {"resources": dict(resources)} if resources else {}
             self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                        dashboard_address=None, silence_logs=logging.ERROR)
+                                        dashboard_address=None, silence_logs=logging.ERROR,
+                                        **extra)
             client = Client(self.cluster)
         self.client = client
         if self.cluster is not None:
@@ -130,13 +138,19 @@ class Dask:
         else:
             self.name = f"dask client ({len(client.scheduler_info().get('workers', {}))} workers)"
         self.futures: list = []
+        self.resources = dict(resources) if resources else None
 
     def unordered(self, fn: Callable, calls: list[tuple]) -> Iterator[Outcome]:
         from distributed import as_completed
 
         token = uuid.uuid4().hex[:8]  # never reuse another sweep's cached task on a shared client
         keys = [f"prunelab-{fn.__name__.strip('_')}-{token}-{i}" for i in range(len(calls))]
-        futs = self.client.map(fn, *zip(*calls), key=keys, pure=False) if calls else []
+        # Runs of a sweep carry 2 or 4 arguments (custom entries only where used): pad to 4.
+        width = max((len(c) for c in calls), default=0)
+        calls = [tuple(c) + (None,) * (width - len(c)) for c in calls]
+        extra = {"resources": self.resources} if self.resources else {}
+        futs = (self.client.map(fn, *zip(*calls), key=keys, pure=False, **extra)
+                if calls else [])
         self.futures.extend(futs)
         index = {f.key: i for i, f in enumerate(futs)}
         for fut in as_completed(futs):
@@ -160,30 +174,65 @@ class Dask:
             self.cluster.close()
 
 
-def check_executor(executor, workers) -> None:
-    """ValueError for a bad ``executor`` or ``workers``, before anything starts."""
+def check_resources(resources) -> None:
+    """ValueError unless ``resources`` is None or a mapping of names to positive numbers."""
+    if resources is None:
+        return
+    from collections.abc import Mapping
+
+    if not isinstance(resources, Mapping) or not resources:
+        raise ValueError(f"resources must be None or a non-empty mapping such as {{'GPU': 1}}, "
+                         f"got {resources!r}")
+    for name, amount in resources.items():
+        if not isinstance(name, str) or isinstance(amount, bool) \
+                or not isinstance(amount, (int, float)) or not amount > 0:
+            raise ValueError(f"resources must map names to positive numbers (e.g. {{'GPU': 1}}), "
+                             f"got {name!r}: {amount!r}")
+
+
+def check_executor(executor, workers, resources=None) -> None:
+    """ValueError for a bad ``executor``, ``workers`` or ``resources`` (Dask only), before
+    anything starts."""
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
                                 or workers < 0):
         raise ValueError(f"workers must be None or an integer >= 0, got {workers!r}")
+    check_resources(resources)
     if isinstance(executor, str):
-        if executor not in ("local", "dask"):
-            raise ValueError(f"executor must be 'local', 'dask' or a dask.distributed.Client, "
-                             f"got {executor!r}")
+        if executor not in ("local", "dask", "inline"):
+            raise ValueError(f"executor must be 'local', 'inline', 'dask' or a "
+                             f"dask.distributed.Client, got {executor!r}")
+        if resources is not None and executor != "dask":
+            raise ValueError(f"resources= is for Dask executors (worker resources such as "
+                             f"{{'GPU': 1}}), not executor={executor!r}")
         return
     try:
         from distributed import Client
     except ImportError:
         Client = None
     if Client is None or not isinstance(executor, Client):
-        raise ValueError(f"executor must be 'local', 'dask' or a dask.distributed.Client, "
-                         f"got {type(executor).__name__}")
+        raise ValueError(f"executor must be 'local', 'inline', 'dask' or a "
+                         f"dask.distributed.Client, got {type(executor).__name__}")
 
 
-def make_executor(executor, workers: int | None, n_tasks: int):
+def _count(workers: int | None, n_tasks: int) -> int:
+    return workers if workers is not None else max(1, min(os.cpu_count() or 1, n_tasks))
+
+
+def kind(executor, workers: int | None, n_tasks: int) -> str:
+    """Where a checked ``executor`` runs tasks: "inline", "local" (spawned processes, standard
+    pickle) or "dask" (cloudpickle)."""
+    if executor == "inline" or (executor == "local" and _count(workers, n_tasks) <= 1):
+        return "inline"
+    return "local" if executor == "local" else "dask"
+
+
+def make_executor(executor, workers: int | None, n_tasks: int, resources: dict | None = None):
     """The runner for a checked ``executor`` and ``workers``; one worker per core by default."""
-    n = workers if workers is not None else max(1, min(os.cpu_count() or 1, n_tasks))
+    n = _count(workers, n_tasks)
+    if kind(executor, workers, n_tasks) == "inline":
+        return Inline()
     if executor == "local":
-        return Inline() if n <= 1 else Local(n)
+        return Local(n)
     if executor == "dask":
-        return Dask(None, max(1, n))
-    return Dask(executor)
+        return Dask(None, max(1, n), resources)
+    return Dask(executor, resources=resources)
