@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 _SUBMODULES = (
     "paths", "store", "data", "models", "train", "metrics", "zoo", "graph", "criteria", "masks",
     "pruning", "units", "structured", "connectivity", "collapse", "lottery", "at_init",
-    "compression", "experiments", "plots", "figures", "widgets",
+    "compression", "experiments",
+    "metapruning", "plots", "figures", "widgets",
 )
 _FUNCTIONS = {"score": ("criteria", "score"), "prune": ("pruning", "prune")}
 

@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parent.parent / "prunelab"
 LAYERS = [
     {"paths", "_parametrize", "store"}, {"data"}, {"models"}, {"train"}, {"metrics"}, {"zoo"}, {"graph"},
     {"criteria"}, {"masks"}, {"pruning"}, {"units", "connectivity", "collapse", "lottery", "at_init", "compression"},
-    {"structured"}, {"experiments"}, {"plots"}, {"figures"}, {"widgets"},
+    {"structured"}, {"metapruning"}, {"experiments"}, {"plots"}, {"figures"}, {"widgets"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 TORCH_FREE = {"paths", "store", "plots", "figures"}
