@@ -1,0 +1,173 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # MetaPruning: a PruningNet and an evolutionary search over channel numbers
+#
+# Liu et al. 2019, *MetaPruning: Meta Learning for Automatic Neural Network Channel Pruning*
+# (lecture slides, seed 001). Instead of ranking channels by a criterion, MetaPruning searches
+# for the **number of channels per layer** (the *network encoding vector*):
+#
+# 1. A **PruningNet** — per layer a block of two fully-connected layers — maps the channel numbers
+#    of the layer's input and output to the weight of the widest layer, cropped to those numbers.
+#    It is trained once, with a new random encoding for every mini-batch.
+# 2. An **evolutionary search** (population, top-K, mutation, crossover; Algorithm 1) looks for the
+#    encoding with the best validation accuracy *with generated weights* under a FLOPs budget.
+#    The BatchNorm statistics of every candidate are recomputed on a few training batches first.
+# 3. The best encoding is built as a physically smaller network, initialised from the generated
+#    weights and fine-tuned.
+#
+# We compare it at equal FLOPs with uniform width scaling (trained from scratch) and with LAP-ℓ1 /
+# MP-ℓ1 channel pruning of the trained dense network (Park et al. 2020, App. H) plus fine-tuning.
+
+# %% tags=["parameters"]
+import os
+
+# Parameters (papermill style). FAST=1 is the small setting the test suite uses.
+FAST = int(os.environ.get("PRUNELAB_FAST", "0"))
+DATASET = "digits"            # or "fashion-mnist" (needs /usr/share/datasets/fashion-mnist)
+BUDGET = 0.4                  # section 1: FLOPs budget as a fraction of the dense network
+
+# %%
+import time
+
+import pandas as pd
+
+import prunelab as pl
+from prunelab import metapruning as mp
+
+SEEDS = (0, 1) if FAST else (0, 1, 2)
+BUDGETS = (0.25, 0.4, 0.6)
+DENSE = pl.train.Recipe(epochs=3 if FAST else 30, batch_size=64, lr=2e-3)
+PNET = DENSE.replace(epochs=4 if FAST else 90)             # PruningNet: 3x the dense epochs
+FINETUNE = DENSE.replace(epochs=1 if FAST else 10, lr=5e-4)
+SEARCH = (dict(population=8, top_k=4, mutations=4, crossovers=4, generations=3) if FAST else
+          dict(population=50, top_k=10, mutations=25, crossovers=25, generations=20))  # paper
+
+bundle = pl.data.load(DATASET)
+if FAST and DATASET != "digits":
+    print("FAST mode: the search runs on digits")
+    bundle = pl.data.load("digits")
+space = mp.default_space(bundle, widths=(8, 16, 16, 32) if FAST else (16, 32, 32, 64))
+calib = bundle.train.tensors[0][:300]          # BN recalibration: 300 training images
+val = bundle.val.tensors
+print(bundle)
+print(f"widest network: channels {space.full}, {space.flops():,} multiply-adds; "
+      f"layers {space.layers}")
+
+# %% [markdown]
+# ## 1. Train the PruningNet, then search under one budget
+#
+# Each mini-batch draws every layer's channel number uniformly from 1..C_l. The training loss is
+# that of a different random network at every step, so it is noisy.
+
+# %%
+pnet = mp.PruningNet(space, seed=0)
+t0 = time.perf_counter()
+fit = mp.train_pruningnet(pnet, bundle.train, recipe=PNET, seed=0)
+print(f"PruningNet: {sum(p.numel() for p in pnet.parameters()):,} parameters, "
+      f"trained in {time.perf_counter() - t0:.1f} s")
+fit.history[["epoch", "train_loss", "train_accuracy"]].tail(3)
+
+# %% [markdown]
+# The search shows a progress bar; Interrupt stops it and returns the population so far
+# (`result.interrupted` is then `True`; re-raise if you want the cell to stop there).
+
+# %%
+budget = BUDGET * space.flops()
+result = mp.search(pnet, budget, calib=calib, val=val, seed=0, **SEARCH)
+if result.interrupted:
+    print("interrupted: keeping the", len(result.history), "candidates evaluated so far")
+print(f"search: {len(result.history)} candidates in {result.seconds:.1f} s; best validation "
+      f"accuracy with generated weights {result.best_accuracy:.3f} for {result.best}")
+mp.plot_search(result.generations)
+
+# %% [markdown]
+# Channel numbers per layer: the encoding found by the search next to uniform width scaling under
+# the same budget.
+
+# %%
+uniform = space.uniform(budget)
+print(f"FLOPs (fraction of the widest): metapruning {space.flops(result.best) / space.flops():.3f}, "
+      f"uniform {space.flops(uniform) / space.flops():.3f}, budget {BUDGET}")
+pd.DataFrame({"layer": space.layers, "widest": space.full, "metapruning": result.best,
+              "uniform": uniform})
+
+# %% [markdown]
+# ## 2. Comparison at equal FLOPs
+#
+# For every seed: the dense network and a PruningNet are trained; for every budget
+# (fraction of the dense FLOPs) MetaPruning searches, builds the best network from the generated
+# weights and fine-tunes it; *uniform* trains the uniformly scaled network from scratch with the
+# dense recipe; *lap-l1* / *mp-l1* prune the trained dense network to the uniform channel numbers
+# and fine-tune with the same recipe as MetaPruning. Accuracy on the test split.
+
+# %%
+t0 = time.perf_counter()
+comparison = mp.compare(bundle, space=space, budgets=BUDGETS, seeds=SEEDS, dense_recipe=DENSE,
+                        pruningnet_recipe=PNET, finetune_recipe=FINETUNE, search_kwargs=SEARCH)
+print(f"comparison: {time.perf_counter() - t0:.0f} s"
+      + (" (interrupted: partial results)" if comparison.interrupted else ""))
+frame = comparison.frame
+pl.paths.RESULTS.mkdir(parents=True, exist_ok=True)
+frame.to_csv(pl.paths.RESULTS / ("06_metapruning_fast.csv" if FAST else "06_metapruning.csv"),
+             index=False)
+summary = comparison.summary()
+summary.pivot(index="method", columns="budget", values="text")
+
+# %%
+mp.plot_comparison(frame, title=f"{bundle.name}: test accuracy vs FLOPs (mean ± std over "
+                                f"{len(SEEDS)} seeds)")
+
+# %% [markdown]
+# The channel numbers MetaPruning chose per budget and seed, next to the uniform ones, and how
+# long each step took.
+
+# %%
+frame[frame["method"].isin(["metapruning", "uniform"])].pivot_table(
+    index=["budget", "seed"], columns="method", values="encoding", aggfunc="first")
+
+# %%
+timings = comparison.timings.assign(step=lambda t: t["step"].str.replace(r"@.*", "", regex=True))
+timings.groupby("step")["seconds"].agg(["mean", "sum"]).round(1)
+
+# %%
+mp.plot_search(comparison.searches, title="Best accuracy per generation (each seed and budget)")
+
+# %%
+# Static figure for papers: figures/06_metapruning_accuracy_vs_flops.{png,pdf} at 300 dpi, full
+# mode only (FAST writes it only where PRUNELAB_FIGURES points elsewhere, as the tests do).
+if not FAST or "PRUNELAB_FIGURES" in os.environ:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    plt.rcParams.update({"pdf.fonttype": 42, "svg.fonttype": "none"})
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    pruned = frame[frame["method"] != "dense"]
+    sns.lineplot(pruned, x="flops_fraction", y="accuracy", hue="method", style="method",
+                 markers=True, dashes=False, errorbar="sd", err_style="bars", ax=ax)
+    ax.axhline(frame.loc[frame["method"] == "dense", "accuracy"].mean(), color="gray", ls="--",
+               lw=1, label="dense")
+    ax.set(xlabel="FLOPs (fraction of the dense network)", ylabel="test accuracy",
+           title=f"{bundle.name}: accuracy at equal FLOPs")
+    ax.legend(frameon=False)
+    pl.paths.FIGURES.mkdir(parents=True, exist_ok=True)
+    for fmt, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None})):
+        fig.savefig(pl.paths.FIGURES / f"06_metapruning_accuracy_vs_flops.{fmt}", dpi=300,
+                    bbox_inches="tight", metadata=meta)
+    plt.close(fig)
+    print("wrote", pl.paths.FIGURES / "06_metapruning_accuracy_vs_flops.{png,pdf}")
