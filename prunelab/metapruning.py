@@ -56,7 +56,8 @@ from prunelab import models, structured, train, units
 
 __all__ = [
     "ChannelSpace", "PruningNet", "SearchResult", "Comparison", "default_space",
-    "count_flops", "recalibrate_bn", "train_pruningnet", "candidate_accuracy", "search",
+    "count_flops", "recalibrate_bn", "train_pruningnet", "candidate_fitness",
+    "candidate_accuracy", "search",
     "build_pruned", "channel_prune", "compare", "summary", "plot_search", "plot_comparison",
 ]
 
@@ -521,18 +522,34 @@ def recalibrate_bn(model: nn.Module, data, *, batch_size: int = 100, inplace: bo
 
 
 @torch.no_grad()
-def candidate_accuracy(pnet: PruningNet, encoding, *, calib, val,
-                       batch_size: int = 1000) -> float:
-    """Validation accuracy of ``encoding`` with PruningNet-generated weights after BN
-    recalibration on ``calib`` (the fitness of the evolutionary search, Liu et al. Sec. 3.2)."""
+def candidate_fitness(pnet: PruningNet, encoding, *, calib, val,
+                      batch_size: int = 1000) -> dict[str, float]:
+    """Validation accuracy and mean cross-entropy of ``encoding`` with PruningNet-generated
+    weights after BN recalibration on ``calib`` (the fitness of the evolutionary search, Liu et
+    al. Sec. 3.2; the loss only breaks ties in accuracy).
+
+    Returns:
+        ``{"accuracy": float, "loss": float}``.
+    """
     net = recalibrate_bn(pnet.materialize(encoding), calib, inplace=True)
     p = pnet.bias
-    x, y = val
-    correct = 0
+    x, y = _xy(val)
+    correct, total = 0, 0.0
     for i in range(0, len(y), batch_size):
         out = net(x[i:i + batch_size].to(device=p.device, dtype=p.dtype))
-        correct += int((out.argmax(1).cpu() == y[i:i + batch_size].cpu()).sum())
-    return correct / max(len(y), 1)
+        yb = y[i:i + batch_size].to(out.device)
+        correct += int((out.argmax(1) == yb).sum())
+        total += float(F.cross_entropy(out, yb, reduction="sum"))
+    n = max(len(y), 1)
+    return {"accuracy": correct / n, "loss": total / n}
+
+
+def candidate_accuracy(pnet: PruningNet, encoding, *, calib, val,
+                       batch_size: int = 1000) -> float:
+    """The accuracy of :func:`candidate_fitness`: validation accuracy with generated weights
+    after BN recalibration (Liu et al. Sec. 3.2)."""
+    return candidate_fitness(pnet, encoding, calib=calib, val=val,
+                             batch_size=batch_size)["accuracy"]
 
 
 # ============================================================================ training
@@ -624,8 +641,9 @@ def search(pnet: PruningNet, budget: float, *, calib, val, population: int = 50,
 
     Liu et al. 2019, Sec. 3.2 and Algorithm 1: ``G_0`` = ``population`` random encodings that
     satisfy the constraint; for each of ``generations`` iterations every new candidate is
-    evaluated (:func:`candidate_accuracy`: generated weights, BN recalibrated on ``calib``,
-    accuracy on ``val``), the top-``top_k`` of all candidates so far become the parents,
+    evaluated (:func:`candidate_fitness`: generated weights, BN recalibrated on ``calib``,
+    accuracy on ``val``; ties in accuracy go to the lower validation loss), the top-``top_k``
+    of all candidates so far become the parents,
     ``mutations`` children re-draw each gene of a random parent with probability
     ``mutation_prob`` and ``crossovers`` children take each gene from one of two random parents;
     a child over the budget, or already evaluated, is rejected and drawn again (at most
@@ -675,12 +693,18 @@ def search(pnet: PruningNet, budget: float, *, calib, val, population: int = 50,
     x_val, y_val = _xy(val)
     calib_x = _inputs(calib)
 
-    seen: dict[tuple[int, ...], float] = {}
+    seen: dict[tuple[int, ...], tuple[float, float]] = {}  # encoding -> (accuracy, loss)
     rows: list[dict] = []
     gen_rows: list[dict] = []
     top: list[tuple[tuple[int, ...], float]] = []
     current: list[tuple[tuple[int, ...], float]] = []
     pending: set[tuple[int, ...]] = set()
+
+    def ranked() -> list[tuple[tuple[int, ...], float]]:
+        # top-K over every candidate so far (the authors keep a global top-K); ties in accuracy,
+        # common on small validation sets, go to the lower validation loss, then the encoding
+        order = sorted(seen.items(), key=lambda kv: (-kv[1][0], kv[1][1], kv[0]))[:top_k]
+        return [(c, acc) for c, (acc, _) in order]
 
     def ok(c: tuple[int, ...]) -> bool:
         return c not in seen and c not in pending and space.flops(c) <= budget
@@ -733,14 +757,13 @@ def search(pnet: PruningNet, budget: float, *, calib, val, population: int = 50,
                 children.append((c, "random"))
             current = []
             for c, origin in children:
-                acc = candidate_accuracy(pnet, c, calib=calib_x, val=(x_val, y_val))
-                seen[c] = acc
-                current.append((c, acc))
+                fit = candidate_fitness(pnet, c, calib=calib_x, val=(x_val, y_val))
+                seen[c] = (fit["accuracy"], fit["loss"])
+                current.append((c, fit["accuracy"]))
                 rows.append({"generation": g, "origin": origin, "encoding": c,
                              **dict(zip(space.layers, c)), "flops": space.flops(c),
-                             "accuracy": acc})
-            # top-K over every candidate so far; ties broken by fewer FLOPs, then the encoding
-            top = sorted(seen.items(), key=lambda kv: (-kv[1], space.flops(kv[0]), kv[0]))[:top_k]
+                             "accuracy": fit["accuracy"], "loss": fit["loss"]})
+            top = ranked()
             accs = [a for _, a in current]
             gen_rows.append({"generation": g, "best_accuracy": top[0][1],
                              "generation_best": max(accs) if accs else float("nan"),
@@ -750,12 +773,11 @@ def search(pnet: PruningNet, budget: float, *, calib, val, population: int = 50,
             bar.set_postfix(best=f"{top[0][1]:.3f}")
     except KeyboardInterrupt:
         interrupted = True
-        if seen:
-            top = sorted(seen.items(), key=lambda kv: (-kv[1], space.flops(kv[0]), kv[0]))[:top_k]
+        top = ranked()
     finally:
         bar.close()
     history = pd.DataFrame(rows, columns=["generation", "origin", "encoding", *space.layers,
-                                          "flops", "accuracy"])
+                                          "flops", "accuracy", "loss"])
     generations_frame = pd.DataFrame(gen_rows, columns=["generation", "best_accuracy",
                                                         "generation_best", "generation_mean",
                                                         "evaluated", "seconds"])

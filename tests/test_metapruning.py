@@ -209,8 +209,9 @@ def test_search_never_evaluates_or_returns_a_candidate_over_budget(frac, seed):
 
 def test_search_uses_mutation_and_crossover_of_the_top_k(monkeypatch):
     # a fitness that separates every encoding, so the top-K are distinct parents
-    monkeypatch.setattr(mp, "candidate_accuracy",
-                        lambda pnet, c, **kw: random.Random(str(c)).random())
+    monkeypatch.setattr(mp, "candidate_fitness",
+                        lambda pnet, c, **kw: {"accuracy": random.Random(str(c)).random(),
+                                               "loss": 0.0})
     pnet = mp.PruningNet(SMALL, hidden=8, seed=0)
     res = _search(pnet, 0.6 * SMALL.flops(), generations=3)
     later = res.history[res.history["generation"] > 0]
@@ -230,6 +231,25 @@ def test_search_is_deterministic_for_a_seed():
     assert not a.history["encoding"].equals(c.history["encoding"])
 
 
+def test_search_breaks_accuracy_ties_by_validation_loss(monkeypatch):
+    # every candidate equally accurate: the returned one has the lowest validation loss
+    monkeypatch.setattr(mp, "candidate_fitness",
+                        lambda pnet, c, **kw: {"accuracy": 0.5,
+                                               "loss": random.Random(str(c)).random()})
+    res = _search(mp.PruningNet(SMALL, hidden=8, seed=0), 0.6 * SMALL.flops())
+    assert res.best == res.history.loc[res.history["loss"].idxmin(), "encoding"]
+
+
+def test_candidate_fitness_is_the_accuracy_and_loss_of_the_materialized_net():
+    pnet = mp.PruningNet(SMALL, hidden=8, seed=0)
+    x, y = _data(40)
+    fit = mp.candidate_fitness(pnet, (2, 3, 2), calib=x, val=(x, y), batch_size=7)
+    ev = pl.train.evaluate(mp.build_pruned(pnet, (2, 3, 2), calib=x), (x, y))
+    assert fit["accuracy"] == pytest.approx(ev["accuracy"])
+    assert fit["loss"] == pytest.approx(ev["loss"], rel=1e-5)
+    assert mp.candidate_accuracy(pnet, (2, 3, 2), calib=x, val=(x, y)) == fit["accuracy"]
+
+
 def test_search_bad_arguments():
     pnet = mp.PruningNet(SMALL, hidden=8, seed=0)
     with pytest.raises(ValueError, match="smallest network"):
@@ -242,7 +262,7 @@ def test_search_bad_arguments():
 
 def test_interrupt_keeps_the_population_so_far(monkeypatch):
     pnet = mp.PruningNet(SMALL, hidden=8, seed=0)
-    real = mp.candidate_accuracy
+    real = mp.candidate_fitness
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -251,7 +271,7 @@ def test_interrupt_keeps_the_population_so_far(monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mp, "candidate_accuracy", flaky)
+    monkeypatch.setattr(mp, "candidate_fitness", flaky)
     res = _search(pnet, 0.5 * SMALL.flops())
     assert res.interrupted
     assert len(res.history) == 16 and len(res.generations) == 1
