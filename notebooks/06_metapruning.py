@@ -157,9 +157,14 @@ if not FAST or "PRUNELAB_FIGURES" in os.environ:
     plt.rcParams.update({"pdf.fonttype": 42, "svg.fonttype": "none"})
     sns.set_theme(style="whitegrid", context="paper")
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    pruned = frame[frame["method"] != "dense"]
-    sns.lineplot(pruned, x="flops_fraction", y="accuracy", hue="method", style="method",
-                 markers=True, dashes=False, errorbar="sd", err_style="bars", ax=ax)
+    # one point per method and budget: mean FLOPs fraction and mean accuracy, ± std over seeds
+    xstd = frame.groupby(["method", "budget"], sort=False)["flops_fraction"].std().fillna(0)
+    markers = dict(zip(mp.METHODS, "osD^"))
+    for method, part in summary[summary["method"] != "dense"].groupby("method", sort=False):
+        part = part.sort_values("budget")
+        ax.errorbar(part["flops_fraction"], part["mean"], yerr=part["std"],
+                    xerr=[xstd[(method, b)] for b in part["budget"]], marker=markers[method],
+                    capsize=2, lw=1.2, label=method)
     ax.axhline(frame.loc[frame["method"] == "dense", "accuracy"].mean(), color="gray", ls="--",
                lw=1, label="dense")
     ax.set(xlabel="FLOPs (fraction of the dense network)", ylabel="test accuracy",
