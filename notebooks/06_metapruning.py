@@ -35,7 +35,8 @@ import os
 
 # Parameters (papermill style). FAST=1 is the small setting the test suite uses.
 FAST = int(os.environ.get("PRUNELAB_FAST", "0"))
-DATASET = "digits"            # or "fashion-mnist" (needs /usr/share/datasets/fashion-mnist)
+DATASET = "digits"  # or "fashion-mnist" (/usr/share/datasets/fashion-mnist; 55k 28x28 images:
+#                     the full settings then take hours on a CPU)
 BUDGET = 0.4                  # section 1: FLOPs budget as a fraction of the dense network
 
 # %%
@@ -98,8 +99,9 @@ mp.plot_search(result.generations)
 
 # %%
 uniform = space.uniform(budget)
-print(f"FLOPs (fraction of the widest): metapruning {space.flops(result.best) / space.flops():.3f}, "
-      f"uniform {space.flops(uniform) / space.flops():.3f}, budget {BUDGET}")
+print(f"FLOPs (fraction of the widest): metapruning "
+      f"{space.flops(result.best) / space.flops():.3f}, uniform "
+      f"{space.flops(uniform) / space.flops():.3f}, budget {BUDGET}")
 pd.DataFrame({"layer": space.layers, "widest": space.full, "metapruning": result.best,
               "uniform": uniform})
 
@@ -124,6 +126,19 @@ frame.to_csv(pl.paths.RESULTS / ("06_metapruning_fast.csv" if FAST else "06_meta
              index=False)
 summary = comparison.summary()
 summary.pivot(index="method", columns="budget", values="text")
+
+# %% [markdown]
+# What the full run shows (digits, 3 seeds; test accuracy, mean ± std): the dense network
+# 0.991 ± 0.001; at budgets 0.25 / 0.4 / 0.6 of its FLOPs MetaPruning 0.987 ± 0.003 /
+# 0.989 ± 0.003 / 0.988 ± 0.005, uniform scaling 0.982 ± 0.002 / 0.979 ± 0.006 / 0.985 ± 0.004,
+# LAP-ℓ1 0.968 ± 0.009 / 0.981 ± 0.002 / 0.985 ± 0.005, MP-ℓ1 0.961 ± 0.004 / 0.969 ± 0.006 /
+# 0.984 ± 0.003. MetaPruning's networks use fewer FLOPs than allowed (0.20 / 0.34 / 0.31 of the
+# dense net on average): on digits many encodings reach the best validation accuracy with
+# generated weights (≈ 0.99 on 300 images), so the search saturates well below the larger budgets.
+# The encodings found differ from seed to seed (no single layer is always kept wide). Its lead is
+# largest at the smallest budgets; at 0.6 all methods are within one standard deviation. Note the
+# search selects on the validation split, and MetaPruning is fine-tuned for a third of the epochs
+# uniform scaling trains from scratch.
 
 # %%
 mp.plot_comparison(frame, title=f"{bundle.name}: test accuracy vs FLOPs (mean ± std over "
