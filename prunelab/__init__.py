@@ -14,6 +14,7 @@ _SUBMODULES = (
     "paths", "store", "executors", "results", "download", "data_readers", "batches", "data",
     "models", "train", "metrics", "zoo", "graph", "semistructured", "selection", "criteria",
     "masks", "config", "pruning", "surgery", "explore", "units", "mrp", "structured",
+    "metapruning",
     "connectivity", "landscape", "curves", "collapse", "lottery", "at_init", "compression",
     "experiments", "views", "plots", "figures", "widgets",
 )

@@ -32,7 +32,7 @@ __all__ = ["style", "current_style", "new_axes", "save", "is_fast", "DPI", "accu
            "performance_profile", "penalty_scatter", "penalty_over_training",
            "selection_consistency", "activation_histogram", "loss_plane", "instability",
            "collapse_curves", "layer_density_heatmap", "layer_density", "interpolation",
-           "loss_landscape"]
+           "loss_landscape", "accuracy_vs_flops"]
 
 
 def __dir__():
@@ -763,3 +763,25 @@ def loss_landscape(frame: pd.DataFrame, *, z: str = "loss", network: str = "netw
     _labels(axes[0], None, "β")
     fig.colorbar(cs, ax=list(axes), label=("log10 " if log else "") + label)
     return fig
+
+
+# ----------------------------------------------------------------------------- MetaPruning
+def accuracy_vs_flops(frame: pd.DataFrame, *, x: str = "budget", y: str = "accuracy",
+                      hue: str = "method", reference: str | None = "dense", ax=None):
+    """Accuracy vs FLOPs budget (fraction of the dense network's), mean ± std band over seeds,
+    one line per method, the dense net dashed (MetaPruning comparison at equal FLOPs)."""
+    V.require_columns(frame, [x, y, hue])
+    if ax is None:
+        _, ax = new_axes()
+    rest = frame[frame[hue] != reference] if reference is not None else frame
+    agg = V.aggregate(rest, x, y, hue)
+    colors = V.palette(list(pd.unique(agg[hue])))
+    for name, part in agg.groupby(hue, sort=False):
+        _band(ax, part[x], part["mean"], part["std"], colors[name], V.display_name(name))
+    if reference is not None and (frame[hue] == reference).any():
+        ax.axhline(float(frame.loc[frame[hue] == reference, y].mean()), color="0.4", ls="--",
+                   lw=1, label=V.display_name(reference))
+    _labels(ax, "FLOPs budget (fraction of the dense network)")
+    _labels(ax, None, V.axis_label(y, frame))
+    _outside_legend(ax, title=hue)
+    return ax

@@ -25,7 +25,7 @@ __all__ = ["CONFIG_COLUMNS", "hover_columns", "lambda_positions", "collapse_poin
            "delta_loss_scatter", "performance_profile", "layer_density", "collapse_curves",
            "layer_density_heatmap", "interpolation", "penalty_scatter", "penalty_over_training",
            "selection_consistency", "activation_histogram", "loss_plane", "instability",
-           "loss_landscape"]
+           "loss_landscape", "search_progress", "accuracy_vs_flops"]
 
 
 def __dir__():
@@ -740,4 +740,53 @@ def loss_landscape(frame: pd.DataFrame, *, z: str = "loss", kind: str = "contour
             fig.update_yaxes(title_text=_label("beta"), col=1)
     fig.update_layout(title=title or f"{label} along filter-normalised random directions",
                       template="plotly_white")
+    return fig
+
+
+# ----------------------------------------------------------------------------- MetaPruning
+def search_progress(generations: pd.DataFrame, *,
+                    title: str = "MetaPruning search: best accuracy per generation"):
+    """Best validation accuracy so far per generation of an evolutionary search (Liu et al.
+    2019, Algorithm 1), one line per (budget, seed) when the frame has them, from
+    ``pl.metapruning.SearchResult.generations`` or ``Comparison.searches``."""
+    go = _go()
+    _require(generations, ["generation", "best_accuracy"])
+    fig = go.Figure()
+    keys = [k for k in ("budget", "seed") if k in generations.columns]
+    groups = generations.groupby(keys, sort=True) if keys else [((), generations)]
+    for key, part in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        label = ", ".join(f"{k} = {v:g}" for k, v in zip(keys, key)) or "search"
+        fig.add_trace(go.Scatter(x=part["generation"], y=part["best_accuracy"],
+                                 mode="lines+markers", name=f"best ({label})"))
+        if "generation_mean" in part.columns and not keys:
+            fig.add_trace(go.Scatter(x=part["generation"], y=part["generation_mean"],
+                                     mode="lines", line={"dash": "dot"}, name="generation mean"))
+    fig.update_layout(template="plotly_white", title=title, xaxis_title="generation",
+                      yaxis_title="validation accuracy (generated weights, fraction)")
+    return fig
+
+
+def accuracy_vs_flops(frame: pd.DataFrame, *, x: str = "budget", y: str = "accuracy",
+                      color: str = "method", reference: str | None = "dense",
+                      title: str | None = None):
+    """Accuracy vs FLOPs budget (fraction of the dense network's), mean ± std over seeds, one
+    line per method; the ``reference`` method (the dense net) as a horizontal line (MetaPruning
+    comparison, ``pl.metapruning.compare(...).frame``)."""
+    go = _go()
+    _require(frame, [x, y, color])
+    rest = frame[frame[color] != reference] if reference is not None else frame
+    agg = V.aggregate(rest, x, y, color)
+    colors = V.palette(list(pd.unique(agg[color])))
+    fig = go.Figure()
+    for name, part in agg.groupby(color, sort=False):
+        fig.add_trace(go.Scatter(x=part[x], y=part["mean"], mode="lines+markers",
+                                 name=V.display_name(name), line={"color": colors[name]},
+                                 error_y={"type": "data", "array": part["std"]}))
+    if reference is not None and (frame[color] == reference).any():
+        fig.add_hline(y=float(frame.loc[frame[color] == reference, y].mean()), line_dash="dash",
+                      line_color="gray", annotation_text=V.display_name(reference))
+    fig.update_layout(template="plotly_white", title=title,
+                      xaxis_title="FLOPs budget (fraction of the dense network)",
+                      yaxis_title=V.axis_label(y, frame))
     return fig

@@ -21,12 +21,14 @@ NOTEBOOKS = ROOT / "notebooks"
 # < data; connectivity's path toolkit and the explore engine sit just below the studies that use
 # them: lottery's instability, curves, collapse and the widgets).
 LAYERS = [
-    {"paths", "_parametrize", "store", "executors", "results"}, {"download"}, {"batches"}, {"data_readers"},
+    {"paths", "_parametrize", "store", "executors", "results"}, {"download"}, {"batches"},
+    {"data_readers"},
     {"data"}, {"models"}, {"train"}, {"metrics"}, {"zoo"}, {"graph"}, {"semistructured"},
     {"selection"}, {"criteria"}, {"masks"}, {"config"}, {"pruning"}, {"surgery"},
     {"connectivity", "explore", "landscape"},
     {"units", "curves", "collapse", "lottery", "at_init", "compression"},
-    {"mrp", "structured"}, {"experiments"}, {"views"}, {"plots"}, {"figures"}, {"widgets"},
+    {"mrp", "structured"}, {"metapruning"}, {"experiments"}, {"views"}, {"plots"}, {"figures"},
+    {"widgets"},
 ]
 #: A module longer than this says why in its docstring ("Over 500 lines because ...").
 MAX_LINES = 500
