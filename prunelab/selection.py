@@ -227,10 +227,71 @@ def _select(scores: Scores, sparsity, scope: str, layer_sparsity, previous) -> M
         return {n: prune_lowest(s, n_pruned(sparsity, s.numel())) for n, s in ranked.items()}
     if scope == "normalized":
         ranked = _normalized(ranked)
-    flat = torch.cat([s.flatten() for s in ranked.values()])
-    keep = prune_lowest(flat, n_pruned(sparsity, flat.numel()))
-    parts = keep.split([s.numel() for s in ranked.values()])
-    return {n: m.view_as(s) for (n, s), m in zip(ranked.items(), parts)}
+    total = sum(s.numel() for s in ranked.values())
+    keeps = prune_lowest_parts(list(ranked.values()), n_pruned(sparsity, total))
+    return dict(zip(ranked, keeps))
+
+
+def prune_lowest_parts(parts: list[Tensor], k: int) -> list[Tensor]:
+    """:func:`prune_lowest` over the concatenation of ``parts`` (global selection), returned as
+    one keep-mask per part, without building the concatenation for large inputs.
+
+    Same rule and same masks: the k lowest pruned, ties by global index. For ≥ 2M entries a
+    seeded sample brackets the k-th value; each part is compared with the bracket once and only
+    the ~1 % of entries inside it are gathered for ``kthvalue``; ties at the threshold are
+    resolved part by part in index order. Any miss of the bracket (or a threshold at −inf, i.e.
+    earlier-pruned entries) takes the exact concatenating path.
+    """
+    sizes = [p.numel() for p in parts]
+    n = sum(sizes)
+    flats = [p.reshape(-1) for p in parts]
+    if n >= 2_000_000 and 0 < k < n:
+        keeps = _bracketed_parts(flats, k, n)
+        if keeps is not None:
+            return [kp.view(p.shape) for kp, p in zip(keeps, parts)]
+    keep = prune_lowest(torch.cat(flats), k)
+    return [m.view(p.shape) for m, p in zip(keep.split(sizes), parts)]
+
+
+def _bracketed_parts(flats: list[Tensor], k: int, n: int) -> list[Tensor] | None:
+    m = 50_000
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, n, (m,), generator=gen)
+    ends = torch.tensor([f.numel() for f in flats]).cumsum(0)
+    which = torch.searchsorted(ends, idx, right=True)
+    starts = ends - torch.tensor([f.numel() for f in flats])
+    sample = torch.empty(m, dtype=flats[0].dtype)
+    for i, f in enumerate(flats):
+        sel = which == i
+        if sel.any():
+            sample[sel] = f[(idx[sel] - starts[i]).to(f.device)].cpu()
+    sample = sample.sort().values
+    q = k / n
+    margin = 5 * math.sqrt(q * (1 - q) / m) + 2 / m
+    lo_i, hi_i = math.floor((q - margin) * m), math.ceil((q + margin) * m)
+    if lo_i <= 0 or hi_i >= m:
+        return None
+    lo, hi = sample[lo_i].item(), sample[hi_i].item()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    below, cands = 0, []
+    for f in flats:
+        ge = f >= lo
+        below += f.numel() - int(torch.count_nonzero(ge))
+        cands.append(f[ge & (f <= hi)])
+    inside = sum(c.numel() for c in cands)
+    if not below < k <= below + inside:
+        return None
+    t = torch.kthvalue(torch.cat(cands), k - below).values
+    need = k - below - sum(int(torch.count_nonzero(c < t)) for c in cands)  # ties to prune
+    keeps = [f > t for f in flats]
+    for f, c, keep in zip(flats, cands, keeps):
+        ties = int(torch.count_nonzero(c == t))  # every entry equal to t lies in the bracket
+        pruned_here = min(need, ties)
+        need -= pruned_here
+        if ties > pruned_here:
+            keep[torch.nonzero(f == t).flatten()[pruned_here:]] = True
+    return keeps
 
 
 class Ranking:

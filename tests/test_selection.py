@@ -108,3 +108,29 @@ def test_select_goes_through_prune_lowest(monkeypatch):
     calls = counting(monkeypatch)
     S.select({"a.weight": torch.arange(10.0)}, 0.3)
     assert calls == [3]
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "dead"])
+def test_global_selection_of_large_parts_equals_the_concatenated_selection(kind):
+    """Above 2M entries the global cut brackets the threshold part by part instead of
+    concatenating; the masks must be those of prune_lowest on the concatenation."""
+    import math
+
+    g = torch.Generator().manual_seed(1)
+    if kind == "continuous":
+        parts = [torch.rand(1500, 1000, generator=g), torch.rand(700_000, generator=g)]
+    elif kind == "ties":
+        parts = [torch.randint(0, 50, (1_200_000,), generator=g).float(),
+                 torch.randint(0, 50, (1000, 900), generator=g).float()]
+    else:
+        a = torch.rand(3_000_000, generator=g)
+        a[:500_000] = -math.inf  # pruned in an earlier stage
+        parts = [a, torch.rand(100_000, generator=g)]
+    n = sum(p.numel() for p in parts)
+    flat = torch.cat([p.reshape(-1) for p in parts])
+    for frac in (0.01, 0.5, 0.99):
+        k = int(frac * n)
+        want = S.prune_lowest(flat, k).split([p.numel() for p in parts])
+        got = S.prune_lowest_parts(parts, k)
+        assert all(torch.equal(x.reshape(-1), y) for x, y in zip(got, want))
+        assert sum(int((~x).sum()) for x in got) == k
