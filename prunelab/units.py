@@ -43,9 +43,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunelab import batches as B
 from prunelab.graph import is_parametrized, layer_graph, plain_copy
 
 
@@ -186,11 +186,54 @@ def _count(n: int, name: str, fraction: float | None, count: int | None) -> int:
 
 # ------------------------------------------------------------------------------ statistics
 
-def _as_units(x: Tensor, n: int, flatten: int | None) -> Tensor:
-    """A consumer input as ``(N, n, positions)``."""
+def _as_units(x: Tensor, n: int, flatten: int | None, linear: bool = False) -> Tensor:
+    """A consumer input as ``(N, n, positions)``: a Linear consumer reads units in its last
+    dimension (a sequence ``(N, T, n)`` has T positions), a conv in dimension 1."""
     if x.dim() == 2:
         return x.reshape(x.shape[0], n, flatten or 1)
+    if linear:
+        return x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2)
     return x.flatten(2)
+
+
+def objective_of(loss=None, output=None, loss_fn=None) -> B.Objective:
+    """The :class:`prunelab.batches.Objective` of ``loss=``/``output=``; the older ``loss_fn``
+    (a callable ``(output, y) -> mean loss``) is taken as ``loss=loss_fn``."""
+    if loss_fn is not None:
+        if loss not in (None, "cross_entropy"):
+            raise ValueError(f"give loss= or loss_fn=, not both (got loss={loss!r})")
+        if isinstance(loss_fn, B.Objective):
+            return B.objective(loss_fn, output)
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be a callable (output, y) -> mean loss, got "
+                            f"{type(loss_fn).__name__}")
+        loss = loss_fn
+    return B.objective(loss, output)
+
+
+def check_batch(model: nn.Module, batch, objective: B.Objective, what: str = "batch"):
+    """``batch`` as ``(x, y)`` on the model's device and dtype, from (x, y) tensors, a Dataset or
+    a DataLoader; ValueError/TypeError for an empty batch, NaN/inf inputs, inputs the model cannot
+    take or targets that do not fit its outputs (one example is run first)."""
+    x, y = B.as_batch(batch, what=what)
+    B.check_inputs(x, what)
+    x, y = B.to_model(x, model), B.to_model(y, model)
+    B.probe(model, x, y, objective, what=f"units: {what}")
+    return x, y
+
+
+def check_finite_layers(model: nn.Module, units: list[Unit]) -> None:
+    """ValueError naming the chosen layers or consumers whose weights hold NaN or inf (their
+    unit scores would be NaN and sort arbitrarily)."""
+    bad = []
+    for u in units:
+        for name in (u.module, *(c for c, _ in u.consumers)):
+            w = model.get_submodule(name).weight
+            if not bool(torch.isfinite(w).all()) and name not in bad:
+                bad.append(name)
+    if bad:
+        raise ValueError(f"units: the weights of layer(s) {bad} contain NaN or inf; refusing to "
+                         "score their units")
 
 
 def unit_statistics(model: nn.Module, units: list[Unit], batch, loss_fn, need_grad: bool):
@@ -198,8 +241,16 @@ def unit_statistics(model: nn.Module, units: list[Unit], batch, loss_fn, need_gr
     chosen layer: ``{module: [(a, ā, dL/da or None) per consumer]}``.
 
     ``ā`` is per unit and flattened position for Linear consumers, per channel (over examples
-    and positions, MRP Sec. 3.2) for conv consumers. ``L`` is the mean loss over the batch.
+    and positions, MRP Sec. 3.2) for conv consumers and for Linear consumers of sequences (a bias
+    cannot vary per token). ``L`` is the mean loss over the batch. ``batch`` is ``(x, y)`` on the
+    model's device (see :func:`check_batch`); ``loss_fn`` a :class:`prunelab.batches.Objective`
+    or a callable ``(output, y) -> mean loss``. The model runs in eval mode with every module's
+    own training flag restored afterwards.
+
+    Raises:
+        ValueError: statistics holding NaN or inf (a NaN batch or weight), naming the layer.
     """
+    obj = loss_fn if isinstance(loss_fn, B.Objective) else objective_of(loss_fn=loss_fn)
     x, y = batch
     captured: dict[str, Tensor] = {}
     handles = []
@@ -212,31 +263,36 @@ def unit_statistics(model: nn.Module, units: list[Unit], batch, loss_fn, need_gr
     wanted = {c for u in units for c, _ in u.consumers}
     for name in wanted:
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.enable_grad():
-            inp = x.detach().clone().requires_grad_(need_grad and x.is_floating_point())
-            out = model(inp)
+        with B.evaluating(model), torch.enable_grad():
+            # inputs that need a gradient, so dL/da exists even with frozen parameters
+            inp = B.map_tensors(x, lambda t: t.detach().clone().requires_grad_(
+                need_grad and t.is_floating_point()))
+            out = obj.forward(model, inp)
             grads = {}
             if need_grad:
-                loss = loss_fn(out, y)
+                loss = obj.value(out, y)
                 names = sorted(wanted)
                 gs = torch.autograd.grad(loss, [captured[c] for c in names], allow_unused=True)
                 grads = {c: (torch.zeros_like(captured[c]) if g is None else g)
                          for c, g in zip(names, gs)}
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     stats = {}
     for u in units:
         per = []
         for cname, flat in u.consumers:
-            a = _as_units(captured[cname].detach(), u.n, flat)
-            conv_consumer = captured[cname].dim() > 2
-            mean = a.mean(dim=(0, 2), keepdim=True) if conv_consumer else a.mean(0, keepdim=True)
-            g = _as_units(grads[cname], u.n, flat) if need_grad else None
+            linear = isinstance(model.get_submodule(cname), nn.Linear)
+            a = _as_units(captured[cname].detach(), u.n, flat, linear)
+            by_channel = captured[cname].dim() > 2
+            mean = a.mean(dim=(0, 2), keepdim=True) if by_channel else a.mean(0, keepdim=True)
+            g = _as_units(grads[cname], u.n, flat, linear) if need_grad else None
+            if not bool(torch.isfinite(a).all()) or (g is not None
+                                                     and not bool(torch.isfinite(g).all())):
+                raise ValueError(f"units: the activations or gradients of layer {u.module!r} "
+                                 "(as its consumer reads them) hold NaN or inf on this batch; "
+                                 "check the batch and the weights")
             per.append((a, mean, g))
         stats[u.module] = per
     return stats
@@ -314,7 +370,17 @@ def score_units(model: nn.Module, units: list[Unit], base: str, stats, seed: int
                          f"{', '.join(UNIT_SCORES)}")
     fn = UNIT_SCORES[base]
     gen = torch.Generator().manual_seed(int(seed))
-    return {u.module: fn(model, u, stats, gen).detach().cpu() for u in units}
+    out = {}
+    for u in units:
+        s = fn(model, u, stats, gen).detach().cpu()
+        if s.shape != (u.n,):
+            raise ValueError(f"unit score {base!r} returned shape {tuple(s.shape)} for layer "
+                             f"{u.module!r}, expected ({u.n},)")
+        if torch.isnan(s).any():  # NaN would sort last and keep the unit
+            raise ValueError(f"unit score {base!r} is NaN for layer {u.module!r} (units "
+                             f"{torch.nonzero(torch.isnan(s)).flatten().tolist()[:8]})")
+        out[u.module] = s
+    return out
 
 
 def _given_scores(unit_scores: Mapping[str, Tensor], units: list[Unit]) -> dict:
@@ -342,12 +408,12 @@ def _lowest(scores: Tensor, k: int) -> list[int]:
 
 # ------------------------------------------------------------------------------ surgery
 
-def _columns(n: int, flat: int | None, idx: list[int]) -> Tensor:
+def _columns(n: int, flat: int | None, idx: list[int], device=None) -> Tensor:
     """Consumer input columns of units ``idx`` (blocks of ``flat`` columns after a flatten)."""
     if flat is None:
-        return torch.tensor(idx, dtype=torch.long)
-    return (torch.tensor(idx, dtype=torch.long)[:, None] * flat
-            + torch.arange(flat)[None, :]).reshape(-1)
+        return torch.tensor(idx, dtype=torch.long, device=device)
+    return (torch.tensor(idx, dtype=torch.long, device=device)[:, None] * flat
+            + torch.arange(flat, device=device)[None, :]).reshape(-1)
 
 
 @torch.no_grad()
@@ -358,16 +424,16 @@ def _propagate(model: nn.Module, u: Unit, idx: list[int], stats) -> Tensor:
         m = model.get_submodule(cname)
         mean = mean[0]  # (n, P) or (n, 1)
         means = mean if means is None else means
-        sel = torch.tensor(idx, dtype=torch.long)
         w = m.weight
+        sel = torch.tensor(idx, dtype=torch.long, device=mean.device)
         if isinstance(m, nn.Linear):
-            cols = _columns(u.n, flat, idx)
+            cols = _columns(u.n, flat, idx, w.device)
             delta = w[:, cols] @ mean[sel].reshape(-1).to(w.dtype)
         else:
             delta = (w[:, sel].flatten(2).sum(2) * mean[sel, 0].to(w.dtype)).sum(1)
         if m.bias is None:
             m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
-        m.bias.add_(delta.to(m.bias.device))
+        m.bias.add_(delta.to(device=m.bias.device, dtype=m.bias.dtype))
     return means
 
 
@@ -377,7 +443,8 @@ def _mask(model: nn.Module, u: Unit, idx: list[int], masks: dict[str, Tensor]) -
         m = model.get_submodule(cname)
         key = f"{cname}.weight"
         mask = masks.setdefault(key, torch.ones_like(m.weight, dtype=torch.bool))
-        cols = _columns(u.n, flat, idx) if isinstance(m, nn.Linear) else torch.tensor(idx)
+        cols = (_columns(u.n, flat, idx, m.weight.device) if isinstance(m, nn.Linear)
+                else torch.tensor(idx, device=m.weight.device))
         mask[:, cols] = False
         m.weight[:, cols] = 0
 
@@ -390,8 +457,8 @@ def _keep(n: int, idx: list[int]) -> Tensor:
 @torch.no_grad()
 def _remove(model: nn.Module, u: Unit, idx: list[int]) -> None:
     """Physically drop units ``idx``: rows, bias and BN entries, consumer columns/channels."""
-    keep = _keep(u.n, idx)
     m = model.get_submodule(u.module)
+    keep = _keep(u.n, idx).to(m.weight.device)
     m.weight = nn.Parameter(m.weight[keep].clone(), requires_grad=m.weight.requires_grad)
     if m.bias is not None:
         m.bias = nn.Parameter(m.bias[keep].clone(), requires_grad=m.bias.requires_grad)
@@ -423,14 +490,19 @@ def _remove(model: nn.Module, u: Unit, idx: list[int]) -> None:
 # ------------------------------------------------------------------------------ public API
 
 def score(model: nn.Module, score: str = "abs_mrs", *, layers: Sequence[str] | None = None,
-          batch=None, seed: int = 0,
+          batch=None, seed: int = 0, loss="cross_entropy", output=None,
           loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> dict[str, Tensor]:
-    """Per-unit scores of MRP Table 1 (lower = pruned first); see :func:`prune` for definitions."""
+    """Per-unit scores of MRP Table 1 (lower = pruned first); see :func:`prune` for definitions
+    and for ``batch``, ``loss``, ``output`` and ``loss_fn``. The model is never modified (its
+    modules' training flags included)."""
     base, _ = parse_score(score)
     units = layer_units(model, layers)
+    obj = objective_of(loss, output, loss_fn)
+    check_finite_layers(model, units)
     if base in DATA_SCORES and batch is None:
-        raise ValueError(f"score {score!r} is data-dependent: pass batch=(x, y)")
-    stats = (unit_statistics(model, units, batch, loss_fn or F.cross_entropy, base in DATA_SCORES)
+        raise ValueError(f"score {score!r} is data-dependent: pass batch=(x, y), a Dataset or a "
+                         "DataLoader")
+    stats = (unit_statistics(model, units, check_batch(model, batch, obj), obj, True)
              if base in DATA_SCORES else None)
     return score_units(model, units, base, stats, seed)
 
@@ -438,6 +510,7 @@ def score(model: nn.Module, score: str = "abs_mrs", *, layers: Sequence[str] | N
 def prune(model: nn.Module, *, fraction: float | None = None, count: int | None = None,
           score: str = "bp_abs_mrs", layers: Sequence[str] | None = None, batch=None,
           seed: int = 0, inplace: bool = False, physical: bool = False,
+          loss="cross_entropy", output=None,
           loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
           unit_scores: Mapping[str, Tensor] | None = None,
           mean_replacement: bool | None = None, stats=None) -> UnitPruneResult:
@@ -469,11 +542,17 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
         count: Number of units to prune in each layer, or a mapping module name -> count.
         score: A tag of :data:`SCORES`.
         layers: Module names (``"features.0"``); default every prunable layer but the last.
-        batch: ``(x, y)``; needed by the Taylor scores and by every ``bp_`` score.
+        batch: ``(x, y)`` tensors (``x`` a tensor, a mapping -> ``model(**x)`` or a tuple), a
+            Dataset or a DataLoader; needed by the Taylor scores and by every ``bp_`` score.
+            Moved to the model's device and dtype; one example is run first, so labels out of
+            range, a wrong input width or float labels are named here.
         seed: Seed of ``rand``.
         inplace: Modify ``model`` itself (not allowed for models carrying parametrizations).
         physical: Remove the units, giving a smaller dense model with the same function.
-        loss_fn: ``loss_fn(output, y)``, a mean over the batch; default cross-entropy.
+        loss: ``"cross_entropy"`` (default; per-token ``(N, T, C)`` outputs too), ``"mse"`` or a
+            callable ``(output, y) -> mean loss`` (see :mod:`prunelab.batches`).
+        output: Optional callable ``model output -> tensor``.
+        loss_fn: Older name of a callable ``loss`` (``loss_fn(output, y)``, a mean).
         unit_scores: Precomputed scores, module name -> one value per unit (lower = pruned
             first), e.g. from the structured criteria of :mod:`prunelab.structured`; they must
             cover exactly the chosen layers. ``score`` is then only a label and is not checked.
@@ -486,9 +565,9 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
         :class:`UnitPruneResult`.
 
     Raises:
-        ValueError: Bad fraction/count, unknown score or layer, missing batch, pruning every
-            unit of a layer, or a layer whose units cannot be removed through its consumers.
-            The model is unchanged.
+        ValueError: Bad fraction/count, unknown score or layer, missing, empty or NaN batch,
+            NaN weights or scores (named by layer), pruning every unit of a layer, or a layer
+            whose units cannot be removed through its consumers. The model is unchanged.
     """
     if unit_scores is None:
         base, bp = parse_score(score)
@@ -526,13 +605,21 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
     if inplace and is_parametrized(model):
         raise ValueError("inplace=True on a model with parametrizations (masks) is not "
                          "supported; pass inplace=False to get a pruned plain copy")
+    obj = objective_of(loss, output, loss_fn)
     units = layer_units(model, layers)
     counts = {u.module: _count(u.n, u.module, _of_layer(fraction, u.module),
                                _of_layer(count, u.module)) for u in units}
-
-    if stats is None:
-        stats = (unit_statistics(model, units, batch, loss_fn or F.cross_entropy,
-                                 base in DATA_SCORES) if needs_data else None)
+    if unit_scores is None:
+        check_finite_layers(model, units)
+    examples = 0
+    if stats is None and needs_data:
+        batch = check_batch(model, batch, obj)
+        examples = B.length(batch[0])
+        stats = unit_statistics(model, units, batch, obj, base in DATA_SCORES)
+    elif stats:
+        examples = int(next(iter(stats.values()))[0][0].shape[0])
+    elif batch is not None:  # not needed by this score; only counted
+        examples = B.length(B.as_batch(batch, what="batch")[0])
     if unit_scores is None:
         scores = score_units(model, units, base, stats, seed)
     else:
@@ -555,9 +642,6 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
         for u in units:
             if pruned[u.module]:
                 _remove(target, u, pruned[u.module])
-    examples = int(batch[0].shape[0]) if batch is not None else 0
-    if examples == 0 and stats:
-        examples = int(next(iter(stats.values()))[0][0].shape[0])
     return UnitPruneResult(model=target, pruned=pruned, scores=scores,
                            sizes={u.module: u.n for u in units}, examples=examples, score=score,
                            mean_replacement=bp, physical=physical, masks=masks, means=means)
