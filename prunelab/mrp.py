@@ -31,7 +31,9 @@ __all__ = ["PenaltyRecorder", "PenaltyStudy", "penalty_study", "penalty_profile"
 
 
 def _loss(model: nn.Module, batch, objective) -> float:
-    """Mean loss of ``model`` on ``batch`` in eval mode (every module's own flag restored)."""
+    """Mean loss of ``model`` on ``batch`` in eval mode (every module's own flag restored);
+    ``objective`` an Objective or a loss callable ``(output, y) -> mean``."""
+    objective = objective_of(loss_fn=objective)
     x, y = B.to_model(batch[0], model), B.to_model(batch[1], model)
     with B.evaluating(model), torch.no_grad():
         return float(objective.value(objective.forward(model, x), y))
