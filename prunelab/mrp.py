@@ -102,7 +102,7 @@ class PenaltyRecorder:
         if not scores:
             raise ValueError("scores must name at least one score tag")
         self.batch = B.as_batch(batch, what="batch")
-        B.check_inputs(self.batch[0], "batch")
+        B.check_inputs(self.batch[0], "batch inputs")
         self.every = every
         self.fraction = float(fraction)
         self.layers = [layers] if isinstance(layers, str) else (

@@ -80,7 +80,7 @@ def _inputs(batch, criterion: str, model: nn.Module):
         x = batch
     else:
         x, _ = B.as_batch(batch, what="batch")
-    B.check_inputs(x, "batch")
+    B.check_inputs(x, "batch inputs")
     return B.to_model(x, model)
 
 

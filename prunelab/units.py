@@ -216,7 +216,7 @@ def check_batch(model: nn.Module, batch, objective: B.Objective, what: str = "ba
     a DataLoader; ValueError/TypeError for an empty batch, NaN/inf inputs, inputs the model cannot
     take or targets that do not fit its outputs (one example is run first)."""
     x, y = B.as_batch(batch, what=what)
-    B.check_inputs(x, what)
+    B.check_inputs(x, f"{what} inputs")
     x, y = B.to_model(x, model), B.to_model(y, model)
     B.probe(model, x, y, objective, what=f"units: {what}")
     return x, y
