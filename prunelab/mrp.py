@@ -157,7 +157,8 @@ class PenaltyRecorder:
             loss_dense = _loss(dense, self.batch, self.objective)
             # one forward/backward for every score: the statistics only depend on the dense copy
             batch = (B.to_model(self.batch[0], dense), B.to_model(self.batch[1], dense))
-            stats = unit_statistics(dense, layer_units(dense, self.layers), batch,
+            stats = unit_statistics(dense, layer_units(dense, self.layers,
+                                                       B.take(batch[0], slice(0, 1))), batch,
                                     self.objective,
                                     any(parse_score(t)[0] in DATA_SCORES for t in self.scores))
             self.sq_activations[int(step)] = {

@@ -84,15 +84,23 @@ def _inputs(batch, criterion: str, model: nn.Module):
     return B.to_model(x, model)
 
 
-def _chosen(model: nn.Module, criterion: str, layers) -> list:
+def _example(batch, model: nn.Module):
+    """One example of ``batch``'s inputs (for the layer graph of a model fx cannot trace)."""
+    if batch is None:
+        return None
+    x = batch if isinstance(batch, Tensor) else B.as_batch(batch, 1, what="batch")[0]
+    return B.to_model(B.take(x, slice(0, 1)), model)
+
+
+def _chosen(model: nn.Module, criterion: str, layers, batch=None) -> list:
     """The :mod:`prunelab.units` layers to score, restricted to those the criterion applies to."""
     explicit = layers is not None
-    chosen = units.layer_units(model, layers)
+    chosen = units.layer_units(model, layers, _example(batch, model))
     if criterion == "hrank":
         ok = [u for u in chosen if isinstance(model.get_submodule(u.module), nn.Conv2d)]
         what = "Conv2d layers (HRank ranks h×w feature maps)"
     elif criterion == "bn-scale":
-        graph = G.layer_graph(model)
+        graph = G.layer_graph(model, _example(batch, model))
         ok = [u for u in chosen if graph[u.weight].bn is not None]
         what = "layers with a BatchNorm directly after them"
     else:
@@ -189,7 +197,7 @@ def hrank(model: nn.Module, chosen: list, batch, seed: int) -> dict[str, Tensor]
 def bn_scale(model: nn.Module, chosen: list, batch, seed: int) -> dict[str, Tensor]:
     """``bn-scale``: ``|γ_k|`` of the BatchNorm directly after the layer (network slimming,
     Liu et al. ICCV 2017, Sec. 3; polarization pruning, Zhuang et al. NeurIPS 2020, Sec. 3)."""
-    graph = G.layer_graph(model)
+    graph = G.layer_graph(model, _example(batch, model))
     out = {}
     for u in chosen:
         bn = model.get_submodule(graph[u.weight].bn)
@@ -245,7 +253,7 @@ def score(model: nn.Module, criterion: str, *, layers: Sequence[str] | str | Non
     """
     criterion = _check_criterion(criterion)
     seed = _check_seed(seed)
-    chosen = _chosen(model, criterion, layers)
+    chosen = _chosen(model, criterion, layers, batch)
     return CRITERIA[criterion](model, chosen, batch, seed)
 
 
@@ -285,10 +293,10 @@ def prune(model: nn.Module, criterion: str, *, fraction: float | None = None,
 
 
 def _unit_batch(batch, mean_replacement: bool):
-    """The batch :func:`prunelab.units.prune` needs: (x, y) data for mean replacement, else
-    nothing (an input tensor alone only serves HRank)."""
-    if not mean_replacement:
-        return None
+    """The batch :func:`prunelab.units.prune` gets: (x, y) data (required for mean
+    replacement); an input tensor alone only serves HRank."""
+    if not mean_replacement:  # still handed over: it gives the graph of an untraceable model
+        return None if isinstance(batch, Tensor) else batch
     if batch is None or isinstance(batch, Tensor):
         raise ValueError("mean replacement needs batch=(x, y), a Dataset or a DataLoader, got "
                          f"{'None' if batch is None else 'an input tensor without targets'}")
@@ -430,7 +438,7 @@ def prune_by_threshold(model: nn.Module, threshold: float, *,
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
             or not math.isfinite(threshold) or threshold < 0:
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
-    scores = score(model, "bn-scale", layers=layers)
+    scores = score(model, "bn-scale", layers=layers, batch=batch)
     counts = {}
     for name, s in scores.items():
         counts[name] = int((s < threshold).sum())
@@ -441,7 +449,7 @@ def prune_by_threshold(model: nn.Module, threshold: float, *,
     batch = _unit_batch(batch, mean_replacement)
     if mean_replacement and batch is None:
         raise ValueError("mean replacement needs batch=(x, y)")
-    chosen = units.layer_units(model, list(scores))
+    chosen = units.layer_units(model, list(scores), _example(batch, model))
     # Dense-model statistics shared by every per-layer call: the same result as one call that
     # prunes all layers at once (each consumer reads one chosen layer only, see
     # units.layer_units).

@@ -126,10 +126,25 @@ def parse_score(score: str) -> tuple[str, bool]:
     return score, False
 
 
-def layer_units(model: nn.Module, layers: Iterable[str] | None) -> list[Unit]:
+def layer_units(model: nn.Module, layers: Iterable[str] | None, example=None) -> list[Unit]:
     """The :class:`Unit` of each chosen layer (module names; default every prunable layer but
-    the last), or ValueError for a layer whose units cannot be removed through its consumers."""
-    graph = layer_graph(model)
+    the last), or ValueError for a layer whose units cannot be removed through its consumers.
+
+    The consumers come from the layer graph: torch.fx where the model traces, else the autograd
+    graph of one forward pass on ``example`` (model inputs: a tensor, mapping or tuple). A model
+    that neither traces nor comes with an example is refused (ValueError): a chain guess in
+    registration order would name wrong consumers (attention, residual blocks) and zero the
+    wrong columns.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the chain fallback's warning: refused below instead
+        graph = layer_graph(model, example)
+    if graph.source == "chain":
+        raise ValueError(f"units: torch.fx cannot trace {type(model).__name__}, so its layer "
+                         "graph must be read from one forward pass: pass batch=(x, y) (also for "
+                         "the data-free scores); a guessed chain of layers is never used")
     by_module = {graph[w].module: graph[w] for w in graph.names}
     if layers is None:
         chosen = [graph[w].module for w in graph.names[:-1]]
@@ -148,15 +163,17 @@ def layer_units(model: nn.Module, layers: Iterable[str] | None) -> list[Unit]:
             raise ValueError(f"layer {name!r} is a grouped conv (groups={layer.groups}); unit "
                              "pruning supports groups=1 only")
         if layer.external_out or not layer.next:
-            raise ValueError(f"layer {name!r}: its output reaches the model output or an "
-                             "operation the layer graph cannot see through, so its units cannot "
-                             "be removed through consumer layers (the last layer's units are the "
-                             "classes)")
+            raise ValueError(f"units: layer {name!r}: its output reaches the model output or an "
+                             "operation the layer graph cannot see through (attention, a "
+                             "concatenation, a functional op), so its units cannot be removed "
+                             "through consumer layers (the last layer's units are the classes); "
+                             "name prunable layers with layers= (e.g. the first Linear of a "
+                             "feed-forward block)")
         consumers, bns = [], []
         for e in layer.outputs:
             dst = graph[e.dst]
             if dst.prev != (layer.name,) or dst.external_in:
-                raise ValueError(f"layer {name!r}: its consumer {dst.module!r} also receives "
+                raise ValueError(f"units: layer {name!r}: its consumer {dst.module!r} also receives "
                                  f"{[p for p in dst.prev if p != layer.name] or 'other inputs'} "
                                  "(residual add or concatenation); unit pruning needs each "
                                  "consumer to read this layer alone")
@@ -496,14 +513,14 @@ def score(model: nn.Module, score: str = "abs_mrs", *, layers: Sequence[str] | N
     and for ``batch``, ``loss``, ``output`` and ``loss_fn``. The model is never modified (its
     modules' training flags included)."""
     base, _ = parse_score(score)
-    units = layer_units(model, layers)
     obj = objective_of(loss, output, loss_fn)
-    check_finite_layers(model, units)
     if base in DATA_SCORES and batch is None:
         raise ValueError(f"score {score!r} is data-dependent: pass batch=(x, y), a Dataset or a "
                          "DataLoader")
-    stats = (unit_statistics(model, units, check_batch(model, batch, obj), obj, True)
-             if base in DATA_SCORES else None)
+    batch = None if batch is None else check_batch(model, batch, obj)
+    units = layer_units(model, layers, None if batch is None else B.take(batch[0], slice(0, 1)))
+    check_finite_layers(model, units)
+    stats = (unit_statistics(model, units, batch, obj, True) if base in DATA_SCORES else None)
     return score_units(model, units, base, stats, seed)
 
 
@@ -606,20 +623,19 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
         raise ValueError("inplace=True on a model with parametrizations (masks) is not "
                          "supported; pass inplace=False to get a pruned plain copy")
     obj = objective_of(loss, output, loss_fn)
-    units = layer_units(model, layers)
+    examples = 0
+    if batch is not None and (stats is None or not needs_data):
+        batch = check_batch(model, batch, obj)
+        examples = B.length(batch[0])
+    units = layer_units(model, layers, None if batch is None else B.take(batch[0], slice(0, 1)))
     counts = {u.module: _count(u.n, u.module, _of_layer(fraction, u.module),
                                _of_layer(count, u.module)) for u in units}
     if unit_scores is None:
         check_finite_layers(model, units)
-    examples = 0
     if stats is None and needs_data:
-        batch = check_batch(model, batch, obj)
-        examples = B.length(batch[0])
         stats = unit_statistics(model, units, batch, obj, base in DATA_SCORES)
     elif stats:
         examples = int(next(iter(stats.values()))[0][0].shape[0])
-    elif batch is not None:  # not needed by this score; only counted
-        examples = B.length(B.as_batch(batch, what="batch")[0])
     if unit_scores is None:
         scores = score_units(model, units, base, stats, seed)
     else:
