@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -192,7 +193,7 @@ def _of_layer(value, name: str):
 
 def _count(n: int, name: str, fraction: float | None, count: int | None) -> int:
     if fraction is not None:
-        k = int(math.floor(fraction * n + 0.5))
+        k = int(math.floor(float(str(fraction)) * n + 0.5))  # np.float32(0.4) read as 0.4
     else:
         k = int(count)
     if k >= n:
@@ -610,10 +611,11 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
     values = per_layer.items() if isinstance(per_layer, Mapping) else [(None, per_layer)]
     for name, v in values:
         where = f"[{name!r}]" if name is not None else ""
-        if fraction is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
+        if fraction is not None and not (isinstance(v, numbers.Real) and not isinstance(v, bool)
                                          and 0.0 < float(v) < 1.0):
             raise ValueError(f"fraction{where} must be in (0, 1), got {v!r}")
-        if count is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        if count is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)
+                                  or v < 0):
             raise ValueError(f"count{where} must be a non-negative int, got {v!r}")
     needs_data = base in DATA_SCORES or bp
     if needs_data and batch is None and stats is None:
