@@ -174,7 +174,8 @@ def layer_units(model: nn.Module, layers: Iterable[str] | None, example=None) ->
         for e in layer.outputs:
             dst = graph[e.dst]
             if dst.prev != (layer.name,) or dst.external_in:
-                raise ValueError(f"units: layer {name!r}: its consumer {dst.module!r} also receives "
+                raise ValueError(f"units: layer {name!r}: its consumer {dst.module!r} also "
+                                 f"receives "
                                  f"{[p for p in dst.prev if p != layer.name] or 'other inputs'} "
                                  "(residual add or concatenation); unit pruning needs each "
                                  "consumer to read this layer alone")

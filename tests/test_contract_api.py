@@ -218,6 +218,27 @@ def test_interpolate_on_models_and_dataloaders(model_name):
         assert frame["loss"].iloc[0] == pytest.approx(pl.metrics.loss(a, batch, **kw), rel=1e-6)
 
 
+@pytest.mark.parametrize("model_name", ["mlp", "float64", "regression", "tokens"])
+def test_curves_fit_frame_and_ensemble(model_name):
+    a, batch, kw = make(model_name)
+    b, _, _ = make(model_name)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.1)
+    sa = snapshot(a)
+    curve = pl.curves.bezier(a, b)
+    data = batch if model_name == "tokens" else _loader(batch)
+    hist = pl.curves.fit_bend(curve, data, steps=3, batch_size=6, **kw)
+    assert len(hist) == 3 and np.isfinite(hist["loss"]).all()
+    frame = pl.curves.curve_frame(curve, data, steps=3, **kw)
+    assert_unchanged(sa, a)
+    assert np.isfinite(frame["loss"]).all() and len(frame) == 3
+    assert all(v.dtype == p.dtype for v, p in zip(curve.theta.values(), a.parameters()))
+    if model_name != "regression":
+        err = pl.curves.ensemble_error(a, curve.point(0.5), data)
+        assert 0.0 <= err <= 1.0
+
+
 @pytest.mark.parametrize("model_name", ["mlp", "float64", "regression", "tokens", "convbn"])
 def test_metrics_loss_and_delta_loss(model_name):
     model, batch, kw = make(model_name)
