@@ -63,7 +63,8 @@ def shuffle(masks: Masks, seed: int = 0) -> Masks:
     out = {}
     for n, m in masks.items():
         flat = m.flatten()
-        out[n] = flat[torch.randperm(flat.numel(), generator=gen)].view_as(m)
+        perm = torch.randperm(flat.numel(), generator=gen).to(flat.device)  # CPU generator
+        out[n] = flat[perm].view_as(m)
     return out
 
 

@@ -137,7 +137,7 @@ class PenaltyRecorder:
             if size is None or size >= n:
                 xb, yb = x, y
             else:
-                idx = torch.randperm(n, generator=gen)[:size]
+                idx = torch.randperm(n, generator=gen)[:size].to(y.device)
                 xb, yb = B.take(x, idx), y[idx]
             opt.zero_grad(set_to_none=True)
             self.objective.value(self.objective.forward(model, xb), yb).backward()
