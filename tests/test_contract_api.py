@@ -218,6 +218,34 @@ def test_interpolate_on_models_and_dataloaders(model_name):
         assert frame["loss"].iloc[0] == pytest.approx(pl.metrics.loss(a, batch, **kw), rel=1e-6)
 
 
+@pytest.mark.parametrize("model_name", ["mlp", "float64", "regression"])
+def test_plane_on_models_and_dataloaders(model_name):
+    a, batch, kw = make(model_name)
+    b, _, _ = make(model_name)
+    c, _, _ = make(model_name)
+    with torch.no_grad():
+        for p, q in zip(b.parameters(), c.parameters()):
+            p.add_(0.1)
+            q.add_(torch.linspace(-0.2, 0.3, q.numel()).reshape(q.shape).to(q.dtype))
+    sa = snapshot(a)
+    frame = pl.connectivity.plane(a, b, c, _loader(batch), grid=3, **kw)
+    assert_unchanged(sa, a)
+    assert len(frame) == 9 and np.isfinite(frame["loss"]).all()
+    u, v = frame.attrs["points"]["b"]
+    assert v == 0.0 and u > 0
+
+
+def test_hrank_reads_tensors_datasets_and_dataloaders_alike():
+    model, (x, y), _ = make("convbn")
+    mixed_modes(model)
+    before = snapshot(model)
+    ref = structured.score(model, "hrank", batch=(x, y))
+    for batch in (x, TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=5)):
+        got = structured.score(model, "hrank", batch=batch)
+        assert all(torch.equal(got[n], ref[n]) for n in ref)
+    assert_unchanged(before, model)
+
+
 @pytest.mark.parametrize("model_name", ["mlp", "float64", "regression", "tokens"])
 def test_curves_fit_frame_and_ensemble(model_name):
     a, batch, kw = make(model_name)
@@ -269,12 +297,12 @@ def test_lottery_imp_on_a_custom_bundle(model_name):
     assert all(p.dtype == next(model.parameters()).dtype for p in res.model.parameters())
 
 
-@pytest.mark.parametrize("model_name", ["mlp", "float64"])
+@pytest.mark.parametrize("model_name", ["mlp", "float64", "regression"])
 def test_at_init_ablate_with_a_dataloader(model_name):
-    model, batch, _ = make(model_name)
+    model, batch, kw = make(model_name)
     before = snapshot(model)
     ab = pl.at_init.ablate(model, "snip", sparsity=0.5, batch=_loader(batch),
-                           ablations=("original", "shuffled", "inverted"))
+                           ablations=("original", "shuffled", "inverted"), **kw)
     assert_unchanged(before, model)
     numel = sum(G.weight(model, n).numel() for n in G.prunable_names(model))
     assert set(ab.masks) == {"original", "shuffled", "inverted"}
