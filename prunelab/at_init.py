@@ -157,7 +157,9 @@ def ablate(model: nn.Module, criterion: str, *, sparsity: float, scope: str = "g
             weights the ``"reinitialised"`` variant uses (required for it): e.g.
             ``models.build(arch, bundle, seed=seed + ABLATION_SEED_OFFSET)``.
         ablation_seed: seed of the shuffle; default ``seed + ABLATION_SEED_OFFSET``.
-        **options: passed to the criterion (e.g. ``iterations=100`` for SynFlow).
+        **options: passed to the criterion (e.g. ``iterations=100`` for SynFlow), and
+            ``loss=`` / ``output=`` (see :mod:`prunelab.batches`) to :func:`prunelab.prune`.
+            ``batch`` may be (x, y) tensors, a Dataset or a DataLoader.
 
     Returns:
         :class:`Ablated`.

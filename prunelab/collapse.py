@@ -58,7 +58,8 @@ def _sparsity(rho: float) -> float:
 
 def layer_density(model: nn.Module, criteria: str | Sequence[str], compressions: Iterable[float],
                   *, batch=None, scope: str = "global", seed: int = 0,
-                  progress: bool = False, **options) -> pd.DataFrame:
+                  progress: bool = False, loss="cross_entropy", output=None,
+                  **options) -> pd.DataFrame:
     """Per-layer density of each criterion's one-shot mask at each compression ratio ρ.
 
     Tanaka et al. 2020 Fig. 1/Fig. 3 data: prune ``model`` (untrained or trained; not modified) to
@@ -73,6 +74,8 @@ def layer_density(model: nn.Module, criteria: str | Sequence[str], compressions:
         scope: "global", "layerwise" or "normalized".
         seed: seed of stochastic criteria.
         progress: a progress bar over (criterion, ρ).
+        loss, output: the loss and output rule of data-dependent criteria
+            (:mod:`prunelab.batches`).
         **options: passed to the criterion (e.g. ``iterations=100`` for synflow).
 
     Returns:
@@ -89,8 +92,8 @@ def layer_density(model: nn.Module, criteria: str | Sequence[str], compressions:
                leave=False)
     try:
         for crit in names:
-            pruner = Pruner(model, crit, batch=batch, scope=scope, seed=seed,
-                            **options_for(crit, options, names))
+            pruner = Pruner(model, crit, batch=batch, scope=scope, seed=seed, loss=loss,
+                            output=output, **options_for(crit, options, names))
             for rho in rhos:
                 masks = pruner.masks(_sparsity(rho))
                 for n, m in masks.items():

@@ -189,6 +189,9 @@ def _layer_masks(model: nn.Module, masks: M.Masks | None) -> dict[str, Tensor]:
     """Keep-mask per prunable weight: given, else attached, else the weight's nonzeros."""
     names = G.prunable_names(model)
     if masks is not None:
+        if not isinstance(masks, dict):
+            raise TypeError(f"masks must be a dict weight name -> bool tensor, got "
+                            f"{type(masks).__name__}")
         unknown = sorted(set(masks) - set(names))
         if unknown:
             raise ValueError(f"masks name weights that are not prunable in this model: {unknown}")
@@ -202,9 +205,14 @@ def _layer_masks(model: nn.Module, masks: M.Masks | None) -> dict[str, Tensor]:
             m = attached[n]
         else:
             m = w.detach() != 0
+        if not isinstance(m, Tensor):
+            raise TypeError(f"mask of {n} must be a tensor, got {type(m).__name__}")
         if tuple(m.shape) != tuple(w.shape):
             raise ValueError(f"mask of {n} has shape {tuple(m.shape)}, weight has "
                              f"{tuple(w.shape)}")
+        if m.dtype != torch.bool and not bool(((m == 0) | (m == 1)).all()):
+            raise ValueError(f"mask of {n} must be bool (True = kept) or hold only 0 and 1, got "
+                             f"dtype {m.dtype} with other values")
         out[n] = m.detach().to(torch.bool).cpu()
     return out
 

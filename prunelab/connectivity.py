@@ -29,19 +29,22 @@ and no ``bn_data`` raise ``ValueError``.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Callable, Iterable, Mapping
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from prunelab import batches as B
 from prunelab import graph as G
 from prunelab.train import as_tensors, evaluate
 
 __all__ = [
     "interpolate", "lerp_model", "barrier", "plane", "has_batchnorm", "recompute_bn",
     "path_ts", "path_frame", "evaluate_point", "plain_eval", "check_same_architecture",
-    "require_bn_data",
+    "require_bn_data", "check_data",
 ]
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -60,7 +63,8 @@ def recompute_bn(model: nn.Module, bn_data, *, batch_size: int = 500) -> nn.Modu
     Statistics are a cumulative average over the batches (``momentum=None``), computed in train
     mode without gradients; the model is left in eval mode with its momenta restored.
     """
-    x, _ = as_tensors(bn_data)
+    x, y = as_tensors(bn_data, what="bn_data")
+    B.check_inputs(x, "bn_data inputs")
     bns = [m for m in model.modules() if isinstance(m, _BN)]
     momenta = [m.momentum for m in bns]
     for m in bns:
@@ -68,8 +72,8 @@ def recompute_bn(model: nn.Module, bn_data, *, batch_size: int = 500) -> nn.Modu
         m.momentum = None
     model.train()
     try:
-        for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size])
+        for xb, _ in B.chunks(x, y, batch_size):
+            B.call(model, B.to_model(xb, model))
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
@@ -128,36 +132,67 @@ def _named_data(data, splits) -> dict[str, Any] | None:
 
 
 def path_ts(steps: int | Iterable[float]) -> list[float]:
-    """The ``t`` of a path: ``steps`` equally spaced in [0, 1] (exact ends), or the given ``t``."""
-    if isinstance(steps, int):
+    """The ``t`` of a path: ``steps`` equally spaced in [0, 1] (exact ends), or the given ``t``
+    (finite numbers; values outside [0, 1] extrapolate). ValueError/TypeError naming ``steps``."""
+    if isinstance(steps, bool):
+        raise TypeError(f"steps must be an int >= 2 or a sequence of t values, got {steps!r}")
+    if isinstance(steps, numbers.Integral):
+        steps = int(steps)
         if steps < 2:
             raise ValueError(f"steps must be >= 2, got {steps}")
         # i / (steps - 1) gives exactly 0.0 and 1.0 at the ends
         return [i / (steps - 1) for i in range(steps)]
-    return [float(t) for t in steps]
+    if isinstance(steps, (str, bytes, numbers.Number)) or not isinstance(steps, Iterable):
+        raise TypeError(f"steps must be an int >= 2 or a sequence of t values, got {steps!r}")
+    ts = []
+    for t in steps:
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) and not (
+                isinstance(t, Tensor) and t.numel() == 1):
+            raise TypeError(f"steps must hold real numbers t, got {t!r} in {steps!r}")
+        t = float(t)
+        if not math.isfinite(t):
+            raise ValueError(f"steps must hold finite t values, got {t!r} in {list(steps)!r}")
+        ts.append(t)
+    if not ts:
+        raise ValueError("steps is empty: give at least one t")
+    return ts
 
 
-def evaluate_point(model: nn.Module, data, splits, bn_data) -> list[dict[str, Any]]:
+def check_data(model: nn.Module, data, splits, objective: B.Objective,
+               what: str = "data") -> None:
+    """ValueError/TypeError before any path is walked: empty or NaN data, inputs the model
+    cannot take, targets that do not fit its outputs (one example per split is run)."""
+    named = _named_data(data, splits)
+    for name, d in (named or {None: data}).items():
+        label = what if name is None else f"{what}[{name!r}]"
+        x, y = as_tensors(d, what=label)
+        B.check_inputs(x, f"{label} inputs")
+        x, y = B.to_model(x, model), B.to_model(y, model)
+        B.probe(model, x, y, objective, what=label)
+
+
+def evaluate_point(model: nn.Module, data, splits, bn_data, *, loss="cross_entropy",
+                   output=None) -> list[dict[str, Any]]:
     """Loss and error of one point of a path, per split; BatchNorm recomputed on ``bn_data``."""
     if bn_data is not None and has_batchnorm(model):
         recompute_bn(model, bn_data)
     named = _named_data(data, splits)
     if named is None:
-        ev = evaluate(model, data)
+        ev = evaluate(model, data, loss=loss, output=output)
         return [{"loss": ev["loss"], "error": ev["error"]}]
     rows = []
     for name, d in named.items():
-        ev = evaluate(model, d)
+        ev = evaluate(model, d, loss=loss, output=output)
         rows.append({"split": name, "loss": ev["loss"], "error": ev["error"]})
     return rows
 
 
 def path_frame(point: Callable[[float], nn.Module], ts: list[float], data, splits, bn_data,
-               **extra) -> pd.DataFrame:
+               *, loss="cross_entropy", output=None, **extra) -> pd.DataFrame:
     """Tidy frame ``t, [extra], [split], loss, error`` of the models ``point(t)`` for each ``t``."""
     rows = []
     for t in ts:
-        for r in evaluate_point(point(t), data, splits, bn_data):
+        for r in evaluate_point(point(t), data, splits, bn_data, loss=loss, output=output):
             rows.append({"t": t, **extra, **r})
     return pd.DataFrame(rows)
 
@@ -177,7 +212,7 @@ def lerp_model(model_a: nn.Module, model_b: nn.Module, t: float) -> nn.Module:
 
 def interpolate(model_a: nn.Module, model_b: nn.Module, data, *,
                 steps: int | Iterable[float] = 21, splits: Iterable[str] | None = None,
-                bn_data=None) -> pd.DataFrame:
+                bn_data=None, loss="cross_entropy", output=None) -> pd.DataFrame:
     """Loss and error along the straight segment ``w(t) = a + t (b - a)``.
 
     Args:
@@ -189,22 +224,34 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, *,
         splits: Subset of the named data to evaluate.
         bn_data: ``(x, y)`` for recomputing BatchNorm statistics at every point; required for
             models with BatchNorm.
+        loss, output: the loss measured and how outputs are read (:mod:`prunelab.batches`;
+            ``error`` is NaN for a loss that does not classify).
+
+    Each split is (x, y) tensors (``x`` a tensor, mapping or tuple), a Dataset or a DataLoader;
+    evaluation runs on the device and in the dtype of the models.
 
     Returns:
         DataFrame with columns t, loss, error (and split first-after-t for named data).
+
+    Raises:
+        ValueError/TypeError: ``steps`` not finite numbers; data the model cannot take, NaN or
+            empty data, targets out of range (checked on one example before the walk).
     """
     require_bn_data(model_a, bn_data)
+    obj = B.objective(loss, output)
+    ts = path_ts(steps)
     pa, pb = plain_eval(model_a), plain_eval(model_b)
     # clones: state_dict() shares storage with pa, which every point overwrites
     sa = {k: v.clone() for k, v in pa.state_dict().items()}
     sb = {k: v.clone() for k, v in pb.state_dict().items()}
     check_same_architecture(sa, sb)
+    check_data(pa, data, splits, obj)
 
     def point(t: float) -> nn.Module:
         pa.load_state_dict({k: _lerp(sa[k], sb[k], t) for k in sa})
         return pa.eval()
 
-    return path_frame(point, path_ts(steps), data, splits, bn_data)
+    return path_frame(point, ts, data, splits, bn_data, loss=obj, output=None)
 
 
 def barrier(frame: pd.DataFrame, *, metric: str = "loss", split: str | None = None) -> float:
@@ -234,7 +281,8 @@ def barrier(frame: pd.DataFrame, *, metric: str = "loss", split: str | None = No
 
 # ----------------------------------------------------------------------------- plane
 def plane(model_a: nn.Module, model_b: nn.Module, model_c: nn.Module, data, *, grid: int = 21,
-          margin: float = 0.2, splits: Iterable[str] | None = None, bn_data=None) -> pd.DataFrame:
+          margin: float = 0.2, splits: Iterable[str] | None = None, bn_data=None,
+          loss="cross_entropy", output=None) -> pd.DataFrame:
     """Loss and error on the plane through three models (Garipov et al., Fig. 1).
 
     The basis is Gram-Schmidt of ``(b - a, c - a)`` over all parameters (effective weights;
@@ -247,7 +295,11 @@ def plane(model_a: nn.Module, model_b: nn.Module, model_c: nn.Module, data, *, g
         DataFrame with columns u, v, [split,] loss, error; ``grid * grid`` points.
     """
     require_bn_data(model_a, bn_data)
+    if isinstance(grid, bool) or not isinstance(grid, numbers.Integral) or grid < 2:
+        raise ValueError(f"grid must be an int >= 2, got {grid!r}")
+    obj = B.objective(loss, output)
     tmpl = plain_eval(model_a)
+    check_data(tmpl, data, splits, obj)
     names = [k for k, _ in tmpl.named_parameters()]
     ps = [dict(plain_eval(m).named_parameters()) for m in (model_a, model_b, model_c)]
     check_same_architecture(*ps)
@@ -277,14 +329,14 @@ def plane(model_a: nn.Module, model_b: nn.Module, model_c: nn.Module, data, *, g
         u = ulo + (uhi - ulo) * i / (grid - 1)
         for j in range(grid):
             v = vlo + (vhi - vlo) * j / (grid - 1)
-            w = (a + u * e1 + v * e2).float()
+            w = a + u * e1 + v * e2
             state, off = {}, 0
-            for k, shape, n in shapes:
-                state[k] = w[off:off + n].reshape(shape)
+            for k, shape, n in shapes:  # each parameter back in its own dtype
+                state[k] = w[off:off + n].reshape(shape).to(ps[0][k].dtype)
                 off += n
             tmpl.load_state_dict({**state, **buffers})
             tmpl.eval()
-            for r in evaluate_point(tmpl, data, splits, bn_data):
+            for r in evaluate_point(tmpl, data, splits, bn_data, loss=obj):
                 rows.append({"u": u, "v": v, **r})
     out = pd.DataFrame(rows)
     out.attrs["points"] = pts

@@ -14,7 +14,7 @@ both endpoints stay zero along the curve.
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import pandas as pd
 import torch
@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from prunelab import batches as B
 from prunelab import masks as M
-from prunelab.connectivity import (check_same_architecture, has_batchnorm, path_frame, path_ts,
-                                   plain_eval, recompute_bn, require_bn_data)
+from prunelab.connectivity import (check_data, check_same_architecture, has_batchnorm,
+                                   path_frame, path_ts, plain_eval, recompute_bn,
+                                   require_bn_data)
 from prunelab.train import as_tensors
 
 __all__ = ["Curve", "Bezier", "PolyChain", "bezier", "polychain", "fit_bend", "curve_frame",
@@ -78,9 +80,15 @@ class Curve:
         th = self.bend()
         return {k: self._combine(t, self.a[k], th[k], self.b[k]) for k in self.a}
 
-    def forward(self, t: float, x: Tensor) -> Tensor:
-        """Output of the network ``phi_theta(t)`` on ``x`` (via ``functional_call``)."""
-        return functional_call(self.template, {**self.weights(t), **self.buffers}, (x,))
+    def forward(self, t: float, x):
+        """Output of the network ``phi_theta(t)`` on inputs ``x`` (via ``functional_call``): a
+        tensor, a mapping (``model(**x)``) or a tuple (``model(*x)``), as
+        :func:`prunelab.batches.call`."""
+        state = {**self.weights(t), **self.buffers}
+        if isinstance(x, Mapping):
+            return functional_call(self.template, state, (), dict(x))
+        return functional_call(self.template, state, tuple(x) if isinstance(x, (tuple, list))
+                               else (x,))
 
     @torch.no_grad()
     def point(self, t: float) -> nn.Module:
@@ -119,17 +127,24 @@ def polychain(model_a: nn.Module, model_b: nn.Module, *, bend_init: str = "midpo
 
 def fit_bend(curve: Curve, train_data, *, steps: int = 500, lr: float = 1e-2,
              batch_size: int = 128, seed: int = 0, optimizer: str = "adam",
-             momentum: float = 0.9, weight_decay: float = 0.0) -> pd.DataFrame:
+             momentum: float = 0.9, weight_decay: float = 0.0, loss="cross_entropy",
+             output=None) -> pd.DataFrame:
     """Train only the bend of ``curve`` on ``E_{t~U[0,1]} L(phi_theta(t))`` (Garipov et al.).
 
     One ``t ~ U[0, 1]`` is drawn per mini-batch; endpoints stay fixed. Deterministic for a given
     ``seed`` (its own generator for batches and ``t``). With BatchNorm the template runs in train
     mode (batch statistics), as in the paper; evaluate with ``bn_data`` afterwards.
+    ``train_data``: (x, y) tensors, a Dataset or a DataLoader, moved to the curve's device and
+    dtype; ``loss`` / ``output`` as in :mod:`prunelab.batches`.
 
     Returns:
         History DataFrame with columns step, t, loss.
     """
-    x, y = as_tensors(train_data)
+    obj = B.objective(loss, output)
+    x, y = as_tensors(train_data, what="train_data")
+    B.check_inputs(x, "train_data inputs")
+    x, y = B.to_model(x, curve.template), B.to_model(y, curve.template)
+    B.probe(curve.template, x, y, obj, what="fit_bend: train_data")
     params = list(curve.theta.values())
     if optimizer == "adam":
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -139,38 +154,47 @@ def fit_bend(curve: Curve, train_data, *, steps: int = 500, lr: float = 1e-2,
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     gen = torch.Generator().manual_seed(seed)
     curve.template.train(has_batchnorm(curve.template))
-    rows, order, pos = [], torch.randperm(len(y), generator=gen), 0
+    order = torch.randperm(len(y), generator=gen).to(y.device)
+    rows, pos = [], 0
     try:
         for step in range(1, steps + 1):
             if pos + batch_size > len(y):
-                order, pos = torch.randperm(len(y), generator=gen), 0
+                order, pos = torch.randperm(len(y), generator=gen).to(y.device), 0
             idx = order[pos:pos + batch_size]
             pos += batch_size
             t = float(torch.rand((), generator=gen))
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(curve.forward(t, x[idx]), y[idx])
-            loss.backward()
+            value = obj.value(B.output_tensor(curve.forward(t, B.take(x, idx)), obj.output),
+                              y[idx])
+            value.backward()
             opt.step()
-            rows.append({"step": step, "t": t, "loss": loss.item()})
+            rows.append({"step": step, "t": t, "loss": value.item()})
     finally:
         curve.template.eval()
     return pd.DataFrame(rows)
 
 
 def curve_frame(curve: Curve, data, *, steps: int | Iterable[float] = 21,
-                splits: Iterable[str] | None = None, bn_data=None) -> pd.DataFrame:
-    """Loss and error along ``curve`` (columns t, [split,] loss, error); see :func:`interpolate`."""
+                splits: Iterable[str] | None = None, bn_data=None, loss="cross_entropy",
+                output=None) -> pd.DataFrame:
+    """Loss and error along ``curve`` (columns t, [split,] loss, error); see
+    :func:`prunelab.connectivity.interpolate` (data, ``loss`` and ``output`` as there)."""
     require_bn_data(curve.template, bn_data)
-    return path_frame(curve.point, path_ts(steps), data, splits, bn_data)
+    obj = B.objective(loss, output)
+    ts = path_ts(steps)
+    check_data(curve.template, data, splits, obj)
+    return path_frame(curve.point, ts, data, splits, bn_data, loss=obj)
 
 
 @torch.no_grad()
 def ensemble_error(model_a: nn.Module, model_b: nn.Module, data, *, bn_data=None,
-                   batch_size: int = 1000) -> float:
+                   batch_size: int = 1000, output=None) -> float:
     """Error of the two-network ensemble (mean of the softmax outputs) on ``data``.
 
     ``model_b`` may be a point of a curve (``curve.point(t)``). Models are evaluated as given
-    (eval mode); pass ``bn_data`` to recompute BatchNorm statistics of copies first.
+    (eval mode); pass ``bn_data`` to recompute BatchNorm statistics of copies first. ``data``
+    as in :func:`prunelab.connectivity.interpolate`; per-token outputs count tokens (targets
+    -100 ignored); ``output`` reads logits from other model outputs.
     """
     models = []
     for m in (model_a, model_b):
@@ -178,10 +202,14 @@ def ensemble_error(model_a: nn.Module, model_b: nn.Module, data, *, bn_data=None
         if bn_data is not None and has_batchnorm(m):
             recompute_bn(m, bn_data)
         models.append(m)
+    obj = B.objective("cross_entropy", output)
     x, y = as_tensors(data)
-    correct = 0
-    for i in range(0, len(y), batch_size):
-        xb = x[i:i + batch_size]
-        p = sum(F.softmax(m(xb), dim=1) for m in models) / len(models)
-        correct += int((p.argmax(1) == y[i:i + batch_size]).sum())
-    return 1.0 - correct / max(len(y), 1)
+    B.check_inputs(x, "data inputs")
+    x, y = B.to_model(x, models[0]), B.to_model(y, models[0])
+    B.probe(models[0], x, y, obj, what="ensemble_error: data")
+    correct = counted = 0
+    for xb, yb in B.chunks(x, y, batch_size):
+        p = sum(F.softmax(obj.forward(m, xb), dim=-1) for m in models) / len(models)
+        hit, cnt = obj.correct(p, yb)
+        correct, counted = correct + hit, counted + cnt
+    return 1.0 - correct / max(counted, 1)

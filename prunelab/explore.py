@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from prunelab import batches as B
 from prunelab import criteria as C
 from prunelab import graph as G
 from prunelab import masks as M
@@ -79,6 +80,7 @@ class Pruner:
         lam: step-size penalty λ (``prunelab.prune``'s ``lam``).
         scores: precomputed one-shot scores (from :func:`one_shot_scores`, e.g. shared between
             scopes); default: scored on the first :meth:`masks` call.
+        loss, output: the loss and output rule (see :mod:`prunelab.batches`).
         **options: passed to the criterion (e.g. ``iterations=`` for synflow).
 
     Attributes:
@@ -88,9 +90,13 @@ class Pruner:
     """
 
     def __init__(self, model: nn.Module, criterion: str, *, batch=None, scope: str = "global",
-                 seed: int = 0, lam: float = 0.0, scores: G.Scores | None = None, **options):
+                 seed: int = 0, lam: float = 0.0, scores: G.Scores | None = None,
+                 loss="cross_entropy", output=None, **options):
         C.spec(criterion)  # ValueError listing the valid names
         M.check_scope(scope)
+        C.check_options(criterion, options)
+        B.objective(loss, output)  # validated now, not at the first slider move
+        self.loss, self.output = loss, output
         self.model, self.criterion, self.batch = model, criterion, batch
         self.scope, self.seed, self.lam, self.options = scope, seed, lam, options
         self.one_shot = ranks_once(criterion)
@@ -109,6 +115,7 @@ class Pruner:
             if self._scores is None:
                 self._scores = one_shot_scores(self.model, self.criterion, batch=self.batch,
                                                seed=self.seed, lam=self.lam, scope=self.scope,
+                                               loss=self.loss, output=self.output,
                                                **self.options)
             self._ranking = M.Ranking(self._scores, scope=self.scope, previous=self.previous)
         return self._ranking
@@ -127,4 +134,5 @@ class Pruner:
         (``callback`` as there: called after each stage, returning True stops the run)."""
         return prune(self.model, self.criterion, sparsity=sparsity, scope=self.scope,
                      stages=stages, schedule=schedule, lam=self.lam, batch=self.batch,
-                     seed=self.seed, callback=callback, **self.options)
+                     seed=self.seed, callback=callback, loss=self.loss, output=self.output,
+                     **self.options)

@@ -21,6 +21,7 @@ rewound subnetwork ``m ⊙ θ_k`` of one IMP round. The paths come from
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,11 +30,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from prunelab import batches as B
 from prunelab import graph as G
 from prunelab import masks as M
 from prunelab.connectivity import barrier, has_batchnorm, interpolate, path_ts, plain_eval
 from prunelab.criteria import compute
-from prunelab.train import Recipe, evaluate, fit
+from prunelab.train import Recipe, as_tensors, evaluate, fit
 
 
 
@@ -58,7 +60,8 @@ class LotteryResult:
 
 def imp(model: nn.Module, bundle, *, rounds: int, recipe: Recipe, prune_fraction: float = 0.2,
         rewind_step: int = 0, scope: str = "global", reinit_control: bool = False,
-        seed: int = 0, progress: bool = False) -> LotteryResult:
+        seed: int = 0, progress: bool = False, loss="cross_entropy",
+        output=None) -> LotteryResult:
     """Iterative magnitude pruning with rewinding to step ``rewind_step``.
 
     Args:
@@ -72,13 +75,25 @@ def imp(model: nn.Module, bundle, *, rounds: int, recipe: Recipe, prune_fraction
         reinit_control: also train each round's mask from a random re-initialisation.
         seed: data order and the control's re-initialisation.
         progress: progress bars.
+        loss, output: the training and evaluation loss and output rule
+            (:mod:`prunelab.batches`); accuracies are NaN for a loss that does not classify.
+
+    Any model (trained on the device and in the dtype of its parameters) and any bundle whose
+    splits are Datasets (``pl.data.from_tensors`` / ``from_datasets`` included).
 
     Returns:
         :class:`LotteryResult`.
     """
+    B.objective(loss, output)  # validated before any training
+    M.check_prunable(model)
+    if isinstance(rounds, numbers.Integral) and not isinstance(rounds, bool):
+        rounds = int(rounds)
+    if isinstance(rewind_step, numbers.Integral) and not isinstance(rewind_step, bool):
+        rewind_step = int(rewind_step)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"rounds must be an integer >= 0, got {rounds!r}")
-    if not (isinstance(prune_fraction, (int, float)) and 0 < prune_fraction < 1):
+    if isinstance(prune_fraction, bool) or not isinstance(prune_fraction, numbers.Real) \
+            or not 0 < prune_fraction < 1:
         raise ValueError(f"prune_fraction must be in (0, 1), got {prune_fraction!r}")
     total = recipe.total_steps(len(bundle.train))
     if isinstance(rewind_step, bool) or not isinstance(rewind_step, int) or not 0 <= rewind_step < total:
@@ -88,7 +103,7 @@ def imp(model: nn.Module, bundle, *, rounds: int, recipe: Recipe, prune_fraction
     net = copy.deepcopy(model)
     if rewind_step > 0:
         fit(net, bundle.train, recipe=recipe.replace(max_steps=rewind_step, patience=None),
-            seed=seed, progress=progress, desc="train to rewind point")
+            seed=seed, progress=progress, desc="train to rewind point", loss=loss, output=output)
     rewind_state = {k: v.detach().clone() for k, v in M.dense_state_dict(net).items()}
     rest = recipe.replace(max_steps=total - rewind_step, patience=None)
 
@@ -97,7 +112,8 @@ def imp(model: nn.Module, bundle, *, rounds: int, recipe: Recipe, prune_fraction
     rows, history = [], []
 
     def record(r, trained, control):
-        val, test = evaluate(trained, bundle.val), evaluate(trained, bundle.test)
+        val = evaluate(trained, bundle.val, loss=loss, output=output)
+        test = evaluate(trained, bundle.test, loss=loss, output=output)
         rows.append({"round": r, "sparsity": M.sparsity(cur), "density": 1 - M.sparsity(cur),
                      "control": control, "rewind_step": rewind_step,
                      "val_loss": val["loss"], "val_accuracy": val["accuracy"],
@@ -112,11 +128,13 @@ def imp(model: nn.Module, bundle, *, rounds: int, recipe: Recipe, prune_fraction
             M.load_dense(net, rewind_state)
             net = M.apply(net, cur)
         history.append({n: m.clone() for n, m in cur.items()})
-        fit(net, bundle.train, recipe=rest, seed=seed, progress=progress, desc=f"round {r}")
+        fit(net, bundle.train, recipe=rest, seed=seed, progress=progress, desc=f"round {r}",
+            loss=loss, output=output)
         record(r, net, "ticket")
         if reinit_control and r > 0:
             ctrl = M.reinitialize(M.apply(copy.deepcopy(model), cur), seed=seed + 1000 + r)
-            fit(ctrl, bundle.train, recipe=rest, seed=seed, progress=progress, desc=f"control {r}")
+            fit(ctrl, bundle.train, recipe=rest, seed=seed, progress=progress,
+                desc=f"control {r}", loss=loss, output=output)
             record(r, ctrl, "reinit")
     return LotteryResult(pd.DataFrame(rows), history, rewind_state, net)
 
@@ -156,7 +174,7 @@ def instability(model_init: nn.Module, bundle, *, k_steps: int, recipe: Recipe,
     Returns:
         :class:`InstabilityResult` with the ``metric`` barrier and the path frame.
     """
-    x, y = bundle.train.tensors
+    x, y = as_tensors(bundle.train, what="bundle.train")
     total = recipe.total_steps(len(y))
     if not 0 <= k_steps <= total:
         raise ValueError(f"k_steps must be in 0..{total}, got {k_steps}")
@@ -251,7 +269,7 @@ def instability_curve(model_init: nn.Module, bundle, *, ks: Iterable[int], recip
     if len(seeds) != 2:
         raise ValueError(f"seeds must be a pair of data-order seeds, got {seeds!r}")
     eval_data = bundle.split(split)  # ValueError on an unknown split
-    x, y = bundle.train.tensors
+    x, y = as_tensors(bundle.train, what="bundle.train")
     total = recipe.total_steps(len(y))
     ks = _check_ks(ks, total)
     path_ts(steps)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -26,8 +27,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from prunelab import graph as G
-from prunelab.selection import (SCOPES, Ranking, check_scope, check_sparsity,  # noqa: F401
-                                lap_layer_sparsity, n_pruned, schedule, select)
+from prunelab.selection import (SCOPES, Ranking, check_prunable, check_scope,  # noqa: F401
+                                check_sparsity, lap_layer_sparsity, n_pruned, schedule, select)
 
 __all__ = ["density", "sparsity", "apply", "current", "remove", "shuffle", "invert", "reinitialize",
            "WeightMask", "dense_state_dict", "load_dense", "to_torch_prune", "from_torch_prune",
@@ -45,6 +46,9 @@ Scores = G.Scores
 # ----------------------------------------------------------------------------- summaries
 def density(masks: Masks) -> pd.DataFrame:
     """One row per layer: layer, numel, kept, density; plus a final ``total`` row."""
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a dict weight name -> bool tensor, got "
+                        f"{type(masks).__name__}")
     rows = [{"layer": n, "numel": m.numel(), "kept": int(m.sum())} for n, m in masks.items()]
     rows.append({"layer": "total", "numel": sum(r["numel"] for r in rows),
                  "kept": sum(r["kept"] for r in rows)})
@@ -68,7 +72,8 @@ def shuffle(masks: Masks, seed: int = 0) -> Masks:
     out = {}
     for n, m in masks.items():
         flat = m.flatten()
-        out[n] = flat[torch.randperm(flat.numel(), generator=gen)].view_as(m)
+        perm = torch.randperm(flat.numel(), generator=gen).to(flat.device)  # CPU generator
+        out[n] = flat[perm].view_as(m)
     return out
 
 
@@ -130,14 +135,19 @@ def _attached(module: nn.Module) -> WeightMask | None:
     return next((p for p in module.parametrizations["weight"] if isinstance(p, WeightMask)), None)
 
 
-def _check_masks(model: nn.Module, masks: Masks) -> None:
+def _check_masks(model: nn.Module, masks: Masks, what: str = "masks") -> None:
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"{what} must be a dict weight name -> bool tensor (True = kept), got "
+                        f"{type(masks).__name__}")
     names = set(G.prunable_names(model))
     unknown = set(masks) - names
     if unknown:
-        raise ValueError(f"masks name unknown layers {sorted(unknown)}; prunable weights: "
-                         f"{sorted(names)}")
+        raise ValueError(f"{what} name unknown layers {sorted(map(str, unknown))}; prunable "
+                         f"weights: {sorted(names)}")
     for n, m in masks.items():
         w = G.weight(model, n)
+        if not isinstance(m, Tensor):
+            raise TypeError(f"{what}[{n!r}] must be a bool tensor, got {type(m).__name__}")
         if m.shape != w.shape:
             raise ValueError(f"mask of {n} has shape {tuple(m.shape)}, weight has {tuple(w.shape)}")
         if m.dtype != torch.bool:
@@ -209,12 +219,77 @@ def load_dense(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
 
 def to_torch_prune(model: nn.Module, masks: Masks | None = None) -> nn.Module:
     """A copy pruned with ``torch.nn.utils.prune`` (``weight_orig`` + ``weight_mask``)."""
+    import torch.nn.utils.prune as torch_prune  # a submodule: not loaded by ``import torch``
+
     masks = current(model) if masks is None else masks
     out = remove(model)
     _check_masks(out, masks)
     for n, m in masks.items():
-        torch.nn.utils.prune.custom_from_mask(G.module_of(out, n), "weight", m)
+        torch_prune.custom_from_mask(G.module_of(out, n), "weight", m)
     return out
+
+
+def _torch_prune_hooks(model: nn.Module) -> list[tuple[str, nn.Module, int, object]]:
+    """``(module name, module, hook id, pruning method)`` of every ``torch.nn.utils.prune``
+    reparametrization on ``model``."""
+    import sys
+
+    tp = sys.modules.get("torch.nn.utils.prune")
+    if tp is None:  # nobody imported it: no model can carry its hooks
+        return []
+    return [(name, module, k, hook) for name, module in model.named_modules()
+            for k, hook in module._forward_pre_hooks.items()
+            if isinstance(hook, tp.BasePruningMethod)]
+
+
+def has_torch_prune(model: nn.Module) -> bool:
+    """True when ``model`` carries ``torch.nn.utils.prune`` reparametrizations."""
+    return bool(_torch_prune_hooks(model))
+
+
+@torch.no_grad()
+def import_torch_prune(model: nn.Module) -> nn.Module:
+    """``model`` with its ``torch.nn.utils.prune`` masks as prunelab masks.
+
+    A model pruned with ``torch.nn.utils.prune`` holds ``weight`` as a non-leaf tensor
+    recomputed by a forward pre-hook from ``weight_orig * weight_mask``, which
+    ``copy.deepcopy`` refuses. This returns a copy in which each such weight is an ordinary
+    parameter again (the dense original ``weight_orig``) with the mask attached as prunelab's
+    :class:`WeightMask` parametrization, so it computes exactly what ``model`` computes and every
+    prunelab function takes it (its masks are :func:`current`). A model without such hooks is
+    returned as it is. ``model`` is never changed.
+
+    Raises:
+        ValueError: a torch pruning mask on a tensor prunelab does not prune (a bias, a norm).
+    """
+    hooks = _torch_prune_hooks(model)
+    if not hooks:
+        return model
+    memo = {}
+    for _, module, _, hook in hooks:
+        name = hook._tensor_name
+        # the recomputed tensor is not a leaf: give deepcopy a detached stand-in
+        memo[id(getattr(module, name))] = getattr(module, name).detach().clone()
+    out = copy.deepcopy(model, memo)
+    masks = {}
+    for mname, _, key, hook in hooks:
+        module = out.get_submodule(mname)
+        tname = hook._tensor_name
+        full = f"{mname}.{tname}" if mname else tname
+        if tname != "weight" or not isinstance(module, G.PRUNABLE_TYPES):
+            raise ValueError(f"import_torch_prune: {full} carries a torch.nn.utils.prune mask, "
+                             "but prunelab prunes only the weights of Linear/Conv layers; "
+                             "call torch.nn.utils.prune.remove on it first")
+        del module._forward_pre_hooks[key]
+        orig = getattr(module, f"{tname}_orig")
+        mask = getattr(module, f"{tname}_mask").detach().clone().to(torch.bool)
+        delattr(module, tname)
+        del module._parameters[f"{tname}_orig"]
+        del module._buffers[f"{tname}_mask"]
+        module.register_parameter(tname, nn.Parameter(orig.detach().clone(),
+                                                      requires_grad=orig.requires_grad))
+        masks[full] = mask
+    return apply(out, masks, inplace=True)
 
 
 def from_torch_prune(model: nn.Module) -> Masks:
@@ -230,6 +305,16 @@ def save(masks: Masks, path: str | Path) -> None:
     """Write masks to a safetensors file (atomically)."""
     from safetensors.torch import save_file
 
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a dict weight name -> bool tensor, got "
+                        f"{type(masks).__name__}")
+    for n, m in masks.items():
+        if not isinstance(n, str) or not isinstance(m, Tensor):
+            raise TypeError(f"masks must map str names to tensors, got {n!r}: "
+                            f"{type(m).__name__}")
+        if m.dtype != torch.bool:
+            raise ValueError(f"mask of {n} must be a bool tensor, got {m.dtype}")
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -243,10 +328,21 @@ def save(masks: Masks, path: str | Path) -> None:
 
 
 def load(path: str | Path) -> Masks:
-    """Masks from a safetensors file written by :func:`save`."""
+    """Masks from a safetensors file written by :func:`save`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a safetensors file of bool tensors (naming the file).
+    """
     from safetensors.torch import load_file
 
-    masks = load_file(str(path))
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no mask file {str(path)!r}")
+    try:
+        masks = load_file(str(path))
+    except Exception as err:  # SafetensorError and OSError-like errors of a corrupt file
+        raise ValueError(f"{str(path)!r} is not a safetensors mask file written by "
+                         f"prunelab.masks.save: {err}") from err
     bad = [n for n, m in masks.items() if m.dtype != torch.bool]
     if bad:
         raise ValueError(f"{path} is not a mask file: {bad} are not bool tensors")

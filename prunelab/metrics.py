@@ -10,6 +10,8 @@ statistics without loading torch (a plotting notebook never loads a model).
 """
 from __future__ import annotations
 
+import numbers
+
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Literal
@@ -158,13 +160,20 @@ def spearman(frame: pd.DataFrame, x: str = "delta_loss", y: str = "val_error_gap
         of ρ = 0.
 
     Raises:
-        ValueError: a column is missing, holds NaN, or there are fewer than 3 runs.
+        ValueError: a column is missing, holds NaN, or there are fewer than 3 runs; ``ci`` not
+            in (0, 1), ``n_boot`` not an int >= 1 (0 resamples would give no interval).
     """
     from scipy import stats
 
     require_columns(frame, [x, y])
-    if not 0 < ci < 1:
-        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    if isinstance(ci, bool) or not isinstance(ci, numbers.Real) or not 0 < ci < 1:
+        raise ValueError(f"ci must be a number in (0, 1), got {ci!r}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 1:
+        raise ValueError(f"n_boot (bootstrap resamples of the interval) must be an int >= 1, "
+                         f"got {n_boot!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    n_boot, seed = int(n_boot), int(seed)
     for col in (x, y):
         bad = frame[col].isna()
         if bad.any():

@@ -19,25 +19,24 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunelab import batches as B
 from prunelab.graph import is_parametrized, layer_graph, plain_copy
-from prunelab.units import DATA_SCORES, SCORES, layer_units, parse_score, prune, unit_statistics
+from prunelab.units import (DATA_SCORES, SCORES, layer_units, objective_of, parse_score, prune,
+                            unit_statistics)
 
 __all__ = ["PenaltyRecorder", "PenaltyStudy", "penalty_study", "penalty_profile", "bp_pairs",
            "layer_sets", "MEASUREMENT_KEYS"]
 
 
-def _loss(model: nn.Module, batch, loss_fn) -> float:
-    """Mean loss of ``model`` on ``batch`` in eval mode (mode restored)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return float(loss_fn(model(batch[0]), batch[1]))
-    finally:
-        model.train(was_training)
+def _loss(model: nn.Module, batch, objective) -> float:
+    """Mean loss of ``model`` on ``batch`` in eval mode (every module's own flag restored);
+    ``objective`` an Objective or a loss callable ``(output, y) -> mean``."""
+    objective = objective_of(loss_fn=objective)
+    x, y = B.to_model(batch[0], model), B.to_model(batch[1], model)
+    with B.evaluating(model), torch.no_grad():
+        return float(objective.value(objective.forward(model, x), y))
 
 
 class PenaltyRecorder:
@@ -64,6 +63,9 @@ class PenaltyRecorder:
     ``rand`` draws from seed ``seed + step``, so it picks a fresh random set at each
     measurement (as MRP Fig. 7 requires); the other scores are deterministic.
 
+    ``batch`` is ``(x, y)`` tensors, a Dataset or a DataLoader (read once); ``loss=`` /
+    ``output=`` as in :func:`prunelab.units.prune` (``loss_fn=``, a callable, is the older name).
+
     Attributes:
         rows: The recorded rows (see :meth:`frame`).
         selected: score tag -> layer module name -> set of unit indices ever selected.
@@ -77,7 +79,8 @@ class PenaltyRecorder:
                  layers: Sequence[str] | str | None = None, scores: Sequence[str] | None = None,
                  finetune_steps: int = 0, finetune_lr: float = 0.01,
                  finetune_batch_size: int | None = 64, seed: int = 0,
-                 loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None):
+                 loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+                 loss="cross_entropy", output=None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
         if not (isinstance(fraction, (int, float)) and 0.0 < float(fraction) < 1.0):
@@ -98,9 +101,8 @@ class PenaltyRecorder:
             parse_score(s)
         if not scores:
             raise ValueError("scores must name at least one score tag")
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise ValueError("batch must be a fixed sample (x, y)")
-        self.batch = (batch[0], batch[1])
+        self.batch = B.as_batch(batch, what="batch")
+        B.check_inputs(self.batch[0], "batch inputs")
         self.every = every
         self.fraction = float(fraction)
         self.layers = [layers] if isinstance(layers, str) else (
@@ -111,7 +113,8 @@ class PenaltyRecorder:
         self.finetune_batch_size = finetune_batch_size
         self.seed = int(seed)
         self.sq_activations: dict[int, dict[str, Tensor]] = {}
-        self.loss_fn = loss_fn or F.cross_entropy
+        self.objective = objective_of(loss, output, loss_fn)
+        self.loss_fn = self.objective.loss if loss_fn is None else loss_fn
         self.rows: list[dict] = []
         self.selected: dict[str, dict[str, set[int]]] = {s: {} for s in scores}
         self.history: list[tuple[int, str, dict[str, list[int]]]] = []
@@ -127,17 +130,17 @@ class PenaltyRecorder:
         opt = torch.optim.SGD(params, lr=self.finetune_lr)
         targets = [(model.get_parameter(k), m) for k, m in masks.items()]
         model.train(train_mode)
-        x, y = self.batch
+        x, y = B.to_model(self.batch[0], model), B.to_model(self.batch[1], model)
         n, size = len(y), self.finetune_batch_size
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
         for _ in range(self.finetune_steps):
             if size is None or size >= n:
                 xb, yb = x, y
             else:
-                idx = torch.randperm(n, generator=gen)[:size]
-                xb, yb = x[idx], y[idx]
+                idx = torch.randperm(n, generator=gen)[:size].to(y.device)
+                xb, yb = B.take(x, idx), y[idx]
             opt.zero_grad(set_to_none=True)
-            self.loss_fn(model(xb), yb).backward()
+            self.objective.value(self.objective.forward(model, xb), yb).backward()
             opt.step()
             with torch.no_grad():
                 for p, m in targets:
@@ -151,23 +154,25 @@ class PenaltyRecorder:
         train_mode = model.training
         new = []
         with torch.random.fork_rng(devices=[]):
-            loss_dense = _loss(dense, self.batch, self.loss_fn)
+            loss_dense = _loss(dense, self.batch, self.objective)
             # one forward/backward for every score: the statistics only depend on the dense copy
-            stats = unit_statistics(dense, layer_units(dense, self.layers), self.batch,
-                                    self.loss_fn,
+            batch = (B.to_model(self.batch[0], dense), B.to_model(self.batch[1], dense))
+            stats = unit_statistics(dense, layer_units(dense, self.layers,
+                                                       B.take(batch[0], slice(0, 1))), batch,
+                                    self.objective,
                                     any(parse_score(t)[0] in DATA_SCORES for t in self.scores))
             self.sq_activations[int(step)] = {
                 name: (per[0][0].double() ** 2).mean(dim=(0, 2)).cpu()
                 for name, per in stats.items()}
             for tag in self.scores:
                 res = prune(dense, fraction=self.fraction, score=tag, layers=self.layers,
-                            batch=self.batch, seed=self.seed + int(step), loss_fn=self.loss_fn,
+                            batch=batch, seed=self.seed + int(step), loss=self.objective,
                             stats=stats)
-                loss_pruned = _loss(res.model, self.batch, self.loss_fn)
+                loss_pruned = _loss(res.model, self.batch, self.objective)
                 loss_ft = math.nan
                 if self.finetune_steps > 0:
                     self._finetune(res.model, res.masks, train_mode, step)
-                    loss_ft = _loss(res.model, self.batch, self.loss_fn)
+                    loss_ft = _loss(res.model, self.batch, self.objective)
                 self.sizes.update(res.sizes)
                 chosen = self.selected.setdefault(tag, {})
                 for name, idx in res.pruned.items():

@@ -30,6 +30,7 @@ SCOPES = ("global", "layerwise", "normalized")
 SCHEDULES = ("linear", "exponential")
 
 __all__ = ["SCOPES", "SCHEDULES", "as_real", "check_sparsity", "check_scope", "check_scores",
+           "check_prunable",
            "n_pruned", "pruned_counts", "prune_lowest", "select", "Ranking", "schedule",
            "lap_layer_sparsity"]
 
@@ -60,6 +61,20 @@ def check_sparsity(sparsity, what: str = "sparsity") -> float:
     if not math.isfinite(s) or not 0.0 <= s < 1.0:
         raise ValueError(f"{what} must be a finite number in [0, 1), got {sparsity!r}")
     return s
+
+
+def check_prunable(model) -> list[str]:
+    """The model's prunable weight names, or ValueError when it has none (a model without
+    ``nn.Linear`` / ``nn.Conv1d/2d/3d`` weights has nothing to prune; it would otherwise look
+    "fully pruned" already)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    names = G.prunable_names(model)
+    if not names:
+        kinds = sorted({type(m).__name__ for m in model.modules()})
+        raise ValueError(f"the model ({type(model).__name__}) has no prunable weights: no "
+                         f"nn.Linear or nn.Conv1d/2d/3d layer (it holds {kinds})")
+    return names
 
 
 def check_scope(scope) -> str:

@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from prunelab import batches as B
 from prunelab import criteria, units
 from prunelab import graph as G
 
@@ -67,31 +68,39 @@ def _check_seed(seed) -> int:
     return seed
 
 
-def _inputs(batch, criterion: str) -> Tensor:
-    """The inputs of ``batch`` ((x, y) or x alone), or ValueError saying what is needed."""
+def _inputs(batch, criterion: str, model: nn.Module):
+    """The inputs of ``batch`` ((x, y), a Dataset, a DataLoader or x alone) on the model's device
+    and dtype, or ValueError/TypeError saying what is needed."""
     if batch is None:
-        raise ValueError(f"criterion {criterion!r} is data-dependent: pass batch=(x, y)")
+        raise ValueError(f"criterion {criterion!r} is data-dependent: pass batch=(x, y), a "
+                         "Dataset or a DataLoader")
     if isinstance(batch, Tensor):
+        if len(batch) == 0:
+            raise ValueError("batch is empty (0 examples)")
         x = batch
-    elif isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Tensor):
-        x = batch[0]
     else:
-        raise ValueError(f"batch must be (x, y) tensors or an input tensor x, got "
-                         f"{type(batch).__name__}")
-    if len(x) == 0:
-        raise ValueError("batch is empty")
-    return x
+        x, _ = B.as_batch(batch, what="batch")
+    B.check_inputs(x, "batch inputs")
+    return B.to_model(x, model)
 
 
-def _chosen(model: nn.Module, criterion: str, layers) -> list:
+def _example(batch, model: nn.Module):
+    """One example of ``batch``'s inputs (for the layer graph of a model fx cannot trace)."""
+    if batch is None:
+        return None
+    x = batch if isinstance(batch, Tensor) else B.as_batch(batch, 1, what="batch")[0]
+    return B.to_model(B.take(x, slice(0, 1)), model)
+
+
+def _chosen(model: nn.Module, criterion: str, layers, batch=None) -> list:
     """The :mod:`prunelab.units` layers to score, restricted to those the criterion applies to."""
     explicit = layers is not None
-    chosen = units.layer_units(model, layers)
+    chosen = units.layer_units(model, layers, _example(batch, model))
     if criterion == "hrank":
         ok = [u for u in chosen if isinstance(model.get_submodule(u.module), nn.Conv2d)]
         what = "Conv2d layers (HRank ranks h×w feature maps)"
     elif criterion == "bn-scale":
-        graph = G.layer_graph(model)
+        graph = G.layer_graph(model, _example(batch, model))
         ok = [u for u in chosen if graph[u.weight].bn is not None]
         what = "layers with a BatchNorm directly after them"
     else:
@@ -106,7 +115,7 @@ def _chosen(model: nn.Module, criterion: str, layers) -> list:
 
 
 @torch.no_grad()
-def _mean_ranks(model: nn.Module, chosen: list, x: Tensor) -> dict[str, Tensor]:
+def _mean_ranks(model: nn.Module, chosen: list, x) -> dict[str, Tensor]:
     """Mean matrix rank of each channel's feature map over the examples of ``x`` (HRank Eq. 9)."""
     sums: dict[str, Tensor] = {}
     handles = []
@@ -122,16 +131,13 @@ def _mean_ranks(model: nn.Module, chosen: list, x: Tensor) -> dict[str, Tensor]:
 
     for u in chosen:
         handles.append(model.get_submodule(u.module).register_forward_hook(hook(u.module)))
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        model(x)
+        with B.evaluating(model):
+            B.call(model, x)
     finally:
-        for m, mode in modes:
-            m.training = mode
         for h in handles:
             h.remove()
-    return {u.module: sums[u.module] / len(x) for u in chosen}
+    return {u.module: sums[u.module] / B.length(x) for u in chosen}
 
 
 
@@ -185,13 +191,13 @@ def lap_l2(model: nn.Module, chosen: list, batch, seed: int) -> dict[str, Tensor
 def hrank(model: nn.Module, chosen: list, batch, seed: int) -> dict[str, Tensor]:
     """``hrank``: mean over the batch of the matrix rank of each channel's ``h × w`` output
     feature map (HRank, Lin et al. CVPR 2020, Sec. 3, Eqs. 7-9); ``Conv2d`` layers only."""
-    return _mean_ranks(model, chosen, _inputs(batch, "hrank"))
+    return _mean_ranks(model, chosen, _inputs(batch, "hrank", model))
 
 
 def bn_scale(model: nn.Module, chosen: list, batch, seed: int) -> dict[str, Tensor]:
     """``bn-scale``: ``|γ_k|`` of the BatchNorm directly after the layer (network slimming,
     Liu et al. ICCV 2017, Sec. 3; polarization pruning, Zhuang et al. NeurIPS 2020, Sec. 3)."""
-    graph = G.layer_graph(model)
+    graph = G.layer_graph(model, _example(batch, model))
     out = {}
     for u in chosen:
         bn = model.get_submodule(graph[u.weight].bn)
@@ -247,14 +253,14 @@ def score(model: nn.Module, criterion: str, *, layers: Sequence[str] | str | Non
     """
     criterion = _check_criterion(criterion)
     seed = _check_seed(seed)
-    chosen = _chosen(model, criterion, layers)
+    chosen = _chosen(model, criterion, layers, batch)
     return CRITERIA[criterion](model, chosen, batch, seed)
 
 
 def prune(model: nn.Module, criterion: str, *, fraction: float | None = None,
           count: int | None = None, layers: Sequence[str] | str | None = None, batch=None,
-          seed: int = 0, mean_replacement: bool = False,
-          physical: bool = False) -> units.UnitPruneResult:
+          seed: int = 0, mean_replacement: bool = False, physical: bool = False,
+          loss="cross_entropy", output=None) -> units.UnitPruneResult:
     """Prune the lowest-scoring units of each chosen layer under a structured criterion.
 
     Scores come from :func:`score`; the removal is :func:`prunelab.units.prune` (its
@@ -268,10 +274,13 @@ def prune(model: nn.Module, criterion: str, *, fraction: float | None = None,
             Exactly one of ``fraction`` and ``count``.
         count: Number of units to prune in each layer.
         layers: Module names; default as in :func:`score`.
-        batch: ``(x, y)``; needed by ``hrank`` and by mean replacement.
+        batch: ``(x, y)`` tensors, a Dataset or a DataLoader; needed by ``hrank`` and by mean
+            replacement.
         seed: Seed of ``random``.
         mean_replacement: Add the pruned units' batch means to the consumers' biases (MRP Eq. 4).
         physical: Remove the units (a smaller dense model) instead of zeroing consumer columns.
+        loss, output: How the batch's targets are checked against the model's outputs (see
+            :func:`prunelab.units.prune`).
 
     Returns:
         :class:`prunelab.units.UnitPruneResult`.
@@ -280,14 +289,17 @@ def prune(model: nn.Module, criterion: str, *, fraction: float | None = None,
     return units.prune(model, fraction=fraction, count=count, score=criterion,
                        layers=list(scores), batch=_unit_batch(batch, mean_replacement),
                        seed=seed, physical=physical, unit_scores=scores,
-                       mean_replacement=mean_replacement)
+                       mean_replacement=mean_replacement, loss=loss, output=output)
 
 
 def _unit_batch(batch, mean_replacement: bool):
-    if batch is None or not mean_replacement:
-        return batch if isinstance(batch, (tuple, list)) else None
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise ValueError("mean replacement needs batch=(x, y)")
+    """The batch :func:`prunelab.units.prune` gets: (x, y) data (required for mean
+    replacement); an input tensor alone only serves HRank."""
+    if not mean_replacement:  # still handed over: it gives the graph of an untraceable model
+        return None if isinstance(batch, Tensor) else batch
+    if batch is None or isinstance(batch, Tensor):
+        raise ValueError("mean replacement needs batch=(x, y), a Dataset or a DataLoader, got "
+                         f"{'None' if batch is None else 'an input tensor without targets'}")
     return batch
 
 
@@ -406,8 +418,8 @@ def polarization_threshold(source: nn.Module | Mapping[str, Tensor] | Tensor | I
 
 def prune_by_threshold(model: nn.Module, threshold: float, *,
                        layers: Sequence[str] | str | None = None, batch=None,
-                       mean_replacement: bool = False,
-                       physical: bool = False) -> units.UnitPruneResult:
+                       mean_replacement: bool = False, physical: bool = False,
+                       loss="cross_entropy", output=None) -> units.UnitPruneResult:
     """Prune every unit whose BatchNorm scale satisfies ``|γ| < threshold`` (Zhuang et al. 2020,
     network slimming), a different number of units per layer.
 
@@ -426,7 +438,7 @@ def prune_by_threshold(model: nn.Module, threshold: float, *,
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
             or not math.isfinite(threshold) or threshold < 0:
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
-    scores = score(model, "bn-scale", layers=layers)
+    scores = score(model, "bn-scale", layers=layers, batch=batch)
     counts = {}
     for name, s in scores.items():
         counts[name] = int((s < threshold).sum())
@@ -437,18 +449,19 @@ def prune_by_threshold(model: nn.Module, threshold: float, *,
     batch = _unit_batch(batch, mean_replacement)
     if mean_replacement and batch is None:
         raise ValueError("mean replacement needs batch=(x, y)")
-    chosen = units.layer_units(model, list(scores))
+    chosen = units.layer_units(model, list(scores), _example(batch, model))
     # Dense-model statistics shared by every per-layer call: the same result as one call that
     # prunes all layers at once (each consumer reads one chosen layer only, see
     # units.layer_units).
-    stats = (units.unit_statistics(model, chosen, batch,
-                                   torch.nn.functional.cross_entropy, False)
+    obj = units.objective_of(loss, output)
+    stats = (units.unit_statistics(model, chosen, units.check_batch(model, batch, obj), obj, False)
              if mean_replacement else None)
     result, target = None, model
     for name in scores:
         r = units.prune(target, count=counts[name], score="bn-scale", layers=[name],
                         batch=batch, physical=physical, unit_scores={name: scores[name]},
                         mean_replacement=mean_replacement, inplace=result is not None,
+                        loss=loss, output=output,
                         stats=stats)
         target = r.model
         if result is None:
@@ -466,7 +479,7 @@ def compare(model: nn.Module, *, criteria: Sequence[str] = ("random", "mp-l1", "
                                                             "lap-l1", "lap-l2"),
             fractions: Sequence[float] = (0.1, 0.3, 0.5), layers: Sequence[str] | None = None,
             batch, eval_data, mean_replacement: Sequence[bool] = (False, True),
-            seed: int = 0):
+            seed: int = 0, loss="cross_entropy", output=None):
     """One-shot channel pruning of ``model`` with each structured criterion at each fraction,
     with and without mean replacement, evaluated before any fine-tuning (the comparison of Park
     et al. 2020, App. H, Tables 17-18, which report errors after retraining).
@@ -481,6 +494,9 @@ def compare(model: nn.Module, *, criteria: Sequence[str] = ("random", "mp-l1", "
         eval_data: ``(x, y)`` or a Dataset for :func:`prunelab.train.evaluate`.
         mean_replacement: The settings of mean replacement to try.
         seed: Seed of ``random``.
+        loss, output: The loss evaluated and how outputs are read (see
+            :mod:`prunelab.batches`); ``accuracy``/``error`` are NaN for a loss that does not
+            classify.
 
     Returns:
         Tidy frame: ``criterion, fraction, mean_replacement, pruned, units, loss, accuracy,
@@ -492,7 +508,7 @@ def compare(model: nn.Module, *, criteria: Sequence[str] = ("random", "mp-l1", "
 
     for c in criteria:
         _check_criterion(c)
-    dense = evaluate(model, eval_data)
+    dense = evaluate(model, eval_data, loss=loss, output=output)
     rows = [{"criterion": "dense", "fraction": 0.0, "mean_replacement": False, "pruned": 0,
              "units": 0, "loss": dense["loss"], "accuracy": dense["accuracy"],
              "error": dense["error"], "penalty": 0.0}]
@@ -502,8 +518,8 @@ def compare(model: nn.Module, *, criteria: Sequence[str] = ("random", "mp-l1", "
             for bp in mean_replacement:
                 res = units.prune(model, fraction=f, score=c, layers=list(scores),
                                   batch=_unit_batch(batch, bp), seed=seed, unit_scores=scores,
-                                  mean_replacement=bp)
-                ev = evaluate(res.model, eval_data)
+                                  mean_replacement=bp, loss=loss, output=output)
+                ev = evaluate(res.model, eval_data, loss=loss, output=output)
                 rows.append({"criterion": c, "fraction": float(f), "mean_replacement": bool(bp),
                              "pruned": sum(len(v) for v in res.pruned.values()),
                              "units": sum(res.sizes.values()), "loss": ev["loss"],

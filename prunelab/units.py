@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunelab import batches as B
 from prunelab.graph import is_parametrized, layer_graph, plain_copy
 
 
@@ -126,10 +127,25 @@ def parse_score(score: str) -> tuple[str, bool]:
     return score, False
 
 
-def layer_units(model: nn.Module, layers: Iterable[str] | None) -> list[Unit]:
+def layer_units(model: nn.Module, layers: Iterable[str] | None, example=None) -> list[Unit]:
     """The :class:`Unit` of each chosen layer (module names; default every prunable layer but
-    the last), or ValueError for a layer whose units cannot be removed through its consumers."""
-    graph = layer_graph(model)
+    the last), or ValueError for a layer whose units cannot be removed through its consumers.
+
+    The consumers come from the layer graph: torch.fx where the model traces, else the autograd
+    graph of one forward pass on ``example`` (model inputs: a tensor, mapping or tuple). A model
+    that neither traces nor comes with an example is refused (ValueError): a chain guess in
+    registration order would name wrong consumers (attention, residual blocks) and zero the
+    wrong columns.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the chain fallback's warning: refused below instead
+        graph = layer_graph(model, example)
+    if graph.source == "chain":
+        raise ValueError(f"units: torch.fx cannot trace {type(model).__name__}, so its layer "
+                         "graph must be read from one forward pass: pass batch=(x, y) (also for "
+                         "the data-free scores); a guessed chain of layers is never used")
     by_module = {graph[w].module: graph[w] for w in graph.names}
     if layers is None:
         chosen = [graph[w].module for w in graph.names[:-1]]
@@ -148,15 +164,18 @@ def layer_units(model: nn.Module, layers: Iterable[str] | None) -> list[Unit]:
             raise ValueError(f"layer {name!r} is a grouped conv (groups={layer.groups}); unit "
                              "pruning supports groups=1 only")
         if layer.external_out or not layer.next:
-            raise ValueError(f"layer {name!r}: its output reaches the model output or an "
-                             "operation the layer graph cannot see through, so its units cannot "
-                             "be removed through consumer layers (the last layer's units are the "
-                             "classes)")
+            raise ValueError(f"units: layer {name!r}: its output reaches the model output or an "
+                             "operation the layer graph cannot see through (attention, a "
+                             "concatenation, a functional op), so its units cannot be removed "
+                             "through consumer layers (the last layer's units are the classes); "
+                             "name prunable layers with layers= (e.g. the first Linear of a "
+                             "feed-forward block)")
         consumers, bns = [], []
         for e in layer.outputs:
             dst = graph[e.dst]
             if dst.prev != (layer.name,) or dst.external_in:
-                raise ValueError(f"layer {name!r}: its consumer {dst.module!r} also receives "
+                raise ValueError(f"units: layer {name!r}: its consumer {dst.module!r} also "
+                                 f"receives "
                                  f"{[p for p in dst.prev if p != layer.name] or 'other inputs'} "
                                  "(residual add or concatenation); unit pruning needs each "
                                  "consumer to read this layer alone")
@@ -175,7 +194,7 @@ def _of_layer(value, name: str):
 
 def _count(n: int, name: str, fraction: float | None, count: int | None) -> int:
     if fraction is not None:
-        k = int(math.floor(fraction * n + 0.5))
+        k = int(math.floor(float(str(fraction)) * n + 0.5))  # np.float32(0.4) read as 0.4
     else:
         k = int(count)
     if k >= n:
@@ -186,11 +205,54 @@ def _count(n: int, name: str, fraction: float | None, count: int | None) -> int:
 
 # ------------------------------------------------------------------------------ statistics
 
-def _as_units(x: Tensor, n: int, flatten: int | None) -> Tensor:
-    """A consumer input as ``(N, n, positions)``."""
+def _as_units(x: Tensor, n: int, flatten: int | None, linear: bool = False) -> Tensor:
+    """A consumer input as ``(N, n, positions)``: a Linear consumer reads units in its last
+    dimension (a sequence ``(N, T, n)`` has T positions), a conv in dimension 1."""
     if x.dim() == 2:
         return x.reshape(x.shape[0], n, flatten or 1)
+    if linear:
+        return x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2)
     return x.flatten(2)
+
+
+def objective_of(loss=None, output=None, loss_fn=None) -> B.Objective:
+    """The :class:`prunelab.batches.Objective` of ``loss=``/``output=``; the older ``loss_fn``
+    (a callable ``(output, y) -> mean loss``) is taken as ``loss=loss_fn``."""
+    if loss_fn is not None:
+        if loss not in (None, "cross_entropy"):
+            raise ValueError(f"give loss= or loss_fn=, not both (got loss={loss!r})")
+        if isinstance(loss_fn, B.Objective):
+            return B.objective(loss_fn, output)
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be a callable (output, y) -> mean loss, got "
+                            f"{type(loss_fn).__name__}")
+        loss = loss_fn
+    return B.objective(loss, output)
+
+
+def check_batch(model: nn.Module, batch, objective: B.Objective, what: str = "batch"):
+    """``batch`` as ``(x, y)`` on the model's device and dtype, from (x, y) tensors, a Dataset or
+    a DataLoader; ValueError/TypeError for an empty batch, NaN/inf inputs, inputs the model cannot
+    take or targets that do not fit its outputs (one example is run first)."""
+    x, y = B.as_batch(batch, what=what)
+    B.check_inputs(x, f"{what} inputs")
+    x, y = B.to_model(x, model), B.to_model(y, model)
+    B.probe(model, x, y, objective, what=f"units: {what}")
+    return x, y
+
+
+def check_finite_layers(model: nn.Module, units: list[Unit]) -> None:
+    """ValueError naming the chosen layers or consumers whose weights hold NaN or inf (their
+    unit scores would be NaN and sort arbitrarily)."""
+    bad = []
+    for u in units:
+        for name in (u.module, *(c for c, _ in u.consumers)):
+            w = model.get_submodule(name).weight
+            if not bool(torch.isfinite(w).all()) and name not in bad:
+                bad.append(name)
+    if bad:
+        raise ValueError(f"units: the weights of layer(s) {bad} contain NaN or inf; refusing to "
+                         "score their units")
 
 
 def unit_statistics(model: nn.Module, units: list[Unit], batch, loss_fn, need_grad: bool):
@@ -198,8 +260,16 @@ def unit_statistics(model: nn.Module, units: list[Unit], batch, loss_fn, need_gr
     chosen layer: ``{module: [(a, ā, dL/da or None) per consumer]}``.
 
     ``ā`` is per unit and flattened position for Linear consumers, per channel (over examples
-    and positions, MRP Sec. 3.2) for conv consumers. ``L`` is the mean loss over the batch.
+    and positions, MRP Sec. 3.2) for conv consumers and for Linear consumers of sequences (a bias
+    cannot vary per token). ``L`` is the mean loss over the batch. ``batch`` is ``(x, y)`` on the
+    model's device (see :func:`check_batch`); ``loss_fn`` a :class:`prunelab.batches.Objective`
+    or a callable ``(output, y) -> mean loss``. The model runs in eval mode with every module's
+    own training flag restored afterwards.
+
+    Raises:
+        ValueError: statistics holding NaN or inf (a NaN batch or weight), naming the layer.
     """
+    obj = loss_fn if isinstance(loss_fn, B.Objective) else objective_of(loss_fn=loss_fn)
     x, y = batch
     captured: dict[str, Tensor] = {}
     handles = []
@@ -212,31 +282,36 @@ def unit_statistics(model: nn.Module, units: list[Unit], batch, loss_fn, need_gr
     wanted = {c for u in units for c, _ in u.consumers}
     for name in wanted:
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.enable_grad():
-            inp = x.detach().clone().requires_grad_(need_grad and x.is_floating_point())
-            out = model(inp)
+        with B.evaluating(model), torch.enable_grad():
+            # inputs that need a gradient, so dL/da exists even with frozen parameters
+            inp = B.map_tensors(x, lambda t: t.detach().clone().requires_grad_(
+                need_grad and t.is_floating_point()))
+            out = obj.forward(model, inp)
             grads = {}
             if need_grad:
-                loss = loss_fn(out, y)
+                loss = obj.value(out, y)
                 names = sorted(wanted)
                 gs = torch.autograd.grad(loss, [captured[c] for c in names], allow_unused=True)
                 grads = {c: (torch.zeros_like(captured[c]) if g is None else g)
                          for c, g in zip(names, gs)}
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     stats = {}
     for u in units:
         per = []
         for cname, flat in u.consumers:
-            a = _as_units(captured[cname].detach(), u.n, flat)
-            conv_consumer = captured[cname].dim() > 2
-            mean = a.mean(dim=(0, 2), keepdim=True) if conv_consumer else a.mean(0, keepdim=True)
-            g = _as_units(grads[cname], u.n, flat) if need_grad else None
+            linear = isinstance(model.get_submodule(cname), nn.Linear)
+            a = _as_units(captured[cname].detach(), u.n, flat, linear)
+            by_channel = captured[cname].dim() > 2
+            mean = a.mean(dim=(0, 2), keepdim=True) if by_channel else a.mean(0, keepdim=True)
+            g = _as_units(grads[cname], u.n, flat, linear) if need_grad else None
+            if not bool(torch.isfinite(a).all()) or (g is not None
+                                                     and not bool(torch.isfinite(g).all())):
+                raise ValueError(f"units: the activations or gradients of layer {u.module!r} "
+                                 "(as its consumer reads them) hold NaN or inf on this batch; "
+                                 "check the batch and the weights")
             per.append((a, mean, g))
         stats[u.module] = per
     return stats
@@ -314,7 +389,17 @@ def score_units(model: nn.Module, units: list[Unit], base: str, stats, seed: int
                          f"{', '.join(UNIT_SCORES)}")
     fn = UNIT_SCORES[base]
     gen = torch.Generator().manual_seed(int(seed))
-    return {u.module: fn(model, u, stats, gen).detach().cpu() for u in units}
+    out = {}
+    for u in units:
+        s = fn(model, u, stats, gen).detach().cpu()
+        if s.shape != (u.n,):
+            raise ValueError(f"unit score {base!r} returned shape {tuple(s.shape)} for layer "
+                             f"{u.module!r}, expected ({u.n},)")
+        if torch.isnan(s).any():  # NaN would sort last and keep the unit
+            raise ValueError(f"unit score {base!r} is NaN for layer {u.module!r} (units "
+                             f"{torch.nonzero(torch.isnan(s)).flatten().tolist()[:8]})")
+        out[u.module] = s
+    return out
 
 
 def _given_scores(unit_scores: Mapping[str, Tensor], units: list[Unit]) -> dict:
@@ -342,12 +427,12 @@ def _lowest(scores: Tensor, k: int) -> list[int]:
 
 # ------------------------------------------------------------------------------ surgery
 
-def _columns(n: int, flat: int | None, idx: list[int]) -> Tensor:
+def _columns(n: int, flat: int | None, idx: list[int], device=None) -> Tensor:
     """Consumer input columns of units ``idx`` (blocks of ``flat`` columns after a flatten)."""
     if flat is None:
-        return torch.tensor(idx, dtype=torch.long)
-    return (torch.tensor(idx, dtype=torch.long)[:, None] * flat
-            + torch.arange(flat)[None, :]).reshape(-1)
+        return torch.tensor(idx, dtype=torch.long, device=device)
+    return (torch.tensor(idx, dtype=torch.long, device=device)[:, None] * flat
+            + torch.arange(flat, device=device)[None, :]).reshape(-1)
 
 
 @torch.no_grad()
@@ -358,16 +443,16 @@ def _propagate(model: nn.Module, u: Unit, idx: list[int], stats) -> Tensor:
         m = model.get_submodule(cname)
         mean = mean[0]  # (n, P) or (n, 1)
         means = mean if means is None else means
-        sel = torch.tensor(idx, dtype=torch.long)
         w = m.weight
+        sel = torch.tensor(idx, dtype=torch.long, device=mean.device)
         if isinstance(m, nn.Linear):
-            cols = _columns(u.n, flat, idx)
+            cols = _columns(u.n, flat, idx, w.device)
             delta = w[:, cols] @ mean[sel].reshape(-1).to(w.dtype)
         else:
             delta = (w[:, sel].flatten(2).sum(2) * mean[sel, 0].to(w.dtype)).sum(1)
         if m.bias is None:
             m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
-        m.bias.add_(delta.to(m.bias.device))
+        m.bias.add_(delta.to(device=m.bias.device, dtype=m.bias.dtype))
     return means
 
 
@@ -377,7 +462,8 @@ def _mask(model: nn.Module, u: Unit, idx: list[int], masks: dict[str, Tensor]) -
         m = model.get_submodule(cname)
         key = f"{cname}.weight"
         mask = masks.setdefault(key, torch.ones_like(m.weight, dtype=torch.bool))
-        cols = _columns(u.n, flat, idx) if isinstance(m, nn.Linear) else torch.tensor(idx)
+        cols = (_columns(u.n, flat, idx, m.weight.device) if isinstance(m, nn.Linear)
+                else torch.tensor(idx, device=m.weight.device))
         mask[:, cols] = False
         m.weight[:, cols] = 0
 
@@ -390,8 +476,8 @@ def _keep(n: int, idx: list[int]) -> Tensor:
 @torch.no_grad()
 def _remove(model: nn.Module, u: Unit, idx: list[int]) -> None:
     """Physically drop units ``idx``: rows, bias and BN entries, consumer columns/channels."""
-    keep = _keep(u.n, idx)
     m = model.get_submodule(u.module)
+    keep = _keep(u.n, idx).to(m.weight.device)
     m.weight = nn.Parameter(m.weight[keep].clone(), requires_grad=m.weight.requires_grad)
     if m.bias is not None:
         m.bias = nn.Parameter(m.bias[keep].clone(), requires_grad=m.bias.requires_grad)
@@ -423,21 +509,27 @@ def _remove(model: nn.Module, u: Unit, idx: list[int]) -> None:
 # ------------------------------------------------------------------------------ public API
 
 def score(model: nn.Module, score: str = "abs_mrs", *, layers: Sequence[str] | None = None,
-          batch=None, seed: int = 0,
+          batch=None, seed: int = 0, loss="cross_entropy", output=None,
           loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> dict[str, Tensor]:
-    """Per-unit scores of MRP Table 1 (lower = pruned first); see :func:`prune` for definitions."""
+    """Per-unit scores of MRP Table 1 (lower = pruned first); see :func:`prune` for definitions
+    and for ``batch``, ``loss``, ``output`` and ``loss_fn``. The model is never modified (its
+    modules' training flags included)."""
     base, _ = parse_score(score)
-    units = layer_units(model, layers)
+    obj = objective_of(loss, output, loss_fn)
     if base in DATA_SCORES and batch is None:
-        raise ValueError(f"score {score!r} is data-dependent: pass batch=(x, y)")
-    stats = (unit_statistics(model, units, batch, loss_fn or F.cross_entropy, base in DATA_SCORES)
-             if base in DATA_SCORES else None)
+        raise ValueError(f"score {score!r} is data-dependent: pass batch=(x, y), a Dataset or a "
+                         "DataLoader")
+    batch = None if batch is None else check_batch(model, batch, obj)
+    units = layer_units(model, layers, None if batch is None else B.take(batch[0], slice(0, 1)))
+    check_finite_layers(model, units)
+    stats = (unit_statistics(model, units, batch, obj, True) if base in DATA_SCORES else None)
     return score_units(model, units, base, stats, seed)
 
 
 def prune(model: nn.Module, *, fraction: float | None = None, count: int | None = None,
           score: str = "bp_abs_mrs", layers: Sequence[str] | None = None, batch=None,
           seed: int = 0, inplace: bool = False, physical: bool = False,
+          loss="cross_entropy", output=None,
           loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
           unit_scores: Mapping[str, Tensor] | None = None,
           mean_replacement: bool | None = None, stats=None) -> UnitPruneResult:
@@ -469,11 +561,17 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
         count: Number of units to prune in each layer, or a mapping module name -> count.
         score: A tag of :data:`SCORES`.
         layers: Module names (``"features.0"``); default every prunable layer but the last.
-        batch: ``(x, y)``; needed by the Taylor scores and by every ``bp_`` score.
+        batch: ``(x, y)`` tensors (``x`` a tensor, a mapping -> ``model(**x)`` or a tuple), a
+            Dataset or a DataLoader; needed by the Taylor scores and by every ``bp_`` score.
+            Moved to the model's device and dtype; one example is run first, so labels out of
+            range, a wrong input width or float labels are named here.
         seed: Seed of ``rand``.
         inplace: Modify ``model`` itself (not allowed for models carrying parametrizations).
         physical: Remove the units, giving a smaller dense model with the same function.
-        loss_fn: ``loss_fn(output, y)``, a mean over the batch; default cross-entropy.
+        loss: ``"cross_entropy"`` (default; per-token ``(N, T, C)`` outputs too), ``"mse"`` or a
+            callable ``(output, y) -> mean loss`` (see :mod:`prunelab.batches`).
+        output: Optional callable ``model output -> tensor``.
+        loss_fn: Older name of a callable ``loss`` (``loss_fn(output, y)``, a mean).
         unit_scores: Precomputed scores, module name -> one value per unit (lower = pruned
             first), e.g. from the structured criteria of :mod:`prunelab.structured`; they must
             cover exactly the chosen layers. ``score`` is then only a label and is not checked.
@@ -486,9 +584,9 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
         :class:`UnitPruneResult`.
 
     Raises:
-        ValueError: Bad fraction/count, unknown score or layer, missing batch, pruning every
-            unit of a layer, or a layer whose units cannot be removed through its consumers.
-            The model is unchanged.
+        ValueError: Bad fraction/count, unknown score or layer, missing, empty or NaN batch,
+            NaN weights or scores (named by layer), pruning every unit of a layer, or a layer
+            whose units cannot be removed through its consumers. The model is unchanged.
     """
     if unit_scores is None:
         base, bp = parse_score(score)
@@ -514,10 +612,11 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
     values = per_layer.items() if isinstance(per_layer, Mapping) else [(None, per_layer)]
     for name, v in values:
         where = f"[{name!r}]" if name is not None else ""
-        if fraction is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
+        if fraction is not None and not (isinstance(v, numbers.Real) and not isinstance(v, bool)
                                          and 0.0 < float(v) < 1.0):
             raise ValueError(f"fraction{where} must be in (0, 1), got {v!r}")
-        if count is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        if count is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)
+                                  or v < 0):
             raise ValueError(f"count{where} must be a non-negative int, got {v!r}")
     needs_data = base in DATA_SCORES or bp
     if needs_data and batch is None and stats is None:
@@ -526,13 +625,20 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
     if inplace and is_parametrized(model):
         raise ValueError("inplace=True on a model with parametrizations (masks) is not "
                          "supported; pass inplace=False to get a pruned plain copy")
-    units = layer_units(model, layers)
+    obj = objective_of(loss, output, loss_fn)
+    examples = 0
+    if batch is not None and (stats is None or not needs_data):
+        batch = check_batch(model, batch, obj)
+        examples = B.length(batch[0])
+    units = layer_units(model, layers, None if batch is None else B.take(batch[0], slice(0, 1)))
     counts = {u.module: _count(u.n, u.module, _of_layer(fraction, u.module),
                                _of_layer(count, u.module)) for u in units}
-
-    if stats is None:
-        stats = (unit_statistics(model, units, batch, loss_fn or F.cross_entropy,
-                                 base in DATA_SCORES) if needs_data else None)
+    if unit_scores is None:
+        check_finite_layers(model, units)
+    if stats is None and needs_data:
+        stats = unit_statistics(model, units, batch, obj, base in DATA_SCORES)
+    elif stats:
+        examples = int(next(iter(stats.values()))[0][0].shape[0])
     if unit_scores is None:
         scores = score_units(model, units, base, stats, seed)
     else:
@@ -555,9 +661,6 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
         for u in units:
             if pruned[u.module]:
                 _remove(target, u, pruned[u.module])
-    examples = int(batch[0].shape[0]) if batch is not None else 0
-    if examples == 0 and stats:
-        examples = int(next(iter(stats.values()))[0][0].shape[0])
     return UnitPruneResult(model=target, pruned=pruned, scores=scores,
                            sizes={u.module: u.n for u in units}, examples=examples, score=score,
                            mean_replacement=bp, physical=physical, masks=masks, means=means)
