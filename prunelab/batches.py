@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 __all__ = ["Objective", "objective", "LOSSES", "TARGET_KEYS", "IGNORE_INDEX", "call",
            "output_tensor", "as_batch", "length", "take", "to_model", "model_device_dtype",
-           "chunks", "check_inputs", "evaluating", "probe", "map_tensors"]
+           "chunks", "check_inputs", "evaluating", "probe", "map_tensors", "shapes"]
 
 
 def __dir__():
@@ -187,6 +187,15 @@ class Objective:
     def forward(self, model: nn.Module, x) -> Tensor:
         """The output tensor of ``model`` on inputs ``x``."""
         return output_tensor(call(model, x), self.output)
+
+    def first_forward(self, model: nn.Module, x, what: str = "data") -> Tensor:
+        """:meth:`forward` for the first chunk of a loop: an input the model cannot take (a
+        wrong width, integer inputs) becomes a ValueError naming the input shapes."""
+        try:
+            return self.forward(model, x)
+        except (RuntimeError, IndexError) as err:
+            raise ValueError(f"{what}: the model cannot run on these inputs (shapes "
+                             f"{shapes(x)}): {str(err).splitlines()[0]}") from err
 
     def check(self, z: Tensor, y: Tensor) -> None:
         """ValueError/TypeError when targets ``y`` do not fit outputs ``z`` under this loss."""
@@ -405,6 +414,15 @@ def chunks(x, y, size: int) -> Iterator[tuple[object, Tensor]]:
         yield take(x, sl), y[sl]
 
 
+def shapes(x):
+    """The shapes of the tensors in inputs ``x`` (for messages)."""
+    if isinstance(x, Tensor):
+        return tuple(x.shape)
+    if isinstance(x, Mapping):
+        return {k: tuple(v.shape) for k, v in x.items() if isinstance(v, Tensor)}
+    return [tuple(v.shape) for v in _tensors(x)]
+
+
 def probe(model: nn.Module, x, y: Tensor, objective: Objective, what: str = "the model") -> None:
     """Run the first example through ``model`` (eval mode, no grad) and check every target
     against its output under ``objective``: a model that cannot take the inputs gives a
@@ -414,10 +432,7 @@ def probe(model: nn.Module, x, y: Tensor, objective: Objective, what: str = "the
         with evaluating(model), torch.no_grad():
             out = call(model, first)
     except (RuntimeError, IndexError) as err:
-        shapes = {k: tuple(v.shape) for k, v in x.items() if isinstance(v, Tensor)} \
-            if isinstance(x, Mapping) else tuple(x.shape) if isinstance(x, Tensor) else \
-            [tuple(v.shape) for v in _tensors(x)]
-        raise ValueError(f"{what}: the model cannot run on these inputs (shapes {shapes}): "
+        raise ValueError(f"{what}: the model cannot run on these inputs (shapes {shapes(x)}): "
                          f"{str(err).splitlines()[0]}") from err
     try:
         z = output_tensor(out, objective.output)

@@ -48,7 +48,7 @@ def loss(model: nn.Module, batch, *, loss="cross_entropy", output=None) -> float
     x, y = B.as_batch(batch, what="batch")
     x, y = B.to_model(x, model), B.to_model(y, model)
     with B.evaluating(model), torch.no_grad():
-        z = obj.forward(model, x)
+        z = obj.first_forward(model, x, what="batch")
         obj.check(z, y)
         return float(obj.value(z, y))
 

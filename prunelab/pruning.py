@@ -168,7 +168,11 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
     criterion, sparsity, layer_sparsity = config.criterion, config.sparsity, config.layer_sparsity
     stages, seed = config.stages, config.seed
     spec = C.spec(criterion)
-    names = G.prunable_names(model)
+    if inplace and M.has_torch_prune(model):
+        raise ValueError("inplace=True on a model carrying torch.nn.utils.prune hooks: pass "
+                         "inplace=False, or call prunelab.masks.import_torch_prune(model) first")
+    model = M.import_torch_prune(model)  # torch.nn.utils.prune hooks -> prunelab masks (a copy)
+    names = M.check_prunable(model)
     if layer_sparsity is not None:
         unknown = set(layer_sparsity) - set(names)
         if unknown:

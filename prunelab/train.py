@@ -150,9 +150,9 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 1000, loss="cross_entr
     x, y = _tensors(data)
     total, correct, units, counted = 0.0, 0, 0, 0
     with B.evaluating(model):
-        for xb, yb in B.chunks(x, y, batch_size):
+        for i, (xb, yb) in enumerate(B.chunks(x, y, batch_size)):
             xb, yb = B.to_model(xb, model), B.to_model(yb, model)
-            out = obj.forward(model, xb)
+            out = obj.forward(model, xb) if i else obj.first_forward(model, xb)
             obj.check(out, yb)
             total += float(obj.value(out, yb, reduction="sum"))
             units += obj.units(out, yb)

@@ -214,6 +214,9 @@ def compute(model: nn.Module, name: str, *, batch=None, masks: Masks | None = No
     """
     s = spec(name)
     objective = B.objective(loss, output)
+    if _torch_prune_hooked(model):
+        raise ValueError("the model carries torch.nn.utils.prune hooks (weight_orig/weight_mask); "
+                         "convert them first: model = prunelab.masks.import_torch_prune(model)")
     if copy:  # the pruning loop (copy=False) validated its inputs once (a PruneConfig): trust them
         lam = check_lam(lam)
         check_options(name, options)
@@ -250,6 +253,14 @@ def compute(model: nn.Module, name: str, *, batch=None, masks: Masks | None = No
         for n, sc in result.scores.items():
             sc.add_(0.5 * lam * G.weight(work, n).detach().float() ** 2)
     return result
+
+
+def _torch_prune_hooked(model: nn.Module) -> bool:
+    import sys
+
+    tp = sys.modules.get("torch.nn.utils.prune")
+    return tp is not None and any(isinstance(h, tp.BasePruningMethod) for m in model.modules()
+                                  for h in m._forward_pre_hooks.values())
 
 
 def check_masks(masks, model: nn.Module) -> Masks:
