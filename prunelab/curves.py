@@ -116,7 +116,8 @@ class PolyChain(Curve):
 
 
 def bezier(model_a: nn.Module, model_b: nn.Module, *, bend_init: str = "midpoint") -> Bezier:
-    """Quadratic Bezier curve between two models; ``bend_init="midpoint"`` gives the segment."""
+    """Quadratic Bezier curve between two models (Garipov et al. 2018, Sec. 3.2);
+    ``bend_init="midpoint"`` gives the segment."""
     return Bezier(model_a, model_b, bend_init=bend_init)
 
 

@@ -62,7 +62,8 @@ def imp(model: nn.Module, bundle, *, rounds: int, recipe: Recipe, prune_fraction
         rewind_step: int = 0, scope: str = "global", reinit_control: bool = False,
         seed: int = 0, progress: bool = False, loss="cross_entropy",
         output=None) -> LotteryResult:
-    """Iterative magnitude pruning with rewinding to step ``rewind_step``.
+    """Iterative magnitude pruning with rewinding to step ``rewind_step`` (Frankle et al.,
+    *Linear Mode Connectivity and the Lottery Ticket Hypothesis*, Algorithm 2).
 
     Args:
         model: the *untrained* network (θ₀); never modified.

@@ -207,7 +207,8 @@ def _scoring_view(model: nn.Module):
 def compute(model: nn.Module, name: str, *, batch=None, masks: Masks | None = None,
             lam: float = 0.0, seed: int = 0, sparsity=None, scope: str = "global",
             copy: bool = True, loss="cross_entropy", output=None, **options) -> ScoreResult:
-    """Like :func:`score` but returns the full :class:`ScoreResult` (scores, update, examples).
+    """Like :func:`score` but returns the full :class:`ScoreResult` (scores, update, examples),
+    with the step-size penalty λ/2·θ² added to every score (LM paper Sec. 3.2).
 
     ``copy=False`` is for the pruning loop, which owns a plain working model already in eval
     mode with its pruned weights zeroed: scoring it directly saves a deep copy per stage.
