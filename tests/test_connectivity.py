@@ -7,7 +7,6 @@ import copy
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 
 import prunelab as pl
 from prunelab import connectivity as C
@@ -17,28 +16,7 @@ from prunelab.train import Recipe, evaluate, fit
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    b = pl.data.load("digits")
-    return b, b.train.tensors, b.test.tensors
-
-
-@pytest.fixture(scope="module")
-def pair(digits):
-    """Two small ReLU MLPs trained on digits from different seeds (init and data order)."""
-    b, tr, _ = digits
-    models = []
-    for s in (0, 1):
-        m = pl.models.build("mlp", b, hidden=(32,), activation="relu", seed=s)
-        fit(m, tr, recipe=Recipe(lr=1e-2, epochs=20), seed=s, progress=False)
-        models.append(m.eval())
-    return models
-
-
-def _bn_net(seed):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.BatchNorm1d(24), nn.ReLU(),
-                         nn.Linear(24, 10))
+from tests.conftest import bn_net as _bn_net  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- straight line

@@ -1,5 +1,4 @@
 """The MRP penalty study (penalties during training, layer sets, bp pairs): prunelab.mrp."""
-import copy
 
 import pytest
 import torch
@@ -9,42 +8,12 @@ from torch import nn
 from prunelab import models, mrp, units
 
 
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same_state(model, state):
-    now = model.state_dict()
-    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
-
-
-def _mlp(activation="tanh", seed=0):
-    return models.build("mlp", input_shape=(12,), num_classes=4, hidden=(10, 8),
-                        activation=activation, seed=seed).double()
-
-
-def _conv(bn=False, padding="valid", seed=0):
-    model = models.build("small_conv", input_shape=(3, 32, 32), num_classes=5, width=0.125,
-                         bn=bn, padding=padding, seed=seed).double()
-    if bn:  # non-trivial eval statistics
-        g = torch.Generator().manual_seed(seed)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64))
-                m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=torch.float64) + 0.5)
-                m.weight.data.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64))
-                m.bias.data.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64))
-    return model
-
-
-def _batch(shape, n=6, classes=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, *shape, generator=g, dtype=torch.float64),
-            torch.randint(0, classes, (n,), generator=g))
-
-
-MLP_BATCH = _batch((12,), n=8, classes=4)
-CONV_BATCH = _batch((3, 32, 32), n=4, classes=5)
+from tests.unit_models import CONV_BATCH, MLP_BATCH  # noqa: E402
+from tests.unit_models import batch as _batch  # noqa: E402
+from tests.unit_models import conv as _conv  # noqa: E402
+from tests.unit_models import mlp as _mlp  # noqa: E402
+from tests.unit_models import same_state as _same_state  # noqa: E402
+from tests.unit_models import state as _state  # noqa: E402
 
 
 # ------------------------------------------------------- PenaltyRecorder (MRP Sec. 4.1-4.4)
