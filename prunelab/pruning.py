@@ -117,7 +117,8 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
     """
     config = PruneConfig(criterion, sparsity=sparsity, layer_sparsity=layer_sparsity,
                          scope=scope, nm_layers=nm_layers, stages=stages, schedule=schedule,
-                         lam=lam, seed=seed, options=options, loss=loss, output=output, device=device)
+                         lam=lam, seed=seed, options=options, loss=loss, output=output,
+                         device=device)
     return prune_with(model, config, batch=batch, finetune=finetune, train_data=train_data,
                       val_data=val_data, finetune_stages=finetune_stages, inplace=inplace,
                       obs_update=obs_update, progress=progress, callback=callback)

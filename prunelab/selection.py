@@ -62,8 +62,8 @@ def check_sparsity(sparsity, what: str = "sparsity") -> float:
 
 def check_scope(scope) -> str:
     """``scope`` if it is one of :data:`SCOPES` or an N:M pattern ``"n:m"`` (1 <= n < m), else
-    ValueError naming the value (a malformed ``"n:m"`` gets :func:`~prunelab.semistructured.parse_nm`'s
-    message: m <= n, n = 0, not integers)."""
+    ValueError naming the value (a malformed ``"n:m"`` gets the message of
+    :func:`prunelab.semistructured.parse_nm`: m <= n, n = 0, not integers)."""
     if isinstance(scope, str) and ":" in scope:
         NM.parse_nm(scope)
         return scope
@@ -85,8 +85,8 @@ def nm_sparsity(scope: str, sparsity=None) -> float:
         s = check_sparsity(sparsity)
         if abs(s - implied) > 1e-9:
             raise ValueError(f"scope={scope!r} keeps {n} of every {m} weights, i.e. sparsity "
-                             f"{implied:g}; got sparsity={sparsity!r}: pass sparsity=None (implied) "
-                             f"or {implied:g}")
+                             f"{implied:g}; got sparsity={sparsity!r}: pass sparsity=None "
+                             f"(implied) or {implied:g}")
     return implied
 
 

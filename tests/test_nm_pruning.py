@@ -91,7 +91,7 @@ def test_lambda_changes_the_choice_and_large_lambda_gives_mp():
     qm = pl.prune(model, "qm", scope="2:4", batch=batch).masks
     big = pl.prune(model, "qm", scope="2:4", batch=batch, lam=1e8).masks
     assert any(not torch.equal(qm[k], mp[k]) for k in mp)       # λ = 0: QM's own pattern
-    assert all(torch.equal(big[k], mp[k]) for k in mp)          # λ → ∞: λ/2·θ² ranks as |θ|
+    assert all(torch.equal(big[k], mp[k]) for k in mp)          # λ → ∞: ranks as |θ|
     mid = pl.prune(model, "qm", scope="2:4", batch=batch, lam=1.0)
     assert torch.equal(mid.masks["0.weight"],
                        by_hand(model, "qm", 2, 4, lam=1.0, batch=batch)["0.weight"])
