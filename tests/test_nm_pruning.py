@@ -162,3 +162,14 @@ def test_select_and_ranking():
         S.Ranking(scores, scope="2:4")
     with pytest.raises(ValueError, match=r"Ranking cannot express"):
         pl.masks.Ranking(scores, scope="1:2")
+
+
+def test_on_an_already_pruned_model_what_was_pruned_stays_pruned():
+    model, batch = fcn(), data()
+    base = pl.prune(model, "mp", sparsity=0.7)
+    r = pl.prune(base.model, "lap", scope="2:4", batch=batch)
+    for k, m in r.masks.items():
+        assert not (m & ~base.masks[k]).any()
+        alive = base.masks[k].reshape(m.shape[0], -1, 4).sum(-1)
+        assert torch.equal(m.reshape(m.shape[0], -1, 4).sum(-1), alive.clamp(max=2))
+    N.check_nm(r.masks, 2, 4, exact=False)                      # at most 2: what hardware needs
