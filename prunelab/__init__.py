@@ -13,10 +13,9 @@ __version__ = "0.1.0"
 _SUBMODULES = (
     "paths", "store", "executors", "results", "download", "data_readers", "batches", "data",
     "models", "train", "metrics", "zoo", "graph", "semistructured", "selection", "criteria",
-    "masks", "config", "pruning", "surgery", "explore", "units", "mrp", "structured",
-    "metapruning",
-    "connectivity", "landscape", "curves", "collapse", "lottery", "at_init", "compression",
-    "experiments", "views", "plots", "figures", "widgets",
+    "masks", "config", "pruning", "depgraph", "surgery", "explore", "units", "mrp", "structured",
+    "metapruning", "connectivity", "landscape", "curves", "collapse", "lottery", "at_init",
+    "compression", "experiments", "views", "plots", "figures", "widgets",
 )
 _FUNCTIONS = {"score": ("criteria", "score"), "prune": ("pruning", "prune")}
 

@@ -23,6 +23,7 @@ from typing import Any
 from prunelab import batches as B
 from prunelab import criteria as C
 from prunelab import selection as S
+from prunelab import semistructured as NM
 from prunelab.train import OPTIMIZERS
 
 __all__ = ["PruneConfig", "check_integer", "check_recipe_fields", "SCHEDULES", "SCOPES"]
@@ -113,7 +114,16 @@ class PruneConfig:
             fraction for every layer is ``sparsity=s, scope="layerwise"``); layers not named
             keep their weights. Names are checked against the model by
             :func:`prunelab.pruning.prune_with`, which has it.
-        scope: "global", "layerwise" or "normalized" (:func:`prunelab.selection.select`).
+        scope: "global", "layerwise" or "normalized" (:func:`prunelab.selection.select`), or an
+            N:M pattern ``"n:m"`` (e.g. ``"2:4"``: keep n of every m consecutive weights along
+            each layer's input dimension; :mod:`prunelab.semistructured`). With ``"n:m"``,
+            ``sparsity`` is None or ``1 - n/m`` (stored as ``1 - n/m``, the sparsity of the N:M
+            layers) and ``layer_sparsity`` is not allowed; stages step n down from m
+            (:func:`prunelab.semistructured.stage_ns`).
+        nm_layers: with an N:M scope, the weights the pattern applies to (names checked against
+            the model by :func:`prunelab.pruning.prune_with`); the others are left as they are
+            (not pruned). None (default): every prunable weight, and a layer whose input
+            dimension is not divisible by m raises ValueError naming it.
         stages: number of pruning stages π >= 1.
         schedule: "linear" or "exponential" (LM paper Algorithm 1).
         lam: step-size penalty λ >= 0 (LM paper Sec. 3.2).
@@ -131,6 +141,7 @@ class PruneConfig:
     sparsity: float | None = None
     layer_sparsity: Mapping[str, float] | None = None
     scope: str = "global"
+    nm_layers: tuple[str, ...] | None = None
     stages: int = 1
     schedule: str = "exponential"
     lam: float = 0.0
@@ -143,6 +154,22 @@ class PruneConfig:
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalised values are written once, here
         C.spec(self.criterion)  # ValueError listing the valid names
+        S.check_scope(self.scope)
+        if self.nm is not None:
+            if self.layer_sparsity is not None:
+                raise ValueError(f"layer_sparsity cannot be combined with the N:M scope "
+                                 f"{self.scope!r}: the pattern fixes each layer's sparsity at "
+                                 "1 - n/m (choose the layers with nm_layers=)")
+            set_(self, "sparsity", S.nm_sparsity(self.scope, self.sparsity))
+        if self.nm_layers is not None:
+            if self.nm is None:
+                raise ValueError(f"nm_layers is for an N:M scope such as '2:4', got "
+                                 f"scope={self.scope!r}")
+            if isinstance(self.nm_layers, str) or not all(
+                    isinstance(n, str) for n in self.nm_layers) or not self.nm_layers:
+                raise ValueError(f"nm_layers must be a non-empty list of weight names, got "
+                                 f"{self.nm_layers!r}")
+            set_(self, "nm_layers", tuple(self.nm_layers))
         if self.layer_sparsity is not None:
             if not isinstance(self.layer_sparsity, Mapping):
                 raise ValueError(
@@ -159,7 +186,6 @@ class PruneConfig:
             raise ValueError("pass sparsity= (a fraction in [0, 1)) or layer_sparsity= (per layer)")
         if self.sparsity is not None:
             set_(self, "sparsity", S.check_sparsity(self.sparsity))
-        S.check_scope(self.scope)
         set_(self, "stages", check_integer(self.stages, "stages", 1))
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
@@ -186,8 +212,8 @@ class PruneConfig:
         """The loss and output rule as a :class:`prunelab.batches.Objective`."""
         return B.objective(self.loss, self.output)
 
-    FIELDS = ("criterion", "sparsity", "layer_sparsity", "scope", "stages", "schedule", "lam",
-              "seed", "loss", "output", "device")
+    FIELDS = ("criterion", "sparsity", "layer_sparsity", "scope", "nm_layers", "stages",
+              "schedule", "lam", "seed", "loss", "output", "device")
 
     @classmethod
     def from_kwargs(cls, criterion: str, **kwargs) -> PruneConfig:
@@ -204,13 +230,20 @@ class PruneConfig:
         return dataclasses.replace(self, **changes)
 
     @property
+    def nm(self) -> tuple[int, int] | None:
+        """``(n, m)`` of an N:M scope, else None."""
+        return NM.parse_nm(self.scope) if ":" in self.scope else None
+
+    @property
     def stage_scope(self) -> str:
-        """The scope the selection uses: per-layer targets are always layerwise."""
-        return "layerwise" if self.layer_sparsity is not None else self.scope
+        """The scope the criteria see: per-layer targets (and N:M, the same fraction of every
+        N:M layer) are layerwise."""
+        return "layerwise" if self.layer_sparsity is not None or self.nm else self.scope
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain values (``layer_sparsity`` a dict or None); options left out."""
         return {"criterion": self.criterion, "sparsity": self.sparsity, "scope": self.scope,
                 "stages": self.stages, "schedule": self.schedule, "lam": self.lam,
                 "seed": self.seed,
-                "layer_sparsity": dict(self.layer_sparsity) if self.layer_sparsity else None}
+                "layer_sparsity": dict(self.layer_sparsity) if self.layer_sparsity else None,
+                **({"nm_layers": list(self.nm_layers)} if self.nm_layers else {})}

@@ -23,6 +23,7 @@ from prunelab import graph as G
 from prunelab import masks as M
 from prunelab import results as R
 from prunelab import selection as S
+from prunelab import semistructured as NM
 from prunelab.config import PruneConfig
 from prunelab.metrics import loss as metrics_loss
 from prunelab.train import FitResult, Recipe, check_on_interrupt, fit
@@ -93,7 +94,8 @@ def _layer_targets(layer_sparsity: dict[str, float], stages: int, kind: str,
 
 
 def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
-          scope: str = "global", stages: int = 1, schedule: str = "exponential",
+          scope: str = "global", nm_layers=None, stages: int = 1,
+          schedule: str = "exponential",
           lam: float = 0.0, batch=None, layer_sparsity: dict[str, float] | None = None,
           finetune: Recipe | None = None, train_data=None, val_data=None,
           finetune_stages: bool = False, seed: int = 0, inplace: bool = False,
@@ -107,9 +109,17 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
             attached are kept (what they prune stays pruned).
         criterion: a name from :func:`prunelab.criteria.names`.
         sparsity: final total fraction of prunable weights pruned, in [0, 1).
-        scope: "global", "layerwise" or "normalized" (see :func:`prunelab.selection.select`).
-        stages: number of pruning stages π >= 1, re-scoring the masked model at each.
-        schedule: "linear" or "exponential" (LM paper Algorithm 1).
+        scope: "global", "layerwise" or "normalized" (see :func:`prunelab.selection.select`),
+            or an N:M pattern such as ``"2:4"``: every group of m consecutive weights along a
+            layer's input dimension keeps exactly the n highest-scoring ones (``sparsity`` None
+            or ``1 - n/m``; λ and stages apply; :mod:`prunelab.semistructured`).
+        nm_layers: with an N:M scope, the weights it applies to (the others are not pruned);
+            None: all prunable weights, and one whose input dimension is not divisible by m
+            raises ValueError naming it.
+        stages: number of pruning stages π >= 1, re-scoring the masked model at each. With
+            an N:M scope, stage i keeps n_i of every m (:func:`prunelab.semistructured.stage_ns`,
+            n_i stepping down from m to n), so previously pruned weights stay pruned.
+        schedule: "linear" or "exponential" (LM paper Algorithm 1; for N:M, of n_i).
         lam: step-size penalty λ >= 0 added to every score as λ/2·θ² (LM paper Sec. 3.2).
         batch: (x, y) used by data-dependent criteria and to record the loss per stage: tensors
             (x a tensor, a mapping -> ``model(**x)`` or a tuple), a Dataset or a DataLoader.
@@ -143,8 +153,9 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
             a data-dependent criterion without ``batch``, NaN weights; the model is untouched.
     """
     config = PruneConfig(criterion, sparsity=sparsity, layer_sparsity=layer_sparsity,
-                         scope=scope, stages=stages, schedule=schedule, lam=lam, seed=seed,
-                         options=options, loss=loss, output=output, device=device)
+                         scope=scope, nm_layers=nm_layers, stages=stages, schedule=schedule,
+                         lam=lam, seed=seed, options=options, loss=loss, output=output,
+                         device=device)
     return prune_with(model, config, batch=batch, finetune=finetune, train_data=train_data,
                       val_data=val_data, finetune_stages=finetune_stages, inplace=inplace,
                       obs_update=obs_update, progress=progress, callback=callback,
@@ -198,7 +209,23 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
         p.requires_grad_(True)
     cur = {n: base_masks.get(n, torch.ones_like(G.weight(work, n), dtype=torch.bool)) for n in names}
     start = M.sparsity(cur)
-    if layer_sparsity is not None:
+    nm_names, stage_nm = [], [None] * stages
+    if config.nm is not None:
+        # N:M (issue 16): stage i keeps n_i of every m in the N:M layers; the criteria see the
+        # same fraction 1 - n_i/m of each of them (the others at their current sparsity).
+        n_keep, m = config.nm
+        nm_names = list(config.nm_layers) if config.nm_layers is not None else names
+        unknown = set(nm_names) - set(names)
+        if unknown:
+            raise ValueError(f"nm_layers names unknown layers {sorted(unknown)}; prunable "
+                             f"weights: {names}")
+        NM.nm_select({n: cur[n] for n in nm_names}, n_keep, m)  # ValueError naming a layer
+        stage_nm = [f"{k}:{m}" for k in NM.stage_ns(n_keep, m, stages, config.schedule)]
+        stage_targets = [None] * stages
+        stage_layer_targets = [{n: 1.0 - k / m if n in nm_names
+                                else 1.0 - float(cur[n].float().mean()) for n in names}
+                               for k in NM.stage_ns(n_keep, m, stages, config.schedule)]
+    elif layer_sparsity is not None:
         start_layer = {n: 1.0 - float(cur[n].float().mean()) for n in names}
         # Per stage: {layer: its sparsity after the stage}; None where a total is the target.
         stage_layer_targets = _layer_targets(layer_sparsity, stages, config.schedule, start_layer)
@@ -247,8 +274,16 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
             elif pending is not None:
                 finish(pending, crit_loss if crit_loss is not None else batch_loss(prev_work, batch))
                 pending = None
-            new = S.select(scores, target, scope=config.scope,
-                           layer_sparsity=stage_layer_targets[i], previous=cur, _checked=True)
+            if stage_nm[i] is not None:
+                nm_scope = stage_nm[i]
+                new = dict(cur)  # layers outside nm_layers (and stages with n_i = m) keep theirs
+                if int(nm_scope.split(":")[0]) < m:
+                    new.update(S.select({n: scores[n] for n in nm_names}, None, scope=nm_scope,
+                                        previous={n: cur[n] for n in nm_names}, _checked=True))
+            else:
+                new = S.select(scores, target, scope=config.scope,
+                               layer_sparsity=stage_layer_targets[i], previous=cur,
+                               _checked=True)
             updates = result.update(new) if (obs_update and result.update is not None) else {}
             step_sq = 0.0
             with torch.no_grad():

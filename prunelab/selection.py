@@ -23,14 +23,15 @@ import torch
 from torch import Tensor, nn
 
 from prunelab import graph as G
+from prunelab import semistructured as NM
 
 Masks = G.Masks
 Scores = G.Scores
 SCOPES = ("global", "layerwise", "normalized")
 SCHEDULES = ("linear", "exponential")
 
-__all__ = ["SCOPES", "SCHEDULES", "as_real", "check_sparsity", "check_scope", "check_scores",
-           "check_prunable",
+__all__ = ["SCOPES", "SCHEDULES", "as_real", "check_sparsity", "check_scope", "nm_sparsity",
+           "check_scores", "check_prunable",
            "n_pruned", "pruned_counts", "prune_lowest", "select", "Ranking", "schedule",
            "lap_layer_sparsity"]
 
@@ -78,10 +79,33 @@ def check_prunable(model) -> list[str]:
 
 
 def check_scope(scope) -> str:
-    """``scope`` if it is one of :data:`SCOPES`, else ValueError listing them."""
+    """``scope`` if it is one of :data:`SCOPES` or an N:M pattern ``"n:m"`` (1 <= n < m), else
+    ValueError naming the value (a malformed ``"n:m"`` gets the message of
+    :func:`prunelab.semistructured.parse_nm`: m <= n, n = 0, not integers)."""
+    if isinstance(scope, str) and ":" in scope:
+        NM.parse_nm(scope)
+        return scope
     if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        raise ValueError(f"scope must be one of {SCOPES} or an N:M pattern 'n:m' such as '2:4', "
+                         f"got {scope!r}")
     return scope
+
+
+def nm_sparsity(scope: str, sparsity=None) -> float:
+    """The sparsity ``1 - n/m`` an N:M ``scope`` implies; ``sparsity`` must be None or that value.
+
+    Raises:
+        ValueError: A malformed pattern, or a ``sparsity`` other than ``1 - n/m`` (both named).
+    """
+    n, m = NM.parse_nm(scope)
+    implied = 1.0 - n / m
+    if sparsity is not None:
+        s = check_sparsity(sparsity)
+        if abs(s - implied) > 1e-9:
+            raise ValueError(f"scope={scope!r} keeps {n} of every {m} weights, i.e. sparsity "
+                             f"{implied:g}; got sparsity={sparsity!r}: pass sparsity=None "
+                             f"(implied) or {implied:g}")
+    return implied
 
 
 def check_scores(scores: Scores, previous: Masks | None = None) -> None:
@@ -214,9 +238,11 @@ def select(scores: Scores, sparsity: float | None = None, *, scope: str = "globa
         sparsity: total fraction of weights to prune, in [0, 1) (not a fraction of survivors).
         scope: ``"global"`` ranks all layers together; ``"layerwise"`` prunes ``sparsity`` of
             each layer; ``"normalized"`` ranks globally after dividing each layer's scores by their
-            Frobenius norm (LAP paper App. I).
+            Frobenius norm (LAP paper App. I); ``"n:m"`` (e.g. ``"2:4"``) keeps the ``n``
+            highest scores of every ``m`` consecutive weights along each layer's input dimension
+            (:func:`prunelab.semistructured.nm_select`; ``sparsity`` None or ``1 - n/m``).
         layer_sparsity: explicit per-layer sparsities (name -> fraction); layers not named keep all
-            their weights. Overrides ``sparsity`` and ``scope``.
+            their weights. Overrides ``sparsity`` and ``scope`` (not allowed with ``"n:m"``).
         previous: masks of an earlier stage; what they pruned stays pruned.
 
     Returns:
@@ -224,6 +250,14 @@ def select(scores: Scores, sparsity: float | None = None, *, scope: str = "globa
     """
     if not _checked:  # the pruning loop's scores were checked by criteria.compute
         check_scores(scores, previous)
+    if isinstance(scope, str) and ":" in scope:
+        if layer_sparsity is not None:
+            raise ValueError(f"layer_sparsity cannot be combined with the N:M scope {scope!r}: the "
+                             "pattern fixes every layer's sparsity at 1 - n/m")
+        nm_sparsity(scope, sparsity)
+        n, m = NM.parse_nm(scope)
+        # nm_select keeps what ``previous`` pruned pruned (it ranks below every live weight)
+        return NM.nm_select(scores, n, m, previous)
     out = _select(scores, sparsity, scope, layer_sparsity, previous)
     if previous:  # pruned stays pruned, also when the new target is below the old sparsity
         out = {n: m & previous[n].to(torch.bool) if n in previous else m for n, m in out.items()}
@@ -318,6 +352,11 @@ class Ranking:
 
     def __init__(self, scores: Scores, *, scope: str = "global", previous: Masks | None = None):
         check_scope(scope)
+        if ":" in scope:
+            raise ValueError(f"Ranking cannot express the N:M scope {scope!r}: one global order "
+                             "of the weights has no sparsity at which every group of m keeps "
+                             "exactly n; use select(scores, scope=...) or "
+                             "prunelab.semistructured.nm_select")
         check_scores(scores, previous)
         ranked = _prepare(scores, previous)
         self.previous = {n: m.to(torch.bool) for n, m in (previous or {}).items()}

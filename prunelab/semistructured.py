@@ -80,10 +80,14 @@ def _select_one(s: Tensor, n: int, m: int, prev: Tensor | None, name: str) -> Te
             raise ValueError(f"previous[{name!r}] has shape {tuple(prev.shape)}, the scores "
                              f"{tuple(s.shape)}")
         alive = _groups(prev.to(device=s.device, dtype=torch.bool), m, name)
-        # pruned weights rank below every live one, so they are pruned first and stay pruned
-        g = torch.where(alive, g, torch.full_like(g, -math.inf))
     # stable ascending sort: among equal scores the lower index comes first, so it is pruned
     order = torch.sort(g, dim=-1, stable=True).indices
+    if prev is not None:
+        # pruned weights rank below every live one (also below a live −inf score, as criteria
+        # give what they prune themselves), so they are pruned first and stay pruned: a second
+        # stable sort by liveness makes it the primary key
+        order = order.gather(-1, torch.sort(alive.gather(-1, order).to(torch.int8), dim=-1,
+                                            stable=True).indices)
     keep = torch.zeros_like(g, dtype=torch.bool)
     keep.scatter_(-1, order[..., m - n:], True)
     if prev is not None:

@@ -14,8 +14,8 @@ PKG = ROOT / "prunelab"
 NOTEBOOKS = ROOT / "notebooks"
 
 # DESIGN.md: data < models < train < metrics < zoo < graph < semistructured < selection
-#            < criteria < masks < config < prune < surgery < units, connectivity, collapse,
-#            lottery < experiments < views < plots < figures < widgets
+#            < criteria < masks < config < prune < depgraph < surgery < units, connectivity,
+#            collapse, lottery < experiments < views < plots < figures < widgets
 # (views prepares the frames and the style once; plots and figures only draw them).
 # A module split in two puts its parts at its old layer or just below (download < data_readers
 # < data; connectivity's path toolkit and the explore engine sit just below the studies that use
@@ -24,7 +24,7 @@ LAYERS = [
     {"paths", "_parametrize", "store", "executors", "results"}, {"download"}, {"batches"},
     {"data_readers"},
     {"data"}, {"models"}, {"train"}, {"metrics"}, {"zoo"}, {"graph"}, {"semistructured"},
-    {"selection"}, {"criteria"}, {"masks"}, {"config"}, {"pruning"}, {"surgery"},
+    {"selection"}, {"criteria"}, {"masks"}, {"config"}, {"pruning"}, {"depgraph"}, {"surgery"},
     {"connectivity", "explore", "landscape"},
     {"units", "curves", "collapse", "lottery", "at_init", "compression"},
     {"mrp", "structured"}, {"metapruning"}, {"experiments"}, {"views"}, {"plots"}, {"figures"},

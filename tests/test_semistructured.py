@@ -1,4 +1,6 @@
 """N:M semi-structured sparsity (prunelab.semistructured)."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -31,8 +33,10 @@ def case(draw):
     n, m = draw(nm)
     rows = draw(st.integers(1, 4))
     groups = draw(st.integers(1, 4))
-    # few distinct values: many ties, also zeros and negatives
-    vals = draw(st.lists(st.integers(-2, 2), min_size=rows * groups * m,
+    # few distinct values: many ties, also zeros, negatives and -inf (what a criterion gives the
+    # weights it pruned itself: a live -inf still ranks above a weight pruned before)
+    vals = draw(st.lists(st.sampled_from([-2.0, -1.0, 0.0, 1.0, 2.0, -math.inf]),
+                         min_size=rows * groups * m,
                          max_size=rows * groups * m))
     s = torch.tensor(vals, dtype=torch.float64).reshape(rows, groups * m)
     prev = draw(st.one_of(st.none(), st.lists(st.booleans(), min_size=s.numel(),
