@@ -500,7 +500,7 @@ class PruningExplorer:
             value=10 ** start, base=10, min=lo, max=hi, step=step, readout_format=".3g",
             description="fraction remaining",
             continuous_update=True, style=style,
-            layout=W.Layout(width=_px(420, scale), flex="1 1 auto", **fits))
+            layout=W.Layout(width=_px(420, scale), flex="0 1 auto", **fits))
         self.density.add_class("prunelab-density")
         self.lam = W.SelectionSlider(options=[(_lam_label(v), v) for v in lam_values],
                                      value=lam_values[0], description="λ", style=style,
@@ -521,7 +521,7 @@ class PruningExplorer:
                                       style=style,
                                       layout=W.Layout(width=_px(260, scale), display="none",
                                                       **fits))
-        self.readout = W.HTML(layout=W.Layout(width="100%"))
+        self.readout = W.HTML(layout=W.Layout(width="auto", max_width="100%"))
         self.readout.add_class("prunelab-readout")
         self._controls = [self.criterion, self.scope, self.schedule, self.density, self.lam,
                           self.stages, self.run_button]
@@ -951,11 +951,11 @@ class UnitExplorer:
         self.fraction = W.FloatSlider(value=fraction, min=0.01, max=0.9, step=0.01,
                                       readout_format=".2f", description="fraction of units",
                                       continuous_update=False, style=style,
-                                      layout=W.Layout(width=_px(380, scale), flex="1 1 auto",
+                                      layout=W.Layout(width=_px(380, scale), flex="0 1 auto",
                                                       **fits))
         self.mean_replacement = W.Checkbox(value=True, description="show bp_ (mean replacement)",
                                            indent=False, layout=W.Layout(width="auto", **fits))
-        self.readout = W.HTML(layout=W.Layout(width="100%"))
+        self.readout = W.HTML(layout=W.Layout(width="auto", max_width="100%"))
         self.readout.add_class("prunelab-readout")
         self._go = go
         self.penalty_fig = unit_penalty_figure(go, scale=scale)
