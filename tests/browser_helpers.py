@@ -284,8 +284,13 @@ def open_in_lab(page, server: Server, notebook: Path, timeout_ms: int = 900_000)
 
     page.goto(server.url(f"/lab/tree/{notebook.name}", "reset"), timeout=120_000)
     panel = ".jp-NotebookPanel:not(.lm-mod-hidden)"
-    page.wait_for_selector(f"{panel} .jp-Notebook-ExecutionIndicator[data-status='idle']",
-                           timeout=120_000)
+    # the kernel is idle (read from the app: at 150 % zoom the toolbar's indicator is folded
+    # into its overflow menu)
+    page.wait_for_function(
+        "() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+        " const k = w && w.sessionContext && w.sessionContext.session"
+        " && w.sessionContext.session.kernel; return !!k && k.status === 'idle'; }",
+        timeout=120_000, polling=500)
     page.locator(f"{panel} .jp-Cell").first.click()  # the notebook is the current widget
     page.locator("li.lm-MenuBar-item", has_text="Run").click()
     page.click("li.lm-Menu-item[data-command='runmenu:run-all']")
