@@ -17,8 +17,9 @@ would otherwise keep plotly's 700 px default), and ``scale=`` multiplies every f
 (ipywidgets' CSS variables, the readout and the figures' fonts): 1.0 for a notebook, 1.5 for a
 projector.
 
-Over 500 lines because it holds two explorers; each is widget wiring only (the pruning
-engine is :mod:`prunelab.explore`).
+Over 500 lines because it holds two explorers and the layout they share (wrapping rows,
+figure boxes, the scale stylesheet, the figure-fitting anywidget); each explorer is widget wiring
+only (the pruning engine is :mod:`prunelab.explore`).
 """
 from __future__ import annotations
 
@@ -135,6 +136,7 @@ def theme_css(css_class: str, scale: float) -> str:
             f"overflow-wrap:anywhere}}"
             f"{root} .widget-label,{root} .widget-readout,{root} button,{root} select"
             f"{{font-size:{_px(13, scale)}}}"
+            f"{root} .widget-hbox{{column-gap:{_px(12, scale)}}}"
             f"{root} .prunelab-figure{{overflow:hidden}}</style>")
 
 
@@ -386,8 +388,8 @@ class PruningExplorer:
             ``prunelab-root`` and ``prunelab-scale-<100·scale>``).
         criterion, scope, schedule, density, lam, stages: the controls (``density`` is the
             fraction of weights remaining, sparsity = 1 − density).
-        readout: HTML with e.g. ``sparsity 0.900 · accuracy 0.648 → 0.512 · loss 0.96 → 1.40 ·
-            ΔL 0.44`` (CSS class ``prunelab-readout``); without accuracy for a loss that does
+        readout: HTML with e.g. ``sparsity 0.900 · accuracy 0.648 → 0.512 · loss 0.96 → 1.40
+            · ΔL 0.44`` (CSS class ``prunelab-readout``); without accuracy for a loss that does
             not classify.
         metrics: the readout's numbers as a dict (also ``mode``, ``error``, ``interrupted``).
         layers_fig, trajectory_fig: ``plotly.graph_objects.FigureWidget``.
@@ -560,7 +562,7 @@ class PruningExplorer:
 
     @property
     def one_shot(self) -> bool:
-        """True when the controls select the cached fast path (π = 1, no target-using criterion)."""
+        """True when the controls select the cached fast path (π = 1, no inner-target criterion)."""
         name = self.criterion.value
         return (self.stages.value == 1 and not C.spec(name).uses_target
                 and name not in self._needs_run)
@@ -761,6 +763,11 @@ class PruningExplorer:
         else:
             why = f"π={self.stages.value} stages ({self.schedule.value}) re-score after each stage"
         self._show_staged()
+        if self.metrics.get("mode") != "staged" and not self.running:
+            # no staged result on show: the bar says what Run will do
+            self.progress.max, self.progress.value = self.stages.value, 0
+            self.progress.bar_style = ""
+            self.progress.description = f"stage 0/{self.stages.value}"
         self._set_note(f"{html.escape(why)}: press <b>Run</b> for sparsity "
                        f"{self.sparsity:.3f} (numbers above are from the last result)")
 

@@ -235,8 +235,8 @@ def explorer_in_view(page) -> None:
     # the figures are drawn and fitted to their boxes (the fit runs ~30 ms after a change)
     page.wait_for_function(
         f"""() => {{ const ps = document.querySelectorAll('{ROOT} .js-plotly-plot');
-                    return ps.length === 2 && Array.from(ps).every(
-                        p => p._fullLayout && Math.abs(p._fullLayout.width - p.clientWidth) <= 2); }}""",
+                    return ps.length === 2 && Array.from(ps).every(p => p._fullLayout &&
+                        Math.abs(p._fullLayout.width - p.clientWidth) <= 2); }}""",
         timeout=30_000)
     page.evaluate(f"() => document.querySelector('{ROOT}').scrollIntoView({{block: 'start'}})")
     page.wait_for_timeout(300)

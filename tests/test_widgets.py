@@ -658,3 +658,12 @@ def test_unit_explorer_layout_and_scale(unit_setup):
     assert ex.scores_fig.layout.height == 480
     with pytest.raises(ValueError, match="scale must be"):
         pl.widgets.UnitExplorer(model, bundle, scale=0)
+
+
+def test_pending_bar_says_what_run_will_do(explorer):
+    explorer.stages.value = 14
+    assert explorer.progress.description == "stage 0/14" and explorer.progress.max == 14
+    explorer.run(block=True)
+    assert explorer.progress.description == "stage 14/14"
+    explorer.stages.value = 5  # a staged result is on show: its bar stays until Run
+    assert explorer.progress.description == "stage 14/14"
