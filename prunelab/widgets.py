@@ -562,7 +562,7 @@ class PruningExplorer:
 
     @property
     def one_shot(self) -> bool:
-        """True when the controls select the cached fast path (π = 1, no inner-target criterion)."""
+        """True when the controls pick the cached fast path (π = 1, no inner-target criterion)."""
         name = self.criterion.value
         return (self.stages.value == 1 and not C.spec(name).uses_target
                 and name not in self._needs_run)
