@@ -194,8 +194,10 @@ def _row(W, children, **layout):
 
 
 def _figure_box(W, fig, scale: float):
-    """A box for a figure: shares the row, at least 300 px (scaled), at most 100 % wide."""
-    box = W.VBox([fig], layout=W.Layout(flex=f"1 1 {_px(420, scale)}",
+    """A box for a figure: shares the row, at least 300 px (scaled) unless the row is
+    narrower, at most 100 % wide."""
+    # the basis is not scaled: two figures share a 1280-px row at any scale
+    box = W.VBox([fig], layout=W.Layout(flex="1 1 420px",
                                         min_width=f"min({_px(300, scale)}, 100%)",
                                         max_width="100%", margin="0 4px 0 0"))
     box.add_class("prunelab-figure")
@@ -245,9 +247,15 @@ class _LRU(OrderedDict):
 # height and margins.
 
 
+def figure_height(scale: float) -> int:
+    """Height of the explorers' figures: 320 px at scale 1, growing half as fast as the fonts,
+    so that at 1280×720 with ``scale=1.5`` the controls and the plots still fit one screen."""
+    return round(320 * (1 + (scale - 1) / 2))
+
+
 def _figure_layout(title: str, scale: float, **extra) -> dict:
     return dict(title=dict(text=title, font_size=14 * scale), font=dict(size=12 * scale),
-                autosize=True, height=round(320 * scale),
+                autosize=True, height=figure_height(scale),
                 margin=dict(l=round(55 * scale), r=round(15 * scale), t=round(45 * scale),
                             b=round(45 * scale)),
                 template="plotly_white", **extra)

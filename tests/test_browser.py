@@ -358,3 +358,26 @@ def test_layout_as_voila_dashboard(layout_voila, view):
             browser.close()
     if view == "1280x720":
         check_medians("Voilà")
+
+
+def test_projector_scale_in_voila(tmp_path):
+    """``scale=1.5`` (projector fonts) at 1280×720: bigger text, still nothing clipped."""
+    cells = [(kind, src.replace("\"qm\"])", "\"qm\"], scale=1.5)")) for kind, src in LAYOUT_CELLS]
+    assert "scale=1.5" in cells[1][1]
+    notebook = write_tiny_notebook(tmp_path / "projector.ipynb", cells)
+    server = start_voila(notebook, tmp_path / "voila")
+    try:
+        with sync_playwright() as p:
+            browser, page = view_page(p, "1280x720")
+            try:
+                page.goto(server.url("/"), timeout=RUN_ALL_TIMEOUT_MS)
+                explorer_in_view(page)
+                size = page.evaluate(
+                    f"() => parseFloat(getComputedStyle(document.querySelector("
+                    f"'{ROOT} .prunelab-readout')).fontSize)")
+                assert size >= 22, size  # 15 px × 1.5
+                assert_nothing_clipped(page, "voila_explorer_projector_1280x720.png")
+            finally:
+                browser.close()
+    finally:
+        stop(server)

@@ -643,7 +643,7 @@ def test_scale_sizes_fonts_controls_and_figures(model, bundle):
     assert "--jp-widgets-font-size:13px" in small.widget.children[0].value
     assert big.layers_fig.layout.font.size == pytest.approx(1.5 * small.layers_fig.layout.font.size)
     assert big.layers_fig.layout.title.font.size == pytest.approx(21)
-    assert big.layers_fig.layout.height == round(1.5 * small.layers_fig.layout.height)
+    assert small.layers_fig.layout.height == 320 and big.layers_fig.layout.height == 400
     assert big.density.layout.width == "630px" and small.density.layout.width == "420px"
     assert big.readout.value == small.readout.value  # same numbers, only bigger
 
@@ -655,7 +655,7 @@ def test_unit_explorer_layout_and_scale(unit_setup):
     assert ex.penalty_fig.layout.width is None and ex.penalty_fig.layout.font.size == 18
     ex.fraction.value = 0.3
     assert ex._scores_box.children == (ex.scores_fig,)  # the new figure sits in its box
-    assert ex.scores_fig.layout.height == 480
+    assert ex.scores_fig.layout.height == 400
     with pytest.raises(ValueError, match="scale must be"):
         pl.widgets.UnitExplorer(model, bundle, scale=0)
 
