@@ -347,12 +347,16 @@ class PruningExplorer:
       (``benchmarks/explorer.py``'s ``time_slider_move`` measures it; DESIGN.md's budget:
       within 1.3× of evaluating 1,000 examples).
     * **Staged** (π > 1, or a target-using criterion such as ``synflow`` or ``lap-forward``):
-      moving a control only says what will run; the Run button calls :func:`prunelab.prune` with a
-      callback that advances :attr:`progress`, extends the trajectory per stage and stops the run
-      when Cancel was pressed. Inside a live kernel the run goes to a background thread, so the
-      Cancel click can arrive while it works (Jupyter's Interrupt only reaches the main thread, so
-      Cancel is the way to stop it); the controls are disabled meanwhile. Outside a kernel, and
-      with ``run(block=True)``, it runs in the caller's thread.
+      moving a control only says what will run; the Run button builds the run's
+      :class:`prunelab.config.PruneConfig` (:attr:`config`) and calls
+      :func:`prunelab.pruning.prune_with` with a callback that advances :attr:`progress`, extends
+      the trajectory per stage and stops the run when Cancel was pressed. Inside a live kernel
+      the run goes to a background thread, so the Cancel click can arrive while it works
+      (Jupyter's Interrupt only reaches the main thread, so Cancel is the way to stop it); Cancel
+      is enabled and the controls disabled in the caller's thread before the run starts, and
+      the run waits :data:`RUN_HEAD_START` seconds so that this state reaches the page first.
+      Outside a kernel, and with ``run(block=True)``, it runs in the caller's thread. Setting π
+      back to 1 hides the stage bar and empties the trajectory (a one-shot readout again).
 
     The model handed in is never modified: the explorer works on a deep copy taken when it is
     built (so later training of ``model`` does not invalidate its cached scores). Masks already
