@@ -13,6 +13,10 @@ layer-collapse sweeps.
   :func:`prunelab.prune` for each target (with the stage callback a live view needs).
 
 Masks already attached to the model stay pruned (``previous`` of the ranking / of the run).
+Any model, loss and device (DESIGN, Round 2): ``loss=`` / ``output=`` reach the criterion and the
+run; a staged run is one :class:`prunelab.config.PruneConfig` (:meth:`Pruner.config`), validated
+when built, then run by :func:`prunelab.pruning.prune_with`. Scores and rankings are computed
+where the model's parameters are (its device and dtype).
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from prunelab import batches as B
 from prunelab import criteria as C
 from prunelab import graph as G
 from prunelab import masks as M
-from prunelab.pruning import PruneResult, prune
+from prunelab.config import PruneConfig
+from prunelab.pruning import PruneResult, prune_with
 
 __all__ = ["Pruner", "NeedsRun", "ranks_once", "one_shot_scores", "options_for"]
 
@@ -42,7 +47,7 @@ def ranks_once(criterion: str, stages: int = 1) -> bool:
 
 def one_shot_scores(model: nn.Module, criterion: str, *, batch=None, seed: int = 0,
                     lam: float = 0.0, scope: str = "global", allow_update: bool = True,
-                    **options) -> G.Scores:
+                    loss="cross_entropy", output=None, **options) -> G.Scores:
     """The scores one-shot pruning ranks: :func:`prunelab.criteria.compute`'s ``scores``.
 
     With ``allow_update=False`` a criterion that also updates the kept weights (OBS) raises
@@ -50,7 +55,7 @@ def one_shot_scores(model: nn.Module, criterion: str, *, batch=None, seed: int =
     :func:`prunelab.prune` gives).
     """
     result = C.compute(model, criterion, batch=batch, lam=lam, seed=seed, scope=scope,
-                       **options)
+                       loss=loss, output=output, **options)
     if result.update is not None and not allow_update:
         raise NeedsRun(criterion)
     return result.scores
@@ -80,7 +85,9 @@ class Pruner:
         lam: step-size penalty λ (``prunelab.prune``'s ``lam``).
         scores: precomputed one-shot scores (from :func:`one_shot_scores`, e.g. shared between
             scopes); default: scored on the first :meth:`masks` call.
-        loss, output: the loss and output rule (see :mod:`prunelab.batches`).
+        loss: ``"cross_entropy"``, ``"mse"`` or a callable ``(output, target) -> mean loss``
+            (:mod:`prunelab.batches`); what the criterion models.
+        output: optional callable ``model output -> tensor`` (e.g. ``lambda o: o.logits``).
         **options: passed to the criterion (e.g. ``iterations=`` for synflow).
 
     Attributes:
@@ -96,9 +103,9 @@ class Pruner:
         M.check_scope(scope)
         C.check_options(criterion, options)
         B.objective(loss, output)  # validated now, not at the first slider move
-        self.loss, self.output = loss, output
         self.model, self.criterion, self.batch = model, criterion, batch
         self.scope, self.seed, self.lam, self.options = scope, seed, lam, options
+        self.loss, self.output = loss, output
         self.one_shot = ranks_once(criterion)
         self.previous = M.current(model) or None
         self._scores = scores
@@ -128,11 +135,21 @@ class Pruner:
             return self.ranking.masks(sparsity, out=out)
         return self.run(sparsity).masks
 
-    def run(self, sparsity: float, *, stages: int = 1, schedule: str = "exponential",
+    def config(self, sparsity: float, *, stages: int = 1,
+               schedule: str = "exponential") -> PruneConfig:
+        """The run to ``sparsity`` in ``stages`` stages as one validated
+        :class:`~prunelab.config.PruneConfig` (ValueError naming a bad value)."""
+        return PruneConfig.from_kwargs(self.criterion, sparsity=sparsity, scope=self.scope,
+                                       stages=stages, schedule=schedule, lam=self.lam,
+                                       seed=self.seed, loss=self.loss, output=self.output,
+                                       **self.options)
+
+    def run(self, sparsity: float | PruneConfig, *, stages: int = 1,
+            schedule: str = "exponential",
             callback: Callable[[dict], bool | None] | None = None) -> PruneResult:
-        """:func:`prunelab.prune` with these settings to ``sparsity`` in ``stages`` stages
-        (``callback`` as there: called after each stage, returning True stops the run)."""
-        return prune(self.model, self.criterion, sparsity=sparsity, scope=self.scope,
-                     stages=stages, schedule=schedule, lam=self.lam, batch=self.batch,
-                     seed=self.seed, callback=callback, loss=self.loss, output=self.output,
-                     **self.options)
+        """:func:`prunelab.pruning.prune_with` to ``sparsity`` in ``stages`` stages (``callback``
+        as there: called after each stage, returning True stops the run). ``sparsity`` may be a
+        :class:`~prunelab.config.PruneConfig` from :meth:`config` (then used as it is)."""
+        config = sparsity if isinstance(sparsity, PruneConfig) else \
+            self.config(sparsity, stages=stages, schedule=schedule)
+        return prune_with(self.model, config, batch=self.batch, callback=callback)

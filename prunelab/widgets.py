@@ -9,14 +9,24 @@ module only wires them to controls and two plotly ``FigureWidget``\\ s updated i
 ipywidgets, plotly and anywidget are optional dependencies (the ``notebooks`` extra): they are
 imported when a widget is built, so ``import prunelab`` stays light.
 
-Over 500 lines because it holds two explorers; each is widget wiring only (the pruning
-engine is :mod:`prunelab.explore`).
+Layout for any screen (a laptop, a projector at 1280×720, a 150 % browser zoom): rows of controls
+wrap (flex-wrap) instead of running off the right edge, controls and figures have relative widths
+with a minimum, the plotly figures take the width of their box (``autosize``; a small anywidget
+re-fits them when the box changes size, since a figure drawn before it is attached to the page
+would otherwise keep plotly's 700 px default), and ``scale=`` multiplies every font and size
+(ipywidgets' CSS variables, the readout and the figures' fonts): 1.0 for a notebook, 1.5 for a
+projector.
+
+Over 500 lines because it holds two explorers and the layout they share (wrapping rows,
+figure boxes, the scale stylesheet, the figure-fitting anywidget); each explorer is widget wiring
+only (the pruning engine is :mod:`prunelab.explore`).
 """
 from __future__ import annotations
 
 import copy
 import html
 import math
+import numbers
 import threading
 import time
 from collections import OrderedDict
@@ -24,9 +34,11 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from prunelab import batches as B
 from prunelab import criteria as C
 from prunelab import graph as G
 from prunelab import masks as M
+from prunelab.config import PruneConfig
 from prunelab.explore import NeedsRun, Pruner, one_shot_scores
 from prunelab.pruning import SCHEDULES
 from prunelab.train import evaluate
@@ -35,6 +47,12 @@ __all__ = ["PruningExplorer", "UnitExplorer", "layer_density_figure",
            "stage_trajectory_figure", "unit_penalty_figure", "unit_scores_figure"]
 
 LOG_LIMIT = 1000  # entries kept in ``PruningExplorer.log``
+# Seconds a background run waits before its first heavy step. The "running" state (Cancel
+# enabled) leaves the kernel through ipykernel's IOPub thread, which needs the GIL; a run that
+# starts scoring at once holds it (and the cores) and the page saw Cancel enabled 1.7-2.4 s
+# late. With this head start the messages are out before the work begins.
+RUN_HEAD_START = 0.05
+SCALE_RANGE = (0.5, 3.0)
 
 
 def _widgets():
@@ -77,6 +95,132 @@ def _lam_label(lam: float) -> str:
     return f"{lam:g}"
 
 
+def _num(value: float) -> str:
+    """A loss for the readout: 3 decimals, or 4 significant digits when large or tiny."""
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.3f}" if value == 0 or 1e-2 <= abs(value) < 1e4 else f"{value:.4g}"
+
+
+def check_scale(scale) -> float:
+    """``scale`` as a float in [0.5, 3]; ValueError naming the value otherwise."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) \
+            or not math.isfinite(float(scale)) \
+            or not SCALE_RANGE[0] <= float(scale) <= SCALE_RANGE[1]:
+        raise ValueError(f"scale must be a finite number in [{SCALE_RANGE[0]}, "
+                         f"{SCALE_RANGE[1]}] (1.0: notebook, 1.5: projector), got {scale!r}")
+    return float(scale)
+
+
+def _px(value: float, scale: float) -> str:
+    return f"{round(value * scale)}px"
+
+
+# ipywidgets' sizes are CSS variables (defaults in @jupyter-widgets/controls); custom properties
+# inherit, so setting them on the explorer's root scales every control inside it. Variables that
+# :root derives with calc() are set again here (a calc is computed where it is declared).
+_CSS_SIZES = {"font-size": 13, "inline-height": 28, "inline-width": 300,
+              "inline-width-short": 148, "inline-width-tiny": 48, "inline-label-width": 80,
+              "inline-margin": 4, "slider-handle-size": 16, "slider-track-thickness": 4,
+              "progress-thickness": 20, "radio-item-height": 20, "menu-item-height": 24,
+              "horizontal-tab-height": 24, "input-padding": 4}
+
+
+def theme_css(css_class: str, scale: float) -> str:
+    """The ``<style>`` that sizes one explorer (root CSS class ``css_class``) at ``scale``."""
+    variables = "".join(f"--jp-widgets-{k}:{_px(v, scale)};" for k, v in _CSS_SIZES.items())
+    root = f".{css_class}"
+    return (f"<style>{root}{{{variables}font-size:{_px(13, scale)};max-width:100%;"
+            f"box-sizing:border-box}}"
+            f"{root} .prunelab-readout{{font-size:{_px(15, scale)};line-height:1.45;"
+            f"overflow-wrap:anywhere}}"
+            f"{root} .widget-label,{root} .widget-readout,{root} button,{root} select"
+            f"{{font-size:{_px(13, scale)}}}"
+            f"{root} .widget-hbox{{column-gap:{_px(12, scale)}}}"
+            f"{root} .prunelab-figure{{overflow:hidden}}</style>")
+
+
+# A ResizeObserver on the explorer's root: when its width changes (window resize, browser
+# zoom, a sidebar opened) or a figure is (re)drawn inside it, every plotly figure whose drawn
+# width differs from its box is re-fitted with plotly's own responsive handler. Plotly's
+# widget draws before its element is in the page and then falls back to a 700 px width.
+_FIT_ESM = """
+function render({ el }) {
+  let root = null, timer = 0, observers = [];
+  const fit = () => {
+    timer = 0;
+    for (const gd of root.querySelectorAll('.js-plotly-plot')) {
+      const w = gd.clientWidth;
+      if (w > 0 && gd._fullLayout && Math.abs(gd._fullLayout.width - w) > 2) {
+        if (gd._responsiveChartHandler) gd._responsiveChartHandler();
+        else window.dispatchEvent(new Event('resize'));
+      }
+    }
+  };
+  const later = () => { if (!timer) timer = setTimeout(fit, 30); };
+  const attach = () => {
+    root = el.closest('.prunelab-root');
+    if (!root) { setTimeout(attach, 50); return; }
+    const ro = new ResizeObserver(later);
+    ro.observe(root);
+    const mo = new MutationObserver(later);
+    mo.observe(root, { childList: true, subtree: true });
+    observers = [ro, mo];
+    later();
+  };
+  attach();
+  return () => observers.forEach(o => o.disconnect());
+}
+export default { render };
+"""
+
+
+def _fit_widget():
+    """The (invisible) anywidget that keeps the figures as wide as their boxes."""
+    import anywidget
+
+    class FigureFit(anywidget.AnyWidget):
+        _esm = _FIT_ESM
+
+    fit = FigureFit()
+    fit.layout.display = "none"
+    return fit
+
+
+def _row(W, children, **layout):
+    """A row of controls that wraps onto the next line when the page is narrow."""
+    return W.HBox(children, layout=W.Layout(**{"flex_flow": "row wrap", "align_items": "center",
+                                               "width": "100%", **layout}))
+
+
+def _figure_box(W, fig, scale: float):
+    """A box for a figure: shares the row, at least 300 px (scaled) unless the row is
+    narrower, at most 100 % wide."""
+    # the basis is not scaled: two figures share a 1280-px row at any scale
+    box = W.VBox([fig], layout=W.Layout(flex="1 1 420px",
+                                        min_width=f"min({_px(300, scale)}, 100%)",
+                                        max_width="100%", margin="0 4px 0 0"))
+    box.add_class("prunelab-figure")
+    return box
+
+
+def _theme(W, scale: float) -> tuple[str, object]:
+    """The root CSS class for ``scale`` and the hidden HTML widget carrying its style."""
+    css_class = f"prunelab-scale-{round(scale * 100)}"
+    return css_class, W.HTML(theme_css(css_class, scale), layout=W.Layout(display="none"))
+
+
+def check_density(value, what: str = "density") -> float:
+    """A fraction of weights remaining, in (0, 1]; ValueError naming the value otherwise."""
+    allowed = "a finite number in (0, 1] (the fraction of weights remaining)"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{what} must be {allowed}, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or not 0.0 < v <= 1.0:
+        raise ValueError(f"{what} must be {allowed}, got {value!r}")
+    return v
+
+
 class _LRU(OrderedDict):
     def __init__(self, size: int):
         super().__init__()
@@ -99,60 +243,83 @@ class _LRU(OrderedDict):
 # ----------------------------------------------------------------- the explorers' figures
 # Plots-style builders of the live figures (plotly FigureWidgets updated in place by the
 # explorers); ``go`` is ``plotly.graph_objects``, passed in so plotly loads with a widget only.
-_MARGIN = dict(l=55, r=15, t=45, b=45)
+# No fixed width: the figure autosizes to its box (``_figure_box``); ``scale`` sizes fonts,
+# height and margins.
 
 
-def layer_density_figure(go, labels: list[str], numels: list[int]):
+def figure_height(scale: float) -> int:
+    """Height of the explorers' figures: 320 px at scale 1, growing half as fast as the fonts,
+    so that at 1280×720 with ``scale=1.5`` the controls and the plots still fit one screen."""
+    return round(320 * (1 + (scale - 1) / 2))
+
+
+def _figure_layout(title: str, scale: float, **extra) -> dict:
+    return dict(title=dict(text=title, font_size=14 * scale), font=dict(size=12 * scale),
+                autosize=True, height=figure_height(scale),
+                margin=dict(l=round(55 * scale), r=round(15 * scale), t=round(45 * scale),
+                            b=round(45 * scale)),
+                template="plotly_white", **extra)
+
+
+def _responsive(fig):
+    fig._config = {**(fig._config or {}), "responsive": True}
+    return fig
+
+
+def layer_density_figure(go, labels: list[str], numels: list[int], *, scale: float = 1.0):
     """Bars of the fraction of weights kept per layer (all 1 until the first update)."""
-    return go.FigureWidget(
+    return _responsive(go.FigureWidget(
         data=[go.Bar(x=labels, y=[1.0] * len(labels), name="density",
                      customdata=numels, marker_color="#4C78A8",
                      texttemplate="%{y:.3g}",
                      textposition="outside", cliponaxis=False,
                      hovertemplate="%{x}: %{customdata} weights<br>density %{y:.4g}"
                                    "<extra></extra>")],
-        layout=dict(title=dict(text="fraction of weights kept per layer", font_size=14),
-                    yaxis=dict(range=[0, 1.12], title="density"),
-                    height=320, width=460, margin=_MARGIN, template="plotly_white"))
+        layout=_figure_layout("fraction of weights kept per layer", scale,
+                              yaxis=dict(range=[0, 1.12], title="density"))))
 
 
-def stage_trajectory_figure(go):
+_NO_RUN_NOTE = "no staged run yet:<br>set π > 1 and press Run"
+
+
+def _no_run_annotation(scale: float) -> dict:
+    return dict(text=_NO_RUN_NOTE, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                font=dict(size=13 * scale, color="#777"))
+
+
+def stage_trajectory_figure(go, *, scale: float = 1.0, loss_name: str = "ΔL on the pruning batch"):
     """An empty line of ΔL per stage, filled by a staged run (customdata: the sparsity)."""
-    return go.FigureWidget(
+    return _responsive(go.FigureWidget(
         data=[go.Scatter(x=[], y=[], mode="lines+markers", name="ΔL",
                          marker_color="#F58518",
                          hovertemplate="stage %{x}<br>ΔL %{y:.4g}<br>sparsity "
                                        "%{customdata:.4f}<extra></extra>")],
-        layout=dict(title=dict(text="ΔL per stage", font_size=14),
-                    annotations=[dict(text="no staged run yet:<br>set π > 1 and press Run",
-                                      x=0.5, y=0.5, xref="paper", yref="paper",
-                                      showarrow=False, font=dict(size=13, color="#777"))],
-                    xaxis=dict(title="stage", rangemode="tozero"),
-                    yaxis=dict(title="ΔL on the pruning batch", rangemode="tozero"),
-                    height=320, width=460, margin=_MARGIN, template="plotly_white"))
+        layout=_figure_layout("ΔL per stage", scale,
+                              annotations=[_no_run_annotation(scale)],
+                              xaxis=dict(title="stage", rangemode="tozero"),
+                              yaxis=dict(title=loss_name, rangemode="tozero"))))
 
 
-def unit_penalty_figure(go):
+def unit_penalty_figure(go, *, scale: float = 1.0):
     """Two bars: the pruning penalty with the units removed and with them mean-replaced."""
-    return go.FigureWidget(
+    return _responsive(go.FigureWidget(
         data=[go.Bar(x=["removed", "mean replaced"], y=[0.0, 0.0],
                      marker_color=["#E45756", "#4C78A8"], texttemplate="%{y:.3g}",
                      textposition="outside", cliponaxis=False,
                      hovertemplate="%{x}: penalty %{y:.4g}<extra></extra>")],
-        layout=dict(title=dict(text="pruning penalty L(pruned) − L(dense)", font_size=14),
-                    yaxis=dict(title="penalty"), height=320, width=420, margin=_MARGIN,
-                    template="plotly_white"))
+        layout=_figure_layout("pruning penalty L(pruned) − L(dense)", scale,
+                              yaxis=dict(title="penalty"))))
 
 
-def unit_scores_figure(go, order: list, values: list, colors: list, xtitle: str):
+def unit_scores_figure(go, order: list, values: list, colors: list, xtitle: str, *,
+                       scale: float = 1.0):
     """Unit scores sorted ascending (``order``: the unit indices), pruned units in red."""
-    return go.FigureWidget(
+    return _responsive(go.FigureWidget(
         data=[go.Bar(x=list(range(len(order))), y=values, customdata=order,
                      marker_color=colors,
                      hovertemplate="unit %{customdata}<br>score %{y:.4g}<extra></extra>")],
-        layout=dict(title=dict(text="unit scores, sorted (red = pruned)", font_size=14),
-                    xaxis=dict(title=xtitle), yaxis=dict(title="score"), height=320,
-                    width=480, margin=_MARGIN, template="plotly_white"))
+        layout=_figure_layout("unit scores, sorted (red = pruned)", scale,
+                              xaxis=dict(title=xtitle), yaxis=dict(title="score"))))
 
 
 class PruningExplorer:
@@ -180,12 +347,16 @@ class PruningExplorer:
       (``benchmarks/explorer.py``'s ``time_slider_move`` measures it; DESIGN.md's budget:
       within 1.3× of evaluating 1,000 examples).
     * **Staged** (π > 1, or a target-using criterion such as ``synflow`` or ``lap-forward``):
-      moving a control only says what will run; the Run button calls :func:`prunelab.prune` with a
-      callback that advances :attr:`progress`, extends the trajectory per stage and stops the run
-      when Cancel was pressed. Inside a live kernel the run goes to a background thread, so the
-      Cancel click can arrive while it works (Jupyter's Interrupt only reaches the main thread, so
-      Cancel is the way to stop it); the controls are disabled meanwhile. Outside a kernel, and
-      with ``run(block=True)``, it runs in the caller's thread.
+      moving a control only says what will run; the Run button builds the run's
+      :class:`prunelab.config.PruneConfig` (:attr:`config`) and calls
+      :func:`prunelab.pruning.prune_with` with a callback that advances :attr:`progress`, extends
+      the trajectory per stage and stops the run when Cancel was pressed. Inside a live kernel
+      the run goes to a background thread, so the Cancel click can arrive while it works
+      (Jupyter's Interrupt only reaches the main thread, so Cancel is the way to stop it); Cancel
+      is enabled and the controls disabled in the caller's thread before the run starts, and
+      the run waits :data:`RUN_HEAD_START` seconds so that this state reaches the page first.
+      Outside a kernel, and with ``run(block=True)``, it runs in the caller's thread. Setting π
+      back to 1 hides the stage bar and empties the trajectory (a one-shot readout again).
 
     The model handed in is never modified: the explorer works on a deep copy taken when it is
     built (so later training of ``model`` does not invalidate its cached scores). Masks already
@@ -193,8 +364,17 @@ class PruningExplorer:
     invalid combination, a failing criterion) are shown in the readout; the widget stays live.
 
     Args:
-        model: a trained classifier (e.g. from :func:`prunelab.zoo.load`).
-        bundle: its :class:`prunelab.data.Bundle`.
+        model: a trained network (e.g. from :func:`prunelab.zoo.load`), any inputs and outputs
+            :mod:`prunelab.batches` understands (a tensor, ``model(**x)`` for mapping inputs,
+            outputs with ``logits``).
+        bundle: its :class:`prunelab.data.Bundle` (:func:`prunelab.data.load`, or
+            :func:`prunelab.data.from_tensors` / ``from_datasets`` for your own data).
+        loss: ``"cross_entropy"`` (default), ``"mse"`` or a callable ``(output, target) ->
+            mean loss``: what the criteria model and the readout reports. Accuracy is shown only
+            for a loss that classifies (cross-entropy).
+        output: optional callable ``model output -> tensor``.
+        device: where the explorer's copy of the model, its batches, cached scores and rankings
+            live (None: where the model's parameters are; their dtype is kept).
         criteria: criterion names offered (default: every registered one).
         batch_size: examples of the scoring batch (``bundle.batch("train", n, seed)``) and of the
             evaluation batch (``bundle.batch(eval_split, n, seed)``), each capped at the split's
@@ -203,67 +383,99 @@ class PruningExplorer:
         seed: seed of both batches and of stochastic criteria.
         lam_values: λ positions of the λ slider (0 included: no penalty).
         stages_values: π positions of the stages slider.
-        density: initial fraction of weights remaining (rounded to the slider's grid, steps of
-            0.01 in log10).
-        min_density: left end of the (log) density slider.
+        density: initial fraction of weights remaining, in (0, 1] (rounded to the slider's grid,
+            steps of 0.01 in log10).
+        min_density: left end of the (log) density slider, in (0, 1).
         cache_size: rankings (and score sets) kept; each holds one int64 per prunable weight.
+        scale: size of fonts, controls and figures (1.0 in a notebook, 1.5 for a projector), in
+            [0.5, 3].
+
+    Raises:
+        ValueError: an unknown criterion; a density, λ, π, loss or device that a run could not
+            take (named, with the allowed values: every run is a
+            :class:`prunelab.config.PruneConfig`, validated here once for the shared fields).
 
     Attributes used by tests and notebooks:
-        widget: the ``ipywidgets.VBox`` shown (CSS class ``prunelab-explorer``).
+        widget: the ``ipywidgets.VBox`` shown (CSS classes ``prunelab-explorer``,
+            ``prunelab-root`` and ``prunelab-scale-<100·scale>``).
         criterion, scope, schedule, density, lam, stages: the controls (``density`` is the
             fraction of weights remaining, sparsity = 1 − density).
-        readout: HTML with e.g. ``sparsity 0.900 · accuracy 0.648 → 0.512 · loss 0.96 → 1.40 ·
-            ΔL 0.44`` (CSS class ``prunelab-readout``).
+        readout: HTML with e.g. ``sparsity 0.900 · accuracy 0.648 → 0.512 · loss 0.96 → 1.40
+            · ΔL 0.44`` (CSS class ``prunelab-readout``); without accuracy for a loss that does
+            not classify.
         metrics: the readout's numbers as a dict (also ``mode``, ``error``, ``interrupted``).
         layers_fig, trajectory_fig: ``plotly.graph_objects.FigureWidget``.
-        progress, run_button, cancel_button: staged runs.
+        progress, run_button, cancel_button: staged runs (the progress bar is hidden while the
+            readout is one-shot).
+        config: the validated :class:`prunelab.config.PruneConfig` the controls select now.
         log: Python-side list of events (dicts), newest last; capped at 1,000 entries.
         result: the last staged run's :class:`prunelab.pruning.PruneResult`.
         stats: counts of scores and rankings computed and of cache hits.
     """
 
-    def __init__(self, model: nn.Module, bundle, *, criteria=None, batch_size: int = 1000,
-                 eval_split: str = "val", seed: int = 0,
-                 lam_values=(0, 1e-4, 1e-3, 1e-2, 1e-1, 1, 10),
+    def __init__(self, model: nn.Module, bundle, *, loss="cross_entropy", output=None,
+                 device=None, criteria=None, batch_size: int = 1000, eval_split: str = "val",
+                 seed: int = 0, lam_values=(0, 1e-4, 1e-3, 1e-2, 1e-1, 1, 10),
                  stages_values=(1, 2, 5, 14, 50, 140), density: float = 0.3,
-                 min_density: float = 1e-3, cache_size: int = 16):
+                 min_density: float = 1e-3, cache_size: int = 16, scale: float = 1.0):
         W, go = _widgets()
         names = list(C.names()) if criteria is None else list(criteria)
         if not names:
             raise ValueError("criteria must name at least one criterion")
         for n in names:
             C.spec(n)  # ValueError listing the valid names
-        lam_values = [C.check_lam(v) for v in lam_values]
-        stages_values = [int(v) for v in stages_values]
-        if not stages_values or min(stages_values) < 1:
-            raise ValueError(f"stages_values must be integers >= 1, got {stages_values!r}")
-        if not 0 < min_density < 1:
-            raise ValueError(f"min_density must be in (0, 1), got {min_density!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
+        density = check_density(density)
+        min_density = check_density(min_density, "min_density")
+        if min_density >= 1:
+            raise ValueError(f"min_density must be a finite number in (0, 1), got {min_density!r}")
+        scale = check_scale(scale)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
+                or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = int(batch_size)
+        # One validated configuration (loss, output, device, seed; λ and π of every slider
+        # position): a Run only changes the fields its controls set, so nothing a run takes can
+        # fail validation later.
+        base = PruneConfig.from_kwargs(names[0], sparsity=0.0, seed=seed, loss=loss,
+                                       output=output, device=device)
+        lam_values = [base.replace(lam=v).lam for v in lam_values]
+        stages_values = [base.replace(stages=v).stages for v in stages_values]
+        if not lam_values or not stages_values:
+            raise ValueError("lam_values and stages_values must each hold at least one value")
+        self._base_config = base
+        self._objective = base.objective
+        self.scale = scale
 
-        self.seed = seed
+        self.seed = base.seed
         self._model = copy.deepcopy(model).eval()
+        if base.device is not None:
+            self._model.to(base.device)
         self._names = G.prunable_names(self._model)
         if not self._names:
             raise ValueError("the model has no prunable weights (Linear/Conv)")
         self._previous = M.current(self._model) or None
         self._base_sparsity = M.sparsity(self._previous) if self._previous else 0.0
-        self._score_batch = bundle.batch("train", n=min(batch_size, len(bundle.train)), seed=seed)
+        # batches moved once to the model's device (floating inputs in its dtype)
+        self._score_batch = B.to_model(
+            bundle.batch("train", n=min(batch_size, len(bundle.train)), seed=self.seed),
+            self._model)
         split = bundle.split(eval_split)
         self.eval_split = eval_split
-        self._eval_batch = bundle.batch(eval_split, n=min(batch_size, len(split)), seed=seed)
-        self.before = evaluate(self._model, self._eval_batch)
+        self._eval_batch = B.to_model(
+            bundle.batch(eval_split, n=min(batch_size, len(split)), seed=self.seed), self._model)
+        self.before = self._evaluate(self._model)
 
         # One pruned copy, plain (no parametrization: torch.nn.utils.parametrize re-multiplies
         # the mask in Python on every forward, ~25 % of a 500-example evaluation of the MLP).
-        # A move writes the masks into ``_buffers`` and ``dense * mask`` into its weights.
+        # A move writes the masks into ``_buffers`` and ``dense * mask`` into its weights; all
+        # of them beside the parameters (same device).
         self._pruned = G.plain_copy(self._model).eval()
         for p in self._pruned.parameters():
             p.requires_grad_(False)
         self._dense = {n: G.weight(self._pruned, n).detach().clone() for n in self._names}
         self._weights = {n: G.weight(self._pruned, n) for n in self._names}
-        self._buffers = {n: (self._previous[n].clone() if self._previous and n in self._previous
+        self._buffers = {n: (self._previous[n].to(w.device).clone()
+                             if self._previous and n in self._previous
                              else torch.ones_like(w, dtype=torch.bool))
                          for n, w in self._dense.items()}
         self._numels = [b.numel() for b in self._buffers.values()]
@@ -279,16 +491,21 @@ class PruningExplorer:
         self._cancel = threading.Event()
         self._note = ""
         self._shown_density: list[float] = []
+        self._staged_shown = False
 
-        # ---- controls
+        # ---- controls (relative widths, capped at the row; rows wrap)
         style = {"description_width": "initial"}
+        fits = dict(max_width="100%")
         self.criterion = W.Dropdown(options=names, value="mp" if "mp" in names else names[0],
-                                    description="criterion", style=style)
+                                    description="criterion", style=style,
+                                    layout=W.Layout(width=_px(260, scale), **fits))
         self.scope = W.ToggleButtons(options=list(M.SCOPES), value="global", description="scope",
-                                     style={"button_width": "105px", **style})
+                                     style={"button_width": _px(105, scale), **style},
+                                     layout=W.Layout(**fits))
         self.schedule = W.ToggleButtons(options=list(SCHEDULES), value="exponential",
                                         description="schedule",
-                                        style={"button_width": "105px", **style})
+                                        style={"button_width": _px(105, scale), **style},
+                                        layout=W.Layout(**fits))
         hi, lo, step = math.log10(1.0 - self._base_sparsity), math.log10(min_density), 0.01
         # on the slider's grid, else the browser snaps it on first render and the numbers jump
         start = math.log10(min(max(density, min_density), 1.0 - self._base_sparsity))
@@ -296,28 +513,37 @@ class PruningExplorer:
         self.density = W.FloatLogSlider(
             value=10 ** start, base=10, min=lo, max=hi, step=step, readout_format=".3g",
             description="fraction remaining",
-            continuous_update=True, style=style, layout=W.Layout(width="420px"))
+            continuous_update=True, style=style,
+            layout=W.Layout(width=_px(420, scale), flex="0 1 auto", **fits))
         self.density.add_class("prunelab-density")
         self.lam = W.SelectionSlider(options=[(_lam_label(v), v) for v in lam_values],
-                                     value=lam_values[0], description="λ", style=style)
+                                     value=lam_values[0], description="λ", style=style,
+                                     layout=W.Layout(width=_px(260, scale), **fits))
         self.stages = W.SelectionSlider(options=[(str(v), v) for v in stages_values],
                                         value=stages_values[0], description="stages π",
-                                        style=style)
+                                        style=style,
+                                        layout=W.Layout(width=_px(260, scale), **fits))
         self.run_button = W.Button(description="Run", icon="play", button_style="primary",
-                                   tooltip="prune with these settings (all stages)")
+                                   tooltip="prune with these settings (all stages)",
+                                   layout=W.Layout(width=_px(90, scale)))
         self.cancel_button = W.Button(description="Cancel", icon="stop", disabled=True,
-                                      tooltip="stop the staged run after the current stage")
+                                      tooltip="stop the staged run after the current stage",
+                                      layout=W.Layout(width=_px(90, scale)))
+        self.run_button.add_class("prunelab-run")
+        self.cancel_button.add_class("prunelab-cancel")
         self.progress = W.IntProgress(value=0, min=0, max=1, description="stage 0/1",
-                                      style=style)
-        self.readout = W.HTML()
+                                      style=style,
+                                      layout=W.Layout(width=_px(260, scale), display="none",
+                                                      **fits))
+        self.readout = W.HTML(layout=W.Layout(width="auto", max_width="100%"))
         self.readout.add_class("prunelab-readout")
         self._controls = [self.criterion, self.scope, self.schedule, self.density, self.lam,
                           self.stages, self.run_button]
 
         # ---- figures, built from the initial state (see _sync_figure)
         self.layers_fig = layer_density_figure(
-            go, [n.removesuffix(".weight") for n in self._names], self._numels)
-        self.trajectory_fig = stage_trajectory_figure(go)
+            go, [n.removesuffix(".weight") for n in self._names], self._numels, scale=scale)
+        self.trajectory_fig = stage_trajectory_figure(go, scale=scale)
 
         for w in (self.criterion, self.scope, self.schedule, self.lam, self.stages):
             w.observe(self._on_control, names="value")
@@ -325,14 +551,19 @@ class PruningExplorer:
         self.run_button.on_click(lambda _: self.run())
         self.cancel_button.on_click(lambda _: self.cancel())
 
+        css_class, theme = _theme(W, scale)
         self.widget = W.VBox([
-            W.HBox([self.criterion, self.lam, self.stages]),
-            W.HBox([self.scope, self.schedule]),
-            W.HBox([self.density, self.run_button, self.cancel_button, self.progress]),
+            theme,
+            _row(W, [self.criterion, self.lam, self.stages]),
+            _row(W, [self.scope, self.schedule]),
+            _row(W, [self.density, self.run_button, self.cancel_button, self.progress]),
             self.readout,
-            W.HBox([self.layers_fig, self.trajectory_fig]),
-        ])
-        self.widget.add_class("prunelab-explorer")
+            _row(W, [_figure_box(W, self.layers_fig, scale),
+                     _figure_box(W, self.trajectory_fig, scale)], align_items="flex-start"),
+            _fit_widget(),
+        ], layout=W.Layout(width="100%", max_width="100%"))
+        for cls in ("prunelab-explorer", "prunelab-root", css_class):
+            self.widget.add_class(cls)
         self._refresh()  # initial state before anything is displayed
 
     # ------------------------------------------------------------------ public
@@ -343,7 +574,7 @@ class PruningExplorer:
 
     @property
     def one_shot(self) -> bool:
-        """True when the controls select the cached fast path (π = 1, no target-using criterion)."""
+        """True when the controls pick the cached fast path (π = 1, no inner-target criterion)."""
         name = self.criterion.value
         return (self.stages.value == 1 and not C.spec(name).uses_target
                 and name not in self._needs_run)
@@ -375,19 +606,30 @@ class PruningExplorer:
         """
         if self.running:
             return None
-        config = dict(criterion=self.criterion.value, sparsity=self.sparsity,
-                      scope=self.scope.value, stages=self.stages.value,
-                      schedule=self.schedule.value, lam=self.lam.value)
+        try:
+            config = self.config
+        except ValueError as err:  # e.g. a sparsity no run can reach: shown, the widget stays
+            self._show_error(err, self.criterion.value)
+            return None
         self._cancel.clear()
+        # Everything the page shows for "running" (controls off, Cancel on, the bar) is set
+        # here, in the caller's thread, before any work starts.
         self._start_run(config)
         if block is None:
             block = not _in_kernel()
         if block:
             return self._run_job(config)
-        self._thread = threading.Thread(target=self._run_job, args=(config,), daemon=True,
-                                        name="prunelab-explorer-run")
+        self._thread = threading.Thread(target=self._run_job, args=(config, RUN_HEAD_START),
+                                        daemon=True, name="prunelab-explorer-run")
         self._thread.start()
         return None
+
+    @property
+    def config(self) -> PruneConfig:
+        """The run the controls select, as a validated :class:`prunelab.config.PruneConfig`."""
+        return self._base_config.replace(
+            criterion=self.criterion.value, sparsity=self.sparsity, scope=self.scope.value,
+            stages=self.stages.value, schedule=self.schedule.value, lam=self.lam.value)
 
     def wait(self, timeout: float | None = None):
         """Wait for a background run; returns its result (None if it failed or is still on)."""
@@ -426,6 +668,9 @@ class PruningExplorer:
         return self.widget._repr_mimebundle_(**kwargs)
 
     # ------------------------------------------------------------------ internals
+    def _evaluate(self, model: nn.Module) -> dict:
+        return evaluate(model, self._eval_batch, loss=self._objective)
+
     def _log(self, **entry) -> None:
         entry.setdefault("time", time.time())
         self.log.append(entry)
@@ -447,7 +692,9 @@ class PruningExplorer:
             t0 = time.perf_counter()
             try:
                 scores = one_shot_scores(self._model, name, batch=self._score_batch, lam=lam,
-                                         seed=self.seed, allow_update=False)
+                                         seed=self.seed, allow_update=False,
+                                         loss=self._objective.loss,
+                                         output=self._objective.output)
             except NeedsRun:
                 # OBS-like: the kept weights move too, which masks alone cannot show.
                 self._needs_run.add(name)
@@ -457,7 +704,8 @@ class PruningExplorer:
             self._log(event="score", criterion=name, lam=lam,
                       seconds=time.perf_counter() - t0)
         pruner = Pruner(self._model, name, batch=self._score_batch, scope=scope, seed=self.seed,
-                        lam=lam, scores=scores)
+                        lam=lam, scores=scores, loss=self._objective.loss,
+                        output=self._objective.output)
         ranking = pruner.ranking
         self.stats["rankings"] += 1
         self._rankings.put(key, pruner)
@@ -470,9 +718,31 @@ class PruningExplorer:
 
     def _refresh(self) -> None:
         if self.one_shot:
+            self._clear_staged()
             self._update_fast()
         else:
             self._show_pending()
+
+    def _clear_staged(self) -> None:
+        """Back to a one-shot readout: hide the stage bar and empty the stage trajectory, so
+        that no "stage 140/140" or π = 140 curve stands next to one-shot numbers."""
+        if not self._staged_shown:
+            return
+        self._staged_shown = False
+        self.progress.layout.display = "none"
+        self.progress.value, self.progress.bar_style = 0, ""
+        self.progress.description = "stage 0/1"
+        tr = self.trajectory_fig.data[0]
+        with self.trajectory_fig.batch_update():
+            tr.x, tr.y, tr.customdata = [], [], []
+            self.trajectory_fig.layout.annotations = [_no_run_annotation(self.scale)]
+            self.trajectory_fig.layout.title.text = "ΔL per stage"
+        _sync_figure(self.trajectory_fig, layout=True)
+
+    def _show_staged(self) -> None:
+        if not self._staged_shown:
+            self._staged_shown = True
+            self.progress.layout.display = None
 
     def _update_fast(self) -> None:
         name, scope, lam = self.criterion.value, self.scope.value, self.lam.value
@@ -482,7 +752,7 @@ class PruningExplorer:
             with torch.no_grad():
                 for n, w in self._weights.items():
                     torch.mul(self._dense[n], self._buffers[n], out=w)
-            after = evaluate(self._pruned, self._eval_batch)
+                after = self._evaluate(self._pruned)
         except NeedsRun:
             self._show_pending()
             return
@@ -504,6 +774,12 @@ class PruningExplorer:
             why = f"{name} also updates the kept weights"
         else:
             why = f"π={self.stages.value} stages ({self.schedule.value}) re-score after each stage"
+        self._show_staged()
+        if self.metrics.get("mode") != "staged" and not self.running:
+            # no staged result on show: the bar says what Run will do
+            self.progress.max, self.progress.value = self.stages.value, 0
+            self.progress.bar_style = ""
+            self.progress.description = f"stage 0/{self.stages.value}"
         self._set_note(f"{html.escape(why)}: press <b>Run</b> for sparsity "
                        f"{self.sparsity:.3f} (numbers above are from the last result)")
 
@@ -516,9 +792,14 @@ class PruningExplorer:
         if m.get("error"):
             head = (f"<span style='color:#b00020'>error: {html.escape(m['error'])}</span>")
         elif m:
-            head = (f"sparsity {m['sparsity']:.3f} · accuracy {m['accuracy_before']:.3f} → "
-                    f"{m['accuracy']:.3f} · loss {m['loss_before']:.3f} → {m['loss']:.3f} · "
-                    f"ΔL {m['delta_loss']:.3f}")
+            parts = [f"sparsity {m['sparsity']:.3f}"]
+            # accuracy only where it is defined (a classifying loss); NaN is never printed
+            if self._objective.classifies and math.isfinite(m["accuracy"]) \
+                    and math.isfinite(m["accuracy_before"]):
+                parts.append(f"accuracy {m['accuracy_before']:.3f} → {m['accuracy']:.3f}")
+            parts.append(f"loss {_num(m['loss_before'])} → {_num(m['loss'])}")
+            parts.append(f"ΔL {_num(m['delta_loss'])}")
+            head = " · ".join(parts)
         else:
             head = ""
         note = f"<br><span style='color:#555;font-size:90%'>{self._note}</span>" if self._note \
@@ -555,25 +836,27 @@ class PruningExplorer:
         self._log(event="error", criterion=name, error=msg)
 
     # ---- staged runs
-    def _start_run(self, config: dict) -> None:
+    def _start_run(self, config: PruneConfig) -> None:
+        # Cancel first: the first message out is the one the user may need at once.
+        self.cancel_button.disabled = False
         for w in self._controls:
             w.disabled = True
-        self.cancel_button.disabled = False
-        self.progress.max = config["stages"]
+        self._show_staged()
+        self.progress.max = config.stages
         self.progress.value = 0
         self.progress.bar_style = ""
-        self.progress.description = f"stage 0/{config['stages']}"
+        self.progress.description = f"stage 0/{config.stages}"
         tr = self.trajectory_fig.data[0]
         with self.trajectory_fig.batch_update():
             tr.x, tr.y, tr.customdata = [], [], []
             self.trajectory_fig.layout.annotations = []
             self.trajectory_fig.layout.title.text = (
-                f"ΔL per stage: {config['criterion']}, π={config['stages']}, "
-                f"{config['schedule']}, λ={_lam_label(config['lam'])}")
+                f"ΔL per stage: {config.criterion}, π={config.stages}, "
+                f"{config.schedule}, λ={_lam_label(config.lam)}")
         _sync_figure(self.trajectory_fig, layout=True)
-        self._set_note(html.escape(f"running {config['criterion']} to sparsity "
-                                   f"{config['sparsity']:.3f} in {config['stages']} stages …"))
-        self._log(event="run", **config)
+        self._set_note(html.escape(f"running {config.criterion} to sparsity "
+                                   f"{config.sparsity:.3f} in {config.stages} stages …"))
+        self._log(event="run", **config.to_dict())
 
     def _on_stage(self, row: dict) -> bool:
         self._log(event="stage", **row)
@@ -587,29 +870,31 @@ class PruningExplorer:
         _sync_figure(self.trajectory_fig)
         return self._cancel.is_set()
 
-    def _run_job(self, config: dict):
+    def _run_job(self, config: PruneConfig, head_start: float = 0.0):
         result = None
         try:
-            pruner = Pruner(self._model, config["criterion"], batch=self._score_batch,
-                            scope=config["scope"], seed=self.seed, lam=config["lam"])
-            result = pruner.run(config["sparsity"], stages=config["stages"],
-                                schedule=config["schedule"], callback=self._on_stage)
-            after = evaluate(result.model, self._eval_batch)
+            if head_start:
+                time.sleep(head_start)  # let the "running" state reach the page first
+            pruner = Pruner(self._model, config.criterion, batch=self._score_batch,
+                            scope=config.scope, seed=config.seed, lam=config.lam,
+                            loss=config.loss, output=config.output, **config.options)
+            result = pruner.run(config, callback=self._on_stage)
+            after = self._evaluate(result.model)
             kept = [int(result.masks[n].sum()) for n in self._names]
             done = len(result.history)
-            status = (f"cancelled after stage {done} of {config['stages']}" if result.interrupted
-                      else f"{config['stages']} stage{'s' if config['stages'] > 1 else ''} done")
+            status = (f"cancelled after stage {done} of {config.stages}" if result.interrupted
+                      else f"{config.stages} stage{'s' if config.stages > 1 else ''} done")
             self.result = result
             self._show(after, kept, mode="staged", interrupted=result.interrupted,
-                       note=f"{status} · {config['criterion']} · {config['scope']} · "
-                            f"{config['schedule']} · λ={_lam_label(config['lam'])} · "
+                       note=f"{status} · {config.criterion} · {config.scope} · "
+                            f"{config.schedule} · λ={_lam_label(config.lam)} · "
                             f"evaluated on {after['n']} {self.eval_split} examples")
             self.progress.bar_style = "warning" if result.interrupted else "success"
             self._log(event="done", stages=done, interrupted=result.interrupted,
                       accuracy=after["accuracy"], sparsity=self.metrics["sparsity"])
         except Exception as err:  # noqa: BLE001 - shown to the user, the widget stays live
             self.progress.bar_style = "danger"
-            self._show_error(err, config["criterion"])
+            self._show_error(err, config.criterion)
         finally:
             for w in self._controls:
                 w.disabled = False
@@ -635,11 +920,16 @@ class UnitExplorer:
         readout: HTML with the numbers; ``penalty_fig`` (bars: penalty without / with mean
             replacement) and ``scores_fig`` (sorted unit scores, pruned in red).
         metrics: the numbers shown (dict), updated on every move.
+
+    ``scale`` sizes fonts, controls and figures as in :class:`PruningExplorer` (1.5 for a
+    projector); rows wrap and figures take the width of their box.
     """
 
     def __init__(self, model: nn.Module, bundle, *, batch_size: int = 500, seed: int = 0,
-                 eval_split: str = "val", fraction: float = 0.1, scores=None):
+                 eval_split: str = "val", fraction: float = 0.1, scores=None,
+                 scale: float = 1.0):
         W, go = _widgets()
+        self.scale = scale = check_scale(scale)
         from prunelab import mrp, structured, units
 
         self._units, self._structured = units, structured
@@ -670,29 +960,37 @@ class UnitExplorer:
         self.errors: list[str] = []
 
         style = {"description_width": "initial"}
+        fits = dict(max_width="100%")
         self.layer_set = W.Dropdown(options=list(self.sets), value="all", description="layers",
-                                    style=style)
+                                    style=style, layout=W.Layout(width=_px(260, scale), **fits))
         self.score = W.Dropdown(options=options,
                                 value="abs_mrs" if "abs_mrs" in options else options[0],
-                                description="score", style=style)
+                                description="score", style=style,
+                                layout=W.Layout(width=_px(260, scale), **fits))
         self.fraction = W.FloatSlider(value=fraction, min=0.01, max=0.9, step=0.01,
                                       readout_format=".2f", description="fraction of units",
                                       continuous_update=False, style=style,
-                                      layout=W.Layout(width="380px"))
+                                      layout=W.Layout(width=_px(380, scale), flex="0 1 auto",
+                                                      **fits))
         self.mean_replacement = W.Checkbox(value=True, description="show bp_ (mean replacement)",
-                                           indent=False)
-        self.readout = W.HTML()
+                                           indent=False, layout=W.Layout(width="auto", **fits))
+        self.readout = W.HTML(layout=W.Layout(width="auto", max_width="100%"))
+        self.readout.add_class("prunelab-readout")
         self._go = go
-        self.penalty_fig = unit_penalty_figure(go)
-        self.scores_fig = unit_scores_figure(go, [], [], [], "units by score")
+        self.penalty_fig = unit_penalty_figure(go, scale=scale)
+        self.scores_fig = unit_scores_figure(go, [], [], [], "units by score", scale=scale)
         for w in (self.layer_set, self.score, self.fraction, self.mean_replacement):
             w.observe(lambda change: self._refresh(), names="value")
-        self.widget = W.VBox([W.HBox([self.layer_set, self.score]),
-                              W.HBox([self.fraction, self.mean_replacement]),
-                              self.readout])
-        self._figures = W.HBox([self.penalty_fig, self.scores_fig])
-        self.widget.children = (*self.widget.children, self._figures)
-        self.widget.add_class("prunelab-unit-explorer")
+        self._scores_box = _figure_box(W, self.scores_fig, scale)
+        self._figures = _row(W, [_figure_box(W, self.penalty_fig, scale), self._scores_box],
+                             align_items="flex-start")
+        css_class, theme = _theme(W, scale)
+        self.widget = W.VBox([theme, _row(W, [self.layer_set, self.score]),
+                              _row(W, [self.fraction, self.mean_replacement]),
+                              self.readout, self._figures, _fit_widget()],
+                             layout=W.Layout(width="100%", max_width="100%"))
+        for cls in ("prunelab-unit-explorer", "prunelab-root", css_class):
+            self.widget.add_class(cls)
         self._refresh()
 
     def _repr_mimebundle_(self, **kwargs):
@@ -774,6 +1072,7 @@ class UnitExplorer:
         # its whole state. Costs ~20 ms, small beside the two evaluations of a move.
         self.scores_fig = unit_scores_figure(
             self._go, order, [float(scores[i]) for i in order],
-            ["#E45756" if i in dropped else "#9ecae9" for i in order], f"{first}: units by score")
-        if hasattr(self, "_figures"):
-            self._figures.children = (self.penalty_fig, self.scores_fig)
+            ["#E45756" if i in dropped else "#9ecae9" for i in order], f"{first}: units by score",
+            scale=self.scale)
+        if hasattr(self, "_scores_box"):
+            self._scores_box.children = (self.scores_fig,)

@@ -41,6 +41,17 @@ TINY_CELLS = [
 ]
 
 
+# The layout and latency tests: the explorer alone (qm offered for a staged run long enough to
+# cancel), so that Lab's Run All and Voilà's first page take seconds.
+LAYOUT_CELLS = [
+    ("markdown", "# Pruning explorer\n\nThe pretrained MLP on MNIST-1D."),
+    ("code", "import torch\ntorch.set_num_threads(1)\nimport prunelab as pl\n\n"
+             "model, bundle = pl.zoo.load(\"mlp\", \"mnist1d\", seed=0, train_if_missing=False)\n"
+             "explorer = pl.widgets.PruningExplorer(model, bundle, "
+             "criteria=[\"mp\", \"lap\", \"snip\", \"random\", \"qm\"])\nexplorer"),
+]
+
+
 def missing_requirements() -> str | None:
     """Why the browser tests cannot run here, or None."""
     if not os.path.exists(CHROMIUM):
@@ -60,12 +71,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_tiny_notebook(path: Path) -> Path:
+def write_tiny_notebook(path: Path, cells=None) -> Path:
     import nbformat
 
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "markdown"
-                else nbformat.v4.new_code_cell(src) for kind, src in TINY_CELLS]
+                else nbformat.v4.new_code_cell(src) for kind, src in (cells or TINY_CELLS)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
     nbformat.write(nb, path)
@@ -218,3 +229,81 @@ def plot_y(page, index: int = 0) -> list:
     return page.evaluate(
         """(i) => { const p = document.querySelectorAll('.prunelab-explorer .js-plotly-plot')[i];
                    return p && p.data ? Array.from(p.data[0].y) : null; }""", index)
+
+
+# Every control and plot of an explorer (``root``: a CSS selector) that sticks out of the
+# viewport or of the explorer's own box, as {what, left, right, limit}; [] when nothing is
+# clipped. Hidden elements (display: none) are skipped.
+CLIPPED = """(root) => {
+  const r = document.querySelector(root);
+  if (!r) return [{what: 'no ' + root}];
+  const vw = document.documentElement.clientWidth;
+  const box = r.getBoundingClientRect();
+  const limit = Math.min(vw, box.right) + 1;
+  const out = [];
+  if (box.right > vw + 1) out.push({what: 'explorer', left: box.left, right: box.right, limit: vw});
+  const sel = ['.widget-inline-hbox', '.widget-button', '.widget-toggle-buttons', '.widget-html',
+               '.widget-dropdown', '.widget-hslider', '.widget-hprogress', '.js-plotly-plot',
+               '.main-svg', '.widget-readout'];
+  for (const el of r.querySelectorAll(sel.join(','))) {
+    const b = el.getBoundingClientRect();
+    if (b.width === 0 || b.height === 0) continue;
+    if (b.right > limit || b.left < box.left - 1)
+      out.push({what: el.className.baseVal !== undefined ? 'svg ' + el.className.baseVal
+                                                         : el.className, left: b.left,
+                right: b.right, limit: limit});
+  }
+  for (const el of r.querySelectorAll('.prunelab-figure')) {
+    const fig = el.querySelector('.main-svg');
+    const b = el.getBoundingClientRect();
+    if (fig && fig.getBoundingClientRect().width > b.width + 1)
+      out.push({what: 'figure wider than its box', left: b.left,
+                right: fig.getBoundingClientRect().right, limit: b.right});
+  }
+  return out;
+}"""
+
+# Timestamps of the last user action (keydown, change, click; capture phase, so before the
+# widget sees it) and of the first change of the readout after it.
+INSTRUMENT = """(root) => {
+  const ro = document.querySelector(root + ' .prunelab-readout');
+  window.__pl = {t0: null, t1: null};
+  new MutationObserver(() => {
+    if (window.__pl.t0 !== null && window.__pl.t1 === null) window.__pl.t1 = performance.now();
+  }).observe(ro, {childList: true, subtree: true, characterData: true});
+  const start = () => { window.__pl.t0 = performance.now(); window.__pl.t1 = null; };
+  for (const kind of ['keydown', 'change', 'click']) document.addEventListener(kind, start, true);
+}"""
+
+
+def open_in_lab(page, server: Server, notebook: Path, timeout_ms: int = 900_000) -> None:
+    """Open ``notebook`` in Lab, Run All and wait until every cell ran (no errors)."""
+    import re
+
+    from playwright.sync_api import expect
+
+    page.goto(server.url(f"/lab/tree/{notebook.name}", "reset"), timeout=120_000)
+    panel = ".jp-NotebookPanel:not(.lm-mod-hidden)"
+    # the kernel is idle (read from the app: at 150 % zoom the toolbar's indicator is folded
+    # into its overflow menu)
+    page.wait_for_function(
+        "() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+        " const k = w && w.sessionContext && w.sessionContext.session"
+        " && w.sessionContext.session.kernel; return !!k && k.status === 'idle'; }",
+        timeout=120_000, polling=500)
+    page.locator(f"{panel} .jp-Cell").first.click()  # the notebook is the current widget
+    page.locator("li.lm-MenuBar-item", has_text="Run").click()
+    page.click("li.lm-Menu-item[data-command='runmenu:run-all']")
+    prompts = page.locator(f"{panel} .jp-InputPrompt", has_text=re.compile(r"\[(\*|\d+)\]"))
+    try:
+        expect(prompts.first).to_be_visible(timeout=15_000)
+    except AssertionError:  # the menu click came too early: run through the command API
+        page.keyboard.press("Escape")
+        page.evaluate("() => window.jupyterapp.commands.execute('runmenu:run-all')")
+        expect(prompts.first).to_be_visible(timeout=15_000)
+    page.wait_for_function(
+        f"() => {{ const p = ({NOTEBOOK_PROGRESS})(); "
+        "return p !== null && (p.pending === 0 || p.errors.length > 0); }",
+        timeout=timeout_ms, polling=500)
+    progress = page.evaluate(NOTEBOOK_PROGRESS)
+    assert not progress["errors"], f"{notebook.name} failed: {progress['errors']}"

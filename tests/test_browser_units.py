@@ -2,7 +2,8 @@
 
 A tiny notebook shows the explorer on a briefly trained small_conv on digits; the test picks a
 different score in the dropdown and another fraction (typed into the slider's readout), and checks
-that the readout and the rendered penalty bars change. Screenshot: build/screenshots/.
+that the readout and the rendered penalty bars change, and that nothing is clipped (the figure
+redrawn per move is fitted to its box). Screenshot: build/screenshots/.
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import re
 import nbformat
 import pytest
 
-from browser_helpers import (SCREENSHOTS, launch_browser, missing_requirements, start_voila,
-                             stop)
+from browser_helpers import (CLIPPED, SCREENSHOTS, launch_browser, missing_requirements,
+                             start_voila, stop)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 _why = missing_requirements()
@@ -55,7 +56,7 @@ def test_unit_explorer_as_voila_dashboard(tmp_path):
             page = browser.new_page(viewport={"width": 1300, "height": 900})
             try:
                 page.goto(server.url("/"), timeout=600_000)
-                readout = page.locator(f"{ROOT} .widget-html").first
+                readout = page.locator(f"{ROOT} .prunelab-readout").first
                 expect(readout).to_contain_text("pruned", timeout=120_000)
                 # both figures drawn before the first interaction (a user cannot be faster)
                 page.wait_for_function(
@@ -96,8 +97,16 @@ def test_unit_explorer_as_voila_dashboard(tmp_path):
                         return fills.length === 16 &&
                             fills.filter(f => f === 'rgb(228, 87, 86)').length === 8; }}""",
                     timeout=10_000)
+                # the new scores figure is fitted to its box (~150 ms: the fit, then plotly's
+                # own resize timer) and nothing sticks out of the page or the explorer
+                page.wait_for_function(
+                    f"""() => Array.from(document.querySelectorAll('{ROOT} .js-plotly-plot'))
+                        .every(p => p._fullLayout &&
+                               Math.abs(p._fullLayout.width - p.clientWidth) <= 2)""",
+                    timeout=10_000)
                 SCREENSHOTS.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(SCREENSHOTS / "voila_unit_explorer.png"))
+                assert page.evaluate(CLIPPED, ROOT) == []
             except Exception:
                 SCREENSHOTS.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(SCREENSHOTS / "voila_unit_explorer_failed.png"),

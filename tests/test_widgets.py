@@ -4,6 +4,7 @@ Plain pytest, no kernel (ECOSYSTEM.md §1.2: observers run synchronously when a 
 assert on ``slider.value``, ``html.value``, ``fig.data[i].y``; never on Output widgets). One test at
 the end runs a small notebook in a real kernel with nbclient.
 """
+import copy
 import math
 import re
 import threading
@@ -421,3 +422,248 @@ def test_unit_explorer_structured_scores_and_errors_are_shown(unit_setup):
     assert "pruned" in ex.readout.value
     with pytest.raises(ValueError, match="unknown score 'bp_norm'"):
         pl.widgets.UnitExplorer(model, bundle, scores=["bp_norm"])
+
+
+# ------------------------------------------------------- any model, loss, device (issue 14)
+class TinyTextClassifier(torch.nn.Module):
+    """HF-like: ``model(input_ids=..., attention_mask=...)`` returns an object with ``logits``."""
+
+    def __init__(self, vocab=30, dim=8, classes=3):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.fc1 = torch.nn.Linear(dim, 16)
+        self.fc2 = torch.nn.Linear(16, classes)
+
+    def forward(self, input_ids, attention_mask):
+        from types import SimpleNamespace
+
+        m = attention_mask.unsqueeze(-1).to(self.emb.weight.dtype)
+        h = (self.emb(input_ids) * m).sum(1) / m.sum(1).clamp_min(1)
+        return SimpleNamespace(logits=self.fc2(torch.relu(self.fc1(h))))
+
+
+@pytest.fixture(scope="module")
+def text_setup():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 30, (240, 7), generator=g)
+    mask = (torch.rand(240, 7, generator=g) > 0.2).long()
+    mask[:, 0] = 1
+    y = ids[:, 0] % 3
+    bundle = pl.data.from_tensors(({"input_ids": ids, "attention_mask": mask}, y))
+    torch.manual_seed(0)
+    return TinyTextClassifier().eval(), bundle
+
+
+@pytest.fixture(scope="module")
+def regression_setup():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 6, generator=g)
+    y = torch.stack([x[:, 0] - x[:, 1], x[:, 2] * 0.5], 1)
+    bundle = pl.data.from_tensors((x, y))
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    return model.eval(), bundle
+
+
+def test_mapping_inputs_and_logits_outputs_match_the_library(text_setup):
+    model, bundle = text_setup
+    before = snapshot(model)
+    ex = pl.widgets.PruningExplorer(model, bundle, criteria=["mp", "snip", "lap"], batch_size=100)
+    assert isinstance(ex.score_batch[0], dict) and set(ex.score_batch[0]) == {
+        "input_ids", "attention_mask"}
+    for criterion in ("snip", "mp"):
+        ex.criterion.value = criterion
+        ex.density.value = 0.2
+        ref = pl.prune(model, criterion, sparsity=ex.sparsity, batch=ex.score_batch)
+        assert all(torch.equal(ex.masks()[n], ref.masks[n]) for n in ref.masks)
+        after = evaluate(ref.model, ex.eval_batch)
+        assert ex.metrics["loss"] == pytest.approx(after["loss"], rel=1e-6)
+        assert ex.metrics["accuracy"] == after["accuracy"]
+        assert "accuracy" in ex.readout.value and "error" not in ex.readout.value
+    ex.stages.value = 2
+    result = ex.run(block=True)
+    assert result is not None and len(result.history) == 2, ex.readout.value
+    assert same(before, snapshot(model))
+
+
+def test_regression_with_mse_shows_loss_without_accuracy(regression_setup):
+    model, bundle = regression_setup
+    ex = pl.widgets.PruningExplorer(model, bundle, loss="mse", criteria=["mp", "obd", "lm"],
+                                    batch_size=200)
+    assert math.isnan(ex.metrics["accuracy"])
+    text = ex.readout.value
+    assert "accuracy" not in text and "nan" not in text.lower()
+    assert re.search(rf"loss {NUMBER} → {NUMBER} · ΔL {NUMBER}", text), text
+    ex.criterion.value = "obd"
+    ex.density.value = 0.1
+    ref = pl.prune(model, "obd", sparsity=ex.sparsity, batch=ex.score_batch, loss="mse")
+    assert all(torch.equal(ex.masks()[n], ref.masks[n]) for n in ref.masks)
+    want = evaluate(ref.model, ex.eval_batch, loss="mse")["loss"]
+    assert ex.metrics["loss"] == pytest.approx(want, rel=1e-6)
+    assert ex.metrics["delta_loss"] == pytest.approx(abs(want - ex.before["loss"]), rel=1e-6)
+    ex.criterion.value = "lm"
+    ex.stages.value = 5
+    result = ex.run(block=True)
+    assert result is not None and len(result.history) == 5, ex.readout.value
+    assert ex.config.loss == "mse" and "accuracy" not in ex.readout.value
+
+
+def test_float64_model_keeps_its_dtype_and_device(model, bundle):
+    m64 = copy.deepcopy(model).double()
+    ex = pl.widgets.PruningExplorer(m64, bundle, criteria=["mp", "obd"], device="cpu",
+                                    batch_size=300)
+    assert ex.score_batch[0].dtype == torch.float64 and ex.eval_batch[0].dtype == torch.float64
+    ex.criterion.value = "obd"
+    ex.density.value = 0.1
+    scores = ex._scores.hit(("obd", 0.0))
+    w = dict(ex.model.named_parameters())
+    for n, s in scores.items():  # (scores are float32 by criteria.check_scores, as pl.score's)
+        assert s.device == w[n].device and w[n].dtype == torch.float64
+    for n, b in ex._buffers.items():
+        assert b.device == w[n].device and b.dtype == torch.bool
+    ref = pl.prune(m64, "obd", sparsity=ex.sparsity, batch=ex.score_batch)
+    assert all(torch.equal(ex.masks()[n], ref.masks[n]) for n in ref.masks)
+    assert ex.metrics["loss"] == pytest.approx(evaluate(ref.model, ex.eval_batch)["loss"],
+                                               rel=1e-12)
+    assert next(ex.pruned_model().parameters()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"density": float("nan")}, r"density must be a finite number in \(0, 1\].*nan"),
+    ({"density": 0.0}, r"density must be a finite number in \(0, 1\].*0\.0"),
+    ({"density": 1.5}, r"density must be .*1\.5"),
+    ({"density": True}, r"density must be .*True"),
+    ({"min_density": float("inf")}, r"min_density must be .*inf"),
+    ({"lam_values": (0, -1)}, r"lam .* must be a finite number >= 0, got -1"),
+    ({"lam_values": (0, float("nan"))}, r"lam .*nan"),
+    ({"stages_values": (1, 0)}, r"stages must be an integer >= 1, got 0"),
+    ({"stages_values": (1, 2.5)}, r"stages must be an integer >= 1, got 2\.5"),
+    ({"loss": "hinge"}, r"loss must be one of .*'hinge'"),
+    ({"device": "nonsense"}, r"device must be .*'nonsense'"),
+    ({"scale": float("nan")}, r"scale must be a finite number in \[0\.5, 3\.0\].*nan"),
+    ({"scale": 10}, r"scale must be .*10"),
+    ({"batch_size": 0}, r"batch_size must be a positive int, got 0"),
+])
+def test_bad_settings_are_refused_naming_the_value(model, bundle, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pl.widgets.PruningExplorer(model, bundle, criteria=["mp"], **kwargs)
+
+
+def test_run_configuration_is_one_validated_prune_config(explorer):
+    from prunelab.config import PruneConfig
+
+    explorer.criterion.value = "lap"
+    explorer.stages.value = 5
+    explorer.lam.value = 1e-3
+    explorer.scope.value = "layerwise"
+    cfg = explorer.config
+    assert isinstance(cfg, PruneConfig)
+    assert (cfg.criterion, cfg.stages, cfg.lam, cfg.scope, cfg.loss) == (
+        "lap", 5, 1e-3, "layerwise", "cross_entropy")
+    assert cfg.sparsity == pytest.approx(explorer.sparsity)
+    result = explorer.run(block=True)
+    ref = pl.pruning.prune_with(explorer.model, cfg, batch=explorer.score_batch)
+    assert all(torch.equal(result.masks[n], ref.masks[n]) for n in ref.masks)
+
+
+# ------------------------------------------------------------ projector manners (issue 15)
+def test_back_to_one_stage_clears_the_stage_bar_and_trajectory(explorer):
+    assert explorer.progress.layout.display == "none"  # one-shot: no stage bar
+    explorer.stages.value = 5
+    assert explorer.progress.layout.display != "none"
+    explorer.run(block=True)
+    assert explorer.progress.value == 5 and len(explorer.trajectory_fig.data[0].x) == 5
+    explorer.stages.value = 1
+    assert explorer.metrics["mode"] == "one-shot"
+    assert explorer.progress.layout.display == "none" and explorer.progress.value == 0
+    assert "5/5" not in explorer.progress.description
+    assert list(explorer.trajectory_fig.data[0].x) == [] == list(explorer.trajectory_fig.data[0].y)
+    assert "π=5" not in explorer.trajectory_fig.layout.title.text
+    assert "no staged run yet" in explorer.trajectory_fig.layout.annotations[0].text
+    # what a late frontend draws (synced state) is cleared too
+    assert list(explorer.trajectory_fig._widget_data[0]["x"]) == []
+
+
+def test_cancel_is_clickable_before_the_run_starts_working(explorer, monkeypatch):
+    from prunelab import explore, widgets
+
+    seen = {}
+    real_run = explore.Pruner.run
+
+    def spy(self, *args, **kwargs):
+        seen["cancel_enabled"] = not explorer.cancel_button.disabled
+        seen["controls_disabled"] = all(w.disabled for w in explorer._controls)
+        seen["after_return"] = time.perf_counter() - returned
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(explore.Pruner, "run", spy)
+    explorer.criterion.value = "lap"
+    explorer.stages.value = 140
+    t0 = time.perf_counter()
+    assert explorer.run(block=False) is None
+    returned = time.perf_counter()
+    # the state flip happened in the caller's thread, before run() returned
+    assert returned - t0 < 0.5
+    assert not explorer.cancel_button.disabled and explorer.run_button.disabled
+    assert not any(e["event"] == "stage" for e in explorer.log)
+    explorer.cancel_button.click()
+    result = explorer.wait(timeout=120)
+    assert seen["cancel_enabled"] and seen["controls_disabled"]
+    assert seen["after_return"] >= widgets.RUN_HEAD_START * 0.9  # the work started later
+    assert result is not None and result.interrupted and len(result.history) == 1
+
+
+def test_layout_wraps_and_figures_follow_their_box(explorer):
+    import ipywidgets as W
+
+    rows = [c for c in explorer.widget.children if isinstance(c, W.HBox)]
+    assert len(rows) == 4 and all(r.layout.flex_flow == "row wrap" for r in rows)
+    assert "prunelab-root" in explorer.widget._dom_classes
+    for fig in (explorer.layers_fig, explorer.trajectory_fig):
+        assert fig.layout.width is None and fig.layout.autosize is True
+        assert fig._config.get("responsive") is True
+    boxes = [b for b in rows[-1].children]
+    assert all("prunelab-figure" in b._dom_classes and b.layout.max_width == "100%"
+               for b in boxes)
+    for w in (explorer.criterion, explorer.density, explorer.lam, explorer.stages):
+        assert w.layout.max_width == "100%"
+    # the anywidget that re-fits the figures is in the tree, invisible
+    assert any(getattr(c, "_esm", None) and "ResizeObserver" in c._esm
+               for c in explorer.widget.children)
+
+
+def test_scale_sizes_fonts_controls_and_figures(model, bundle):
+    big = pl.widgets.PruningExplorer(model, bundle, criteria=["mp"], scale=1.5)
+    small = pl.widgets.PruningExplorer(model, bundle, criteria=["mp"])
+    assert "prunelab-scale-150" in big.widget._dom_classes
+    assert "prunelab-scale-100" in small.widget._dom_classes
+    css = big.widget.children[0].value
+    assert ".prunelab-scale-150{" in css and "--jp-widgets-font-size:20px" in css
+    assert "--jp-widgets-inline-height:42px" in css and ".prunelab-readout{font-size:22px" in css
+    assert "--jp-widgets-font-size:13px" in small.widget.children[0].value
+    assert big.layers_fig.layout.font.size == pytest.approx(1.5 * small.layers_fig.layout.font.size)
+    assert big.layers_fig.layout.title.font.size == pytest.approx(21)
+    assert small.layers_fig.layout.height == 320 and big.layers_fig.layout.height == 400
+    assert big.density.layout.width == "630px" and small.density.layout.width == "420px"
+    assert big.readout.value == small.readout.value  # same numbers, only bigger
+
+
+def test_unit_explorer_layout_and_scale(unit_setup):
+    model, bundle = unit_setup
+    ex = pl.widgets.UnitExplorer(model, bundle, batch_size=100, scale=1.5)
+    assert "prunelab-scale-150" in ex.widget._dom_classes
+    assert ex.penalty_fig.layout.width is None and ex.penalty_fig.layout.font.size == 18
+    ex.fraction.value = 0.3
+    assert ex._scores_box.children == (ex.scores_fig,)  # the new figure sits in its box
+    assert ex.scores_fig.layout.height == 400
+    with pytest.raises(ValueError, match="scale must be"):
+        pl.widgets.UnitExplorer(model, bundle, scale=0)
+
+
+def test_pending_bar_says_what_run_will_do(explorer):
+    explorer.stages.value = 14
+    assert explorer.progress.description == "stage 0/14" and explorer.progress.max == 14
+    explorer.run(block=True)
+    assert explorer.progress.description == "stage 14/14"
+    explorer.stages.value = 5  # a staged result is on show: its bar stays until Run
+    assert explorer.progress.description == "stage 14/14"
