@@ -223,10 +223,31 @@ surface = pl.connectivity.plane(a, b, curve.point(0.5), bundle.train, grid=7 if 
 pl.plots.loss_plane(surface, labels=("a", "b", "φ(½)"),
                     title="Train loss on the plane through a, b and φ(½)")
 
+# %% [markdown]
+# ## Loss landscapes along random directions (Li et al. 2018)
+#
+# Around one network: θ + α·δ (+ β·η) with random Gaussian directions scaled filter by filter to
+# the norms of the network's own filters (Li et al. 2018, Sec. 4), so networks of different scale
+# compare. Model a (dense) next to its pruned, fine-tuned copy: the pruned network's directions
+# are zero on its pruned weights, so every point stays as sparse as it is.
+
+# %%
+landscape = pl.landscape.compare(a, pruned[0], bundle.test, dims=1, steps=11 if FAST else 41,
+                                 span=1.0, seed=0, names=("dense", f"pruned {SPARSITY:.0%}"))
+pl.plots.loss_landscape(landscape)
+
+# %%
+landscape2 = pl.landscape.compare(a, pruned[0], bundle.test, dims=2, n=5 if FAST else 21,
+                                  span=1.0, seed=0, names=("dense", f"pruned {SPARSITY:.0%}"))
+pl.plots.loss_landscape(landscape2, kind="contour")
+
 # %%
 # Static figures: figures/03_*.{pdf,png}
 pl.figures.save(pl.figures.instability(rewound, color="network"), "03_instability_vs_k", final=not FAST)
 pl.figures.save(pl.figures.loss_plane(surface, labels=("a", "b", "φ(½)")), "03_loss_plane", final=not FAST)
 pl.figures.save(pl.figures.interpolation(paths), "03_segment_vs_bezier_loss", final=not FAST)
 pl.figures.save(pl.figures.interpolation(paths, y="error"), "03_segment_vs_bezier_error", final=not FAST)
-pl.figures.save(pl.figures.interpolation(sparse.assign(path="pruned")), "03_pruned_interpolation", final=not FAST)
+pl.figures.save(pl.figures.interpolation(sparse.assign(path="pruned")), "03_pruned_interpolation",
+                final=not FAST)
+pl.figures.save(pl.figures.loss_landscape(landscape), "03_landscape_1d", final=not FAST)
+pl.figures.save(pl.figures.loss_landscape(landscape2), "03_landscape_2d", final=not FAST)

@@ -55,6 +55,11 @@ from prunelab.train import Recipe, evaluate, fit
 __all__ = ["ABLATIONS", "COLUMNS", "TIMING_COLUMNS", "ABLATION_SEED_OFFSET", "Ablated", "ablate",
            "compare", "blalock"]
 
+
+
+def __dir__():
+    return sorted(__all__)
+
 ABLATIONS = ("original", "shuffled", "inverted", "reinitialised")
 ABLATION_SEED_OFFSET = 10_000  # far from the run seeds, so seed s's redraw is not seed s+1's θ₀
 COLUMNS = ["arch", "dataset", "seed", "criterion", "scope", "sparsity", "ablation", "density",

@@ -213,6 +213,10 @@ class Objective:
                                     f"probabilities shaped like the logits {tuple(z.shape)}, got "
                                     f"{tuple(y.shape)} (class indices must be integers; for "
                                     f"regression pass loss='mse')")
+                if y.numel() and float(y.min()) < 0:
+                    raise ValueError(f"float targets for cross_entropy are class probabilities "
+                                     f"and must be >= 0, got a minimum of {float(y.min()):.4g}; "
+                                     f"for regression targets pass loss='mse'")
                 return
             if y.dtype == torch.bool or y.is_complex():
                 raise TypeError(f"cross_entropy targets must be integer class indices, got {y.dtype}")

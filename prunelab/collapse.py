@@ -28,6 +28,11 @@ __all__ = ["collapsed", "max_compression", "layer_density", "critical_compressio
            "critical_compression_search", "conservation_table", "accuracy_vs_compression"]
 
 
+
+def __dir__():
+    return sorted(__all__)
+
+
 def collapsed(masks: G.Masks) -> list[str]:
     """Names of the layers whose masks keep no weight (all False), in the masks' order."""
     return [n for n, m in masks.items() if m.numel() > 0 and not bool(m.any())]

@@ -47,6 +47,11 @@ __all__ = [
     "require_bn_data", "check_data",
 ]
 
+
+
+def __dir__():
+    return sorted(__all__)
+
 _BN = nn.modules.batchnorm._BatchNorm
 
 

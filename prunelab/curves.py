@@ -33,6 +33,11 @@ __all__ = ["Curve", "Bezier", "PolyChain", "bezier", "polychain", "fit_bend", "c
            "ensemble_error"]
 
 
+
+def __dir__():
+    return sorted(__all__)
+
+
 class Curve:
     """A path ``phi_theta(t)`` between two networks with one trainable bend ``theta``.
 

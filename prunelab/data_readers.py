@@ -28,6 +28,16 @@ import torch
 from prunelab import paths
 from prunelab.download import URLS, DatasetNotAvailable, download_file, publish, safe_extract
 
+
+__all__ = ["IDX_FILES", "MNIST1D_FILE", "FASHION_CLASSES", "DIGIT_CLASSES", "DIGITS_TEST_SIZE",
+           "DIGITS_SPLIT_SEED", "UnsafePickleError", "Raw", "search_dirs", "generate_mnist1d",
+           "mnist1d_arrays", "read_mnist1d", "read_digits", "read_idx", "idx_files",
+           "read_idx_dataset", "read_cifar", "not_available_message"]
+
+
+def __dir__():
+    return sorted(__all__)
+
 IDX_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",

@@ -55,6 +55,11 @@ from prunelab.graph import is_parametrized, plain_copy
 __all__ = ["CONST", "FIXED", "HEADS", "HEAD_SIZE", "Group", "DependencyGraph", "Plan", "call",
            "dependencies", "example_input", "output_tensors", "plan"]
 
+
+
+def __dir__():
+    return sorted(__all__)
+
 _FIXED_REASON = ("it is combined with channels that cannot be removed (a model input or the "
                  "output of an opaque operation)")
 CONST = -1  # a constant (parameter, literal): no channel

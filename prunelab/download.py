@@ -21,6 +21,11 @@ from typing import Any, Callable
 __all__ = ["DatasetNotAvailable", "URLS", "MD5", "fetch", "md5", "download_file", "publish",
            "safe_extract"]
 
+
+
+def __dir__():
+    return sorted(__all__)
+
 # Upstream locations of the files ``download=True`` fetches.
 URLS: dict[str, str] = {
     "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",

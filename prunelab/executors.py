@@ -20,6 +20,11 @@ __all__ = ["Outcome", "Inline", "Local", "Dask", "check_executor", "check_resour
            "make_executor", "error_text"]
 
 
+
+def __dir__():
+    return sorted(__all__)
+
+
 def _init_worker(parent_pid: int) -> None:
     """Local worker set-up: one torch thread, and exit if the sweep's process dies (kill -9)."""
     import torch

@@ -56,6 +56,11 @@ __all__ = ["accuracy_curve", "Sweep", "SweepError", "run_one", "normalize_config
            "TIMINGS"]
 
 
+
+def __dir__():
+    return sorted(__all__)
+
+
 def accuracy_curve(model: nn.Module, bundle, *, criteria: Sequence[str] = ("mp",),
                    sparsities: Iterable[float] = (0.5, 0.8, 0.9, 0.95, 0.98),
                    scope: str = "global", stages: int = 1, batch_size: int = 1000,

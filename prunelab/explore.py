@@ -34,6 +34,11 @@ from prunelab.pruning import PruneResult, prune_with
 __all__ = ["Pruner", "NeedsRun", "ranks_once", "one_shot_scores", "options_for"]
 
 
+
+def __dir__():
+    return sorted(__all__)
+
+
 class NeedsRun(Exception):
     """The one-shot masks cannot show this criterion: it also moves the kept weights (OBS-like
     criteria return an update), so only a full :func:`prunelab.prune` run can."""

@@ -28,6 +28,17 @@ from torch.nn.utils import parametrize
 # ``graph.PRUNABLE_TYPES`` for the layers above.
 from prunelab.models import PRUNABLE_TYPES
 
+
+__all__ = ["split_name", "prunable_names", "module_of", "weight", "weights", "is_parametrized",
+           "plain_copy", "INPUT", "OUTPUT", "EXTERNAL", "MARKERS", "Edge", "Layer", "LayerGraph",
+           "ACT_MODULES", "PASS_MODULES", "BN_MODULES", "ACT_FUNCS", "ACT_METHODS", "PASS_FUNCS",
+           "PASS_METHODS", "trace", "fx_inputs", "structure_key", "layer_graph",
+           "PRUNABLE_TYPES", "Scores", "Masks"]
+
+
+def __dir__():
+    return sorted(__all__)
+
 Scores = dict[str, Tensor]  # name -> float tensor shaped like the weight; higher = keep
 Masks = dict[str, Tensor]   # name -> bool tensor shaped like the weight; True = kept
 

@@ -38,6 +38,13 @@ from prunelab.criteria import compute
 from prunelab.train import Recipe, as_tensors, evaluate, fit
 
 
+__all__ = ["LotteryResult", "imp", "InstabilityResult", "instability", "instability_curve"]
+
+
+def __dir__():
+    return sorted(__all__)
+
+
 
 @dataclass
 class LotteryResult:

@@ -66,6 +66,11 @@ __all__ = [
     "build_pruned", "channel_prune", "compare", "summary",
 ]
 
+
+
+def __dir__():
+    return sorted(__all__)
+
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
 _POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d}

@@ -79,6 +79,11 @@ __all__ = [
     "names",
 ]
 
+
+
+def __dir__():
+    return sorted(__all__)
+
 Padding = Literal["valid", "same"]
 
 #: Activation names accepted by every constructor's ``activation=``.

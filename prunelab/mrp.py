@@ -30,6 +30,11 @@ __all__ = ["PenaltyRecorder", "PenaltyStudy", "penalty_study", "penalty_profile"
            "layer_sets", "MEASUREMENT_KEYS"]
 
 
+
+def __dir__():
+    return sorted(__all__)
+
+
 def _loss(model: nn.Module, batch, objective) -> float:
     """Mean loss of ``model`` on ``batch`` in eval mode (every module's own flag restored);
     ``objective`` an Objective or a loss callable ``(output, y) -> mean``."""

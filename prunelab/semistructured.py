@@ -21,6 +21,13 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+
+__all__ = ["parse_nm", "is_nm", "nm_select", "stage_ns", "check_nm", "to_semi_structured"]
+
+
+def __dir__():
+    return sorted(__all__)
+
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 

@@ -52,6 +52,15 @@ from prunelab import batches as B
 from prunelab import criteria, units
 from prunelab import graph as G
 
+
+__all__ = ["random_scores", "mp_l1", "mp_l2", "lap_l1", "lap_l2", "hrank", "bn_scale",
+           "CRITERIA", "names", "score", "prune", "polarization", "polarization_regularizer",
+           "gammas", "polarization_threshold", "prune_by_threshold", "compare"]
+
+
+def __dir__():
+    return sorted(__all__)
+
 _BN_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
 
 

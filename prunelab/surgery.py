@@ -35,6 +35,11 @@ __all__ = ["DependencyGraph", "Group", "Plan", "PrunedMultiheadAttention", "Surg
            "dependencies", "masked", "plan", "remove"]
 
 
+
+def __dir__():
+    return sorted(__all__)
+
+
 # ============================================================================== applying it
 
 

@@ -50,6 +50,16 @@ from prunelab import batches as B
 from prunelab.graph import is_parametrized, layer_graph, plain_copy
 
 
+__all__ = ["names", "UnitPruneResult", "Unit", "parse_score", "layer_units", "objective_of",
+           "check_batch", "check_finite_layers", "unit_statistics", "score_rand", "score_norm",
+           "score_rs", "score_mrs", "score_abs_rs", "score_abs_mrs", "UNIT_SCORES",
+           "BASE_SCORES", "SCORES", "DATA_SCORES", "score_units", "score", "prune"]
+
+
+def __dir__():
+    return sorted(__all__)
+
+
 def names() -> list[str]:
     """The 12 score tags of MRP Table 1: the base scores of :data:`UNIT_SCORES` and their
     ``bp_`` (mean-replacement) variants."""

@@ -46,6 +46,11 @@ from prunelab.train import evaluate
 __all__ = ["PruningExplorer", "UnitExplorer", "layer_density_figure",
            "stage_trajectory_figure", "unit_penalty_figure", "unit_scores_figure"]
 
+
+
+def __dir__():
+    return sorted(__all__)
+
 LOG_LIMIT = 1000  # entries kept in ``PruningExplorer.log``
 # Seconds a background run waits before its first heavy step. The "running" state (Cancel
 # enabled) leaves the kernel through ipykernel's IOPub thread, which needs the GIL; a run that
