@@ -391,7 +391,7 @@ def _measure(config: Mapping[str, Any], zoo_root: str | None = None,
         t0 = time.perf_counter()
         result = prune_with(model, prune_config, batch=batch, progress=progress)
         prune_seconds = time.perf_counter() - t0
-        if result.interrupted:  # prune() swallows the interrupt; a sweep must stop
+        if result.interrupted:  # a callback stop (no Ctrl-C: that propagates by itself)
             raise KeyboardInterrupt("pruning was interrupted")
         pruned = result.model
         loss_pruned = float(batch_loss(pruned, batch, loss=loss))

@@ -355,8 +355,8 @@ class PenaltyStudy:
 def penalty_study(model: nn.Module, bundle, *, recipe, layer_sets: Sequence[str] | None = None,
                   fractions: Sequence[float] = (0.1,), every: int = 250, sample: int = 1000,
                   scores: Sequence[str] | None = None, finetune_steps: int = 0,
-                  finetune_lr: float = 1e-3, seed: int = 0, progress: bool = False
-                  ) -> PenaltyStudy:
+                  finetune_lr: float = 1e-3, seed: int = 0, progress: bool = False,
+                  on_interrupt: str = "raise") -> PenaltyStudy:
     """Train a copy of ``model`` and measure the pruning penalty of every score during training
     (MRP Sec. 4 and App. 6.2): every ``every`` steps, for each layer set of MRP Table 2 and each
     fraction, each score prunes a copy and ``L(pruned) - L(dense)`` is measured on a fixed
@@ -372,10 +372,12 @@ def penalty_study(model: nn.Module, bundle, *, recipe, layer_sets: Sequence[str]
         every, scores, finetune_steps, finetune_lr: As :class:`PenaltyRecorder`.
         seed: Seed of the data order, the fixed sample and ``rand``.
         progress: Progress bar over training steps.
+        on_interrupt: "raise" (default) or "return" (see Returns).
 
     Returns:
-        :class:`PenaltyStudy`. An interrupt (Jupyter's Interrupt) stops training; the
-        measurements taken so far are kept in the returned frame.
+        :class:`PenaltyStudy`. An interrupt (Jupyter's Interrupt) stops training and propagates
+        (``on_interrupt="raise"``); with ``on_interrupt="return"`` the measurements taken so far
+        are returned instead.
     """
     import pandas as pd
 
@@ -403,7 +405,7 @@ def penalty_study(model: nn.Module, bundle, *, recipe, layer_sets: Sequence[str]
 
     trained = copy.deepcopy(model)
     history = fit(trained, bundle.train, recipe=recipe, seed=seed, progress=progress,
-                  step_callback=callback, desc="train + penalties")
+                  step_callback=callback, desc="train + penalties", on_interrupt=on_interrupt)
     frames = [rec.frame().assign(seed=seed, layer_set=name, fraction=f)
               for (name, f), rec in recorders.items()]
     frame = pd.concat(frames, ignore_index=True)
