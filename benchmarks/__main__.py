@@ -10,6 +10,7 @@ alternating spreads that noise over both sides. Results are printed and appended
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import platform
 import statistics
@@ -127,12 +128,19 @@ def bench_slider(args):
         x, y = data(SHAPES[arch])
         scores = pl.score(model, "mp")
         ranking = M.Ranking(scores)
-        pruned = M.apply(model, ranking.masks(0.5))
-        buffers = {n: G.module_of(pruned, n).parametrizations["weight"][0].mask for n in scores}
+        # What the explorer does: masks written into reused buffers, multiplied into the plain
+        # weights of one working copy (no parametrization in its forward pass).
+        buffers = ranking.masks(0.5)
+        pruned = copy.deepcopy(model)
+        dense = {n: G.weight(model, n).detach() for n in scores}
+        weights = {n: G.weight(pruned, n) for n in scores}
         sparsities = iter([0.5, 0.9] * 10_000)
 
         def slider_move():
             ranking.masks(next(sparsities), out=buffers)
+            with torch.no_grad():
+                for n, w in weights.items():
+                    torch.mul(dense[n], buffers[n], out=w)
             evaluate_once(pruned, x, y)
 
         t = round_robin({"eval": lambda: evaluate_once(model, x, y), "slider": slider_move},

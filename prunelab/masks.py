@@ -60,7 +60,7 @@ def density(masks: Masks) -> pd.DataFrame:
 def sparsity(masks: Masks) -> float:
     """Total fraction of masked-out entries."""
     total = sum(m.numel() for m in masks.values())
-    kept = sum(int(m.sum()) for m in masks.values())
+    kept = sum(int(torch.count_nonzero(m)) for m in masks.values())
     return 1.0 - kept / max(total, 1)
 
 

@@ -285,14 +285,20 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
                                layer_sparsity=stage_layer_targets[i], previous=cur,
                                _checked=True)
             updates = result.update(new) if (obs_update and result.update is not None) else {}
-            step_sq = 0.0
+            steps = []
             with torch.no_grad():
                 for n in names:
                     w = G.weight(work, n)
-                    w_new = updates[n].to(w.dtype) if n in updates else w
-                    w_new = w_new * new[n]
-                    step_sq += float(((w_new - w) ** 2).sum())
-                    w.copy_(w_new)
+                    if n in updates:
+                        w_new = updates[n].to(w.dtype) * new[n]
+                        steps.append((w_new - w).square().sum())
+                        w.copy_(w_new)
+                    else:  # Δθ = −θ on the entries masked now: ‖Δθ‖² = ‖θ‖² − ‖θ ⊙ m‖²
+                        flat = w.view(-1)
+                        before = torch.dot(flat, flat)
+                        w.mul_(new[n])
+                        steps.append(before - torch.dot(flat, flat))
+            step_sq = float(torch.stack(steps).sum()) if steps else 0.0
             changed = changed or bool(updates)
             cur = new
             if finetune is not None and finetune_stages and i < stages - 1:
@@ -302,8 +308,9 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
                 work = M.remove(tuned)
                 work.eval()
                 changed = True
-            row = {"stage": i + 1, "target_sparsity": M.sparsity(cur) if target is None else target,
-                   "sparsity": M.sparsity(cur), "loss": math.nan, "delta_loss": math.nan,
+            reached = M.sparsity(cur)
+            row = {"stage": i + 1, "target_sparsity": reached if target is None else target,
+                   "sparsity": reached, "loss": math.nan, "delta_loss": math.nan,
                    "step_norm": math.sqrt(step_sq), "seconds": time.perf_counter() - t0,
                    "examples": result.examples}
             rows.append(row)

@@ -764,7 +764,7 @@ class PruningExplorer:
         except Exception as err:  # noqa: BLE001 - shown to the user, the widget stays live
             self._show_error(err, name)
             return
-        kept = [int(b.sum()) for b in self._buffers.values()]
+        kept = [int(torch.count_nonzero(b)) for b in self._buffers.values()]
         self._show(after, kept, mode="one-shot",
                    note=f"one-shot {name} · {scope} · λ={_lam_label(lam)} · scores cached · "
                         f"evaluated on {after['n']} {self.eval_split} examples")
