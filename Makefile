@@ -50,4 +50,6 @@ present: install
 	PRUNELAB_FAST=$(FAST) $(VENV)/bin/voila $(NB) --Voila.ip=127.0.0.1 --port=$(PORT) --token
 
 bench: install
+	@# the BackPACK peer: its package declares torchvision (a CUDA torch here), it runs without
+	-$(PY) -m pip install -q --no-deps backpack-for-pytorch einops unfoldNd
 	$(PY) -m benchmarks

@@ -114,11 +114,41 @@ def bench_ggn(args):
                "obd": lambda: pl.score(model, "obd", batch=(x, y)),
                "qm": lambda: pl.score(model, "qm", batch=(x, y)),
                "mc": lambda: pl.score(model, "obd", batch=(x, y), mc_samples=1)}
+        peer = _backpack(model, x, y)  # the peer, timed in the same round robin
+        fns.update(peer)
         t = round_robin(fns, args.repeats)
         rows.append(row("obd (exact GGN) / fwd+bwd", arch, t["obd"], t["fb"], 3.0))
         rows.append(row("qm (exact GGN) / fwd+bwd", arch, t["qm"], t["fb"], 3.0))
         rows.append(row("obd (MC-1 GGN) / fwd+bwd", arch, t["mc"], t["fb"], 1.5))
+        if peer:
+            rows.append(row("BackPACK DiagGGNExact / fwd+bwd (peer)", arch, t["bp"], t["fb"],
+                            float("inf")))
+            rows.append(row("BackPACK DiagGGNMC / fwd+bwd (peer)", arch, t["bp_mc"], t["fb"],
+                            float("inf")))
     return rows
+
+
+def _backpack(model, x, y) -> dict:
+    """BackPACK's DiagGGNExact / DiagGGNMC on a copy of ``model`` (its hooks must not slow the
+    other variants), or nothing when BackPACK is not installed. Its PyPI package declares
+    torchvision, which pulls a CUDA torch here; it runs without it: ``make bench`` installs it
+    with ``pip install --no-deps backpack-for-pytorch einops unfoldNd``."""
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import DiagGGNExact, DiagGGNMC
+    except ImportError:
+        print("BackPACK not installed: peer not timed (pip install --no-deps "
+              "backpack-for-pytorch einops unfoldNd)")
+        return {}
+    peer = extend(copy.deepcopy(model))
+    lossf = extend(nn.CrossEntropyLoss())
+
+    def run(ext):
+        peer.zero_grad()
+        loss = lossf(peer(x), y)
+        with backpack(ext()):
+            loss.backward()
+    return {"bp": lambda: run(DiagGGNExact), "bp_mc": lambda: run(DiagGGNMC)}
 
 
 def bench_slider(args):
