@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode, _pop_mode, _push_mode
 
+from prunelab import batches as B
 from prunelab.graph import is_parametrized, plain_copy
 
 __all__ = ["CONST", "FIXED", "HEADS", "HEAD_SIZE", "Group", "DependencyGraph", "Plan", "call",
@@ -277,13 +278,15 @@ def call(model: nn.Module, x):
     return model(x)
 
 
-def example_input(example, batch):
+def example_input(example, batch, model: nn.Module | None = None):
+    """The inputs to trace with: ``example``, else the inputs of ``batch``; on the model's device
+    and in its dtype when ``model`` is given (floating tensors; token ids keep theirs)."""
     if example is None and batch is not None:
         example = batch[0] if isinstance(batch, (tuple, list)) else batch
     if example is None:
         raise ValueError("an example input is needed to trace the model: pass example=x "
                          "(a tensor, a tuple of tensors or a mapping of tensors) or batch=(x, y)")
-    return example
+    return example if model is None else B.to_model(example, model)
 
 
 class _Tracer(TorchDispatchMode):
@@ -667,7 +670,7 @@ def dependencies(model: nn.Module, example=None, *, batch=None) -> DependencyGra
         ValueError: The model cannot be run on the example.
     """
     model = plain_copy(model) if is_parametrized(model) else model
-    example = example_input(example, batch)
+    example = example_input(example, batch, model)
     training = [m for m in model.modules() if m.training]
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:

@@ -51,7 +51,7 @@ def _keep(n: int, rm: list[int], device) -> Tensor:
 
 def _means(model: nn.Module, pl: Plan, batch) -> dict[str, Tensor]:
     """Mean of each consumer's input column / channel on ``batch`` (MRP Eq. 4)."""
-    x = example_input(None, batch)
+    x = example_input(None, batch, model)
     sums: dict[str, Tensor] = {}
     hooks = []
     for name in pl.cols:
@@ -302,7 +302,7 @@ def _prepare(model, selection, example, batch, expand, mean_replacement):
     if mean_replacement and batch is None:
         raise ValueError("mean_replacement=True needs batch=(x, y) (or x) for the means")
     base = plain_copy(model) if is_parametrized(model) else model
-    example = example_input(example, batch)
+    example = example_input(example, batch, base)
     dg = dependencies(base, example)
     pl = plan(dg, selection, expand=expand)
     if mean_replacement and any(n in pl.out and dg.prods[n].kind == "heads" for n in pl.out):

@@ -9,6 +9,12 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("PRUNELAB_DOWNLOAD", "0")
 
+# PRUNELAB_TEST_DTYPE=float64: the float64 proxy for a GPU (issue 14). Every model built by the
+# tests is then float64 while datasets stay float32, so a tensor created without the dtype (or
+# device) of its neighbours fails, as it would on a device.
+if os.environ.get("PRUNELAB_TEST_DTYPE") == "float64":
+    torch.set_default_dtype(torch.float64)
+
 
 @pytest.fixture
 def tmp_zoo(tmp_path):
