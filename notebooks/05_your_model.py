@@ -39,6 +39,8 @@
 FAST = 0
 
 # %%
+import functools
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -93,6 +95,7 @@ class ResCNN(nn.Module):
 recipe = pl.train.Recipe(optimizer="adam", lr=3e-3, epochs=EPOCHS, batch_size=64)
 
 
+@functools.cache  # a sweep asks for the model of a seed once per run: train it once
 def pretrained_rescnn(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     model = ResCNN()
