@@ -955,7 +955,8 @@ class UnitExplorer:
             if name not in valid:
                 raise ValueError(f"unknown score {name!r}; valid: {', '.join(sorted(valid))}")
         self.seed = seed
-        self._score_batch = bundle.batch("train", n=min(batch_size, len(bundle.train)), seed=seed)
+        self._score_batch = B.to_model(  # on the model's device and in its dtype
+            bundle.batch("train", n=min(batch_size, len(bundle.train)), seed=seed), model)
         split = bundle.split(eval_split)
         self._eval_batch = bundle.batch(eval_split, n=min(batch_size, len(split)), seed=seed)
         self.before = evaluate(self._model, self._eval_batch)
