@@ -41,6 +41,7 @@ FAST = 0
 # %%
 import functools
 
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -141,13 +142,18 @@ pl.train.evaluate(result.model, bundle.test), pl.masks.density(result.masks)
 # `dataset={"name": bundle}`. The names are what the frame and the store keys hold.
 
 # %%
-sweep = pl.experiments.Sweep(
-    arch={"rescnn": pretrained_rescnn}, dataset={"my-digits": bundle}, seed=SEEDS,
-    criterion=["mp", "lm", "qm"], sparsity=0.9, stages=STAGES, lam=LAMS,
-    finetune={"optimizer": "adam", "lr": 1e-3, "epochs": max(1, EPOCHS // 5), "batch_size": 64},
-    examples=256)
-# Closures and local classes do not pickle: run in this process (workers=0).
-frame = sweep.run(store="05_your_model.sqlite", executor="local", workers=0)
+common = dict(arch={"rescnn": pretrained_rescnn}, dataset={"my-digits": bundle}, seed=SEEDS,
+              sparsity=0.9, examples=256,
+              finetune={"optimizer": "adam", "lr": 1e-3, "epochs": max(1, EPOCHS // 5),
+                        "batch_size": 64})
+# MP does not depend on λ or π: once per seed. Closures and local classes do not pickle, so the
+# runs happen in this process (workers=0).
+frame = pd.concat([
+    pl.experiments.Sweep(criterion="mp", **common).run(store="05_your_model.sqlite",
+                                                       executor="local", workers=0),
+    pl.experiments.Sweep(criterion=["lm", "qm"], stages=STAGES, lam=LAMS, **common).run(
+        store="05_your_model.sqlite", executor="local", workers=0),
+], ignore_index=True)
 frame[["criterion", "stages", "lam", "seed", "delta_loss", "val_error_gap_ft"]].head()
 
 # %%
