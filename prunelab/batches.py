@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 __all__ = ["Objective", "objective", "LOSSES", "TARGET_KEYS", "IGNORE_INDEX", "call",
            "output_tensor", "as_batch", "length", "take", "to_model", "model_device_dtype",
-           "chunks", "check_inputs", "evaluating", "probe", "map_tensors", "shapes"]
+           "chunks", "check_inputs", "evaluating", "probe", "map_tensors", "shapes", "call_named"]
 
 
 def __dir__():
@@ -188,14 +188,19 @@ class Objective:
         """The output tensor of ``model`` on inputs ``x``."""
         return output_tensor(call(model, x), self.output)
 
-    def first_forward(self, model: nn.Module, x, what: str = "data") -> Tensor:
+    def first_forward(self, model: nn.Module, x, what: str = "data", shown=None) -> Tensor:
         """:meth:`forward` for the first chunk of a loop: an input the model cannot take (a
-        wrong width, integer inputs) becomes a ValueError naming the input shapes."""
+        wrong width, integer inputs) becomes a ValueError naming the input shapes; an
+        ``output=`` that fails on what the model returned, a TypeError. ``shown``: the inputs
+        whose shapes the message names (default ``x``)."""
+        return self._output(call_named(model, x, what, shown), what)
+
+    def _output(self, out, what: str) -> Tensor:
         try:
-            return self.forward(model, x)
-        except (RuntimeError, IndexError) as err:
-            raise ValueError(f"{what}: the model cannot run on these inputs (shapes "
-                             f"{shapes(x)}): {str(err).splitlines()[0]}") from err
+            return output_tensor(out, self.output)
+        except (KeyError, IndexError, AttributeError) as err:
+            raise TypeError(f"{what}: output= failed on the model's output "
+                            f"({type(out).__name__}): {err!r}") from err
 
     def check(self, z: Tensor, y: Tensor) -> None:
         """ValueError/TypeError when targets ``y`` do not fit outputs ``z`` under this loss."""
@@ -431,19 +436,20 @@ def probe(model: nn.Module, x, y: Tensor, objective: Objective, what: str = "the
     """Run the first example through ``model`` (eval mode, no grad) and check every target
     against its output under ``objective``: a model that cannot take the inputs gives a
     ValueError naming the input shapes; ill-fitting targets the objective's errors."""
-    first = take(x, slice(0, 1))
-    try:
-        with evaluating(model), torch.no_grad():
-            out = call(model, first)
-    except (RuntimeError, IndexError) as err:
-        raise ValueError(f"{what}: the model cannot run on these inputs (shapes {shapes(x)}): "
-                         f"{str(err).splitlines()[0]}") from err
-    try:
-        z = output_tensor(out, objective.output)
-    except (KeyError, IndexError, AttributeError) as err:
-        raise TypeError(f"{what}: output= failed on the model's output "
-                        f"({type(out).__name__}): {err!r}") from err
+    with evaluating(model), torch.no_grad():
+        z = objective.first_forward(model, take(x, slice(0, 1)), what, shown=x)
     objective.check(z.expand(len(y), *z.shape[1:]), y)
+
+
+def call_named(model: nn.Module, x, what: str = "data", shown=None):
+    """:func:`call`, with an input the model cannot take (a wrong width, integer inputs)
+    raised as a ValueError naming ``what`` and the shapes of ``shown`` (default ``x``)."""
+    try:
+        return call(model, x)
+    except (RuntimeError, IndexError) as err:
+        raise ValueError(f"{what}: the model cannot run on these inputs (shapes "
+                         f"{shapes(x if shown is None else shown)}): "
+                         f"{str(err).splitlines()[0]}") from err
 
 
 @contextlib.contextmanager
