@@ -15,8 +15,8 @@ Registered in ``benchmarks/__main__.py`` as ``generic`` and ``transformer``; run
 """
 from __future__ import annotations
 
+import functools
 import math
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -106,35 +106,17 @@ def _evaluate_once(model, x, y):
         F.cross_entropy(model(x), y)
 
 
-def round_robin_cpu(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median *process CPU* seconds of each callable, timed alternately after a warm-up.
-
-    The generic path's overhead is a few percent of a few milliseconds, below the wall-clock
-    noise of this shared machine (another job taking a core slows a run 5-15x); with one torch
-    thread, CPU time counts the work done and barely moves when the machine is busy.
-    """
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.process_time()
-            f()
-            times[k].append(time.process_time() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def bench_generic(args, round_robin, row) -> list[dict]:
     """Generic (object output, mapping input) / plain (tensor in, tensor out) on the MLP.
 
-    Timed in process CPU time with one torch thread (:func:`round_robin_cpu`); ``round_robin``
-    (wall clock) is taken for the signature shared with the other benches.
+    Timed in process CPU time with one torch thread: the generic path's overhead is a few
+    percent of a few milliseconds, below the wall-clock noise of this shared machine (another job
+    taking a core slows a run 5-15x), while CPU time counts the work done.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _bench_generic(args, round_robin_cpu, row)
+        return _bench_generic(args, functools.partial(round_robin, clock=time.process_time), row)
     finally:
         torch.set_num_threads(threads)
 

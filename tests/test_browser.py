@@ -23,8 +23,8 @@ import re
 
 import pytest
 
-from browser_helpers import (CLIPPED, INSTRUMENT, LAYOUT_CELLS, NOTEBOOK_PROGRESS,
-                             SCREENSHOTS, launch_browser, missing_requirements,
+from browser_helpers import (CLIPPED, INSTRUMENT, LAYOUT_CELLS, SCREENSHOTS, launch_browser,
+                             missing_requirements,
                              notebook_under_test, open_in_lab, plot_y, start_lab, start_voila,
                              stop, write_tiny_notebook)
 
@@ -126,29 +126,10 @@ def check_slider_changes_accuracy(page, shot: str) -> None:
 def test_explorer_in_jupyterlab(lab, page):
     server, notebook = lab
     (SCREENSHOTS / "lab_explorer_failed.png").unlink(missing_ok=True)
-    page.goto(server.url(f"/lab/tree/{notebook.name}", "reset"), timeout=120_000)
-    panel = ".jp-NotebookPanel:not(.lm-mod-hidden)"
-    page.wait_for_selector(f"{panel} .jp-Notebook-ExecutionIndicator[data-status='idle']",
-                           timeout=120_000)
-    page.locator(f"{panel} .jp-Cell").first.click()  # the notebook is the current widget
-    page.locator("li.lm-MenuBar-item", has_text="Run").click()
-    page.click("li.lm-Menu-item[data-command='runmenu:run-all']")
     try:
-        prompts = page.locator(f"{panel} .jp-InputPrompt", has_text=re.compile(r"\[(\*|\d+)\]"))
-        try:
-            expect(prompts.first).to_be_visible(timeout=15_000)
-        except AssertionError:  # the menu click came too early: run through the command API
-            page.keyboard.press("Escape")
-            page.evaluate("() => window.jupyterapp.commands.execute('runmenu:run-all')")
-            expect(prompts.first).to_be_visible(timeout=15_000)
-        # Wait for the whole notebook: a slider move sent while later cells still run would only
-        # be answered after them.
-        page.wait_for_function(
-            f"() => {{ const p = ({NOTEBOOK_PROGRESS})(); "
-            "return p !== null && (p.pending === 0 || p.errors.length > 0); }",
-            timeout=RUN_ALL_TIMEOUT_MS, polling=500)
-        progress = page.evaluate(NOTEBOOK_PROGRESS)
-        assert not progress["errors"], f"{notebook.name} failed: {progress['errors']}"
+        # Run All and wait for the whole notebook: a slider move sent while later cells still
+        # run would only be answered after them.
+        open_in_lab(page, server, notebook, timeout_ms=RUN_ALL_TIMEOUT_MS)
         check_slider_changes_accuracy(page, "lab_explorer.png")
     except Exception:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
