@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 __all__ = ["Objective", "objective", "LOSSES", "TARGET_KEYS", "IGNORE_INDEX", "call",
            "output_tensor", "as_batch", "length", "take", "to_model", "model_device_dtype",
-           "chunks", "check_inputs", "evaluating", "probe", "map_tensors", "shapes", "call_named"]
+           "chunks", "check_inputs", "evaluating", "probe", "map_tensors", "shapes", "call_named", "tensors_in"]
 
 
 def __dir__():
@@ -94,15 +94,20 @@ def map_tensors(x, fn):
     return x
 
 
-def _tensors(x) -> Iterator[Tensor]:
+def tensors_in(x) -> Iterator[Tensor]:
+    """Every tensor in ``x``: a tensor, a mapping, a tuple or list, or a dict-like model output
+    (HuggingFace ``ModelOutput``), nested."""
     if isinstance(x, Tensor):
         yield x
     elif isinstance(x, Mapping):
         for v in x.values():
-            yield from _tensors(v)
+            yield from tensors_in(v)
     elif isinstance(x, (tuple, list)):
         for v in x:
-            yield from _tensors(v)
+            yield from tensors_in(v)
+    elif hasattr(x, "__dict__") and hasattr(x, "keys"):
+        for k in x.keys():
+            yield from tensors_in(x[k])
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -129,7 +134,7 @@ def to_model(x, model: nn.Module | None = None, *, device=None, dtype=None):
 
 def check_inputs(x, what: str = "batch inputs") -> None:
     """Floating inputs must be finite; ValueError naming ``what`` otherwise."""
-    for t in _tensors(x):
+    for t in tensors_in(x):
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{what} contain NaN or inf")
 
@@ -429,7 +434,7 @@ def shapes(x):
         return tuple(x.shape)
     if isinstance(x, Mapping):
         return {k: tuple(v.shape) for k, v in x.items() if isinstance(v, Tensor)}
-    return [tuple(v.shape) for v in _tensors(x)]
+    return [tuple(v.shape) for v in tensors_in(x)]
 
 
 def probe(model: nn.Module, x, y: Tensor, objective: Objective, what: str = "the model") -> None:

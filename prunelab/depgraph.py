@@ -255,18 +255,7 @@ def _hf_attention(m: nn.Module):
     return None
 
 
-def output_tensors(obj):
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from output_tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from output_tensors(v)
-    elif hasattr(obj, "__dict__") and hasattr(obj, "keys"):  # HF ModelOutput
-        for k in obj.keys():
-            yield from output_tensors(obj[k])
+output_tensors = B.tensors_in  # every tensor of an input or an output, nested
 
 
 def call(model: nn.Module, x):
