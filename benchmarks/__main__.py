@@ -25,6 +25,7 @@ import torch.nn.utils.prune  # noqa: F401  (a submodule: not loaded by `import t
 from torch import nn
 
 import prunelab as pl
+from benchmarks.common import evaluate_once, fwd_bwd
 from prunelab import graph as G
 from prunelab import masks as M
 from prunelab.train import Recipe, make_optimizer
@@ -54,14 +55,6 @@ def data(shape, n=1000, classes=10, seed=0):
     return torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
-def fwd_bwd(model, x, y):
-    loss = F.cross_entropy(model(x), y)
-    torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
-
-
-def evaluate_once(model, x, y):
-    with torch.no_grad():
-        F.cross_entropy(model(x), y)
 
 
 MODELS = {

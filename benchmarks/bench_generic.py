@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import prunelab as pl
+from benchmarks.common import evaluate_once, fwd_bwd
 from prunelab import graph as G
 from prunelab import masks as M
 
@@ -96,16 +97,6 @@ def _data(n: int = 1000, features: int = 40, classes: int = 10, seed: int = 0):
     return torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
-def _fwd_bwd(model, x, y):
-    loss = F.cross_entropy(model(x), y)
-    torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
-
-
-def _evaluate_once(model, x, y):
-    with torch.no_grad():
-        F.cross_entropy(model(x), y)
-
-
 def bench_generic(args, round_robin, row) -> list[dict]:
     """Generic (object output, mapping input) / plain (tensor in, tensor out) on the MLP.
 
@@ -152,7 +143,7 @@ def bench_transformer(args, round_robin, row) -> list[dict]:
     t = round_robin({"mp": lambda: pl.score(model, "mp"),
                      "lap": lambda: pl.score(model, "lap")}, args.repeats * 2)
     rows.append(row("one-shot LAP / MP", "vit", t["lap"], t["mp"], 1.05))
-    t = round_robin({"fb": lambda: _fwd_bwd(model, x, y),
+    t = round_robin({"fb": lambda: fwd_bwd(model, x, y),
                      "obd": lambda: pl.score(model, "obd", batch=(x, y)),
                      "qm": lambda: pl.score(model, "qm", batch=(x, y)),
                      "mc": lambda: pl.score(model, "obd", batch=(x, y), mc_samples=1)},
@@ -169,9 +160,9 @@ def bench_transformer(args, round_robin, row) -> list[dict]:
 
     def slider_move():
         ranking.masks(next(sparsities), out=buffers)
-        _evaluate_once(pruned, x, y)
+        evaluate_once(pruned, x, y)
 
-    t = round_robin({"eval": lambda: _evaluate_once(model, x, y), "slider": slider_move},
+    t = round_robin({"eval": lambda: evaluate_once(model, x, y), "slider": slider_move},
                     args.repeats * 4)
     rows.append(row("slider move / evaluation", "vit", t["slider"], t["eval"], 1.1))
     return rows
