@@ -32,7 +32,7 @@ from prunelab.models import PRUNABLE_TYPES
 
 
 __all__ = ["split_name", "prunable_names", "prunables", "candidates", "check_prunable",
-           "selecting", "layout", "out_dim", "in_dim", "canonical", "transposed_names",
+           "selecting", "layout", "out_dim", "in_dim", "in_dims", "canonical", "transposed_names",
            "linear_like", "is_layer", "Prunable", "KINDS", "DEFAULT_KINDS", "NORM_TYPES", "module_of", "weight", "weights", "is_parametrized",
            "plain_copy", "INPUT", "OUTPUT", "EXTERNAL", "MARKERS", "Edge", "Layer", "LayerGraph",
            "ACT_MODULES", "PASS_MODULES", "BN_MODULES", "ACT_FUNCS", "ACT_METHODS", "PASS_FUNCS",
@@ -95,7 +95,10 @@ def linear_like(module: nn.Module) -> tuple[int, int] | None:
     ``transformers.pytorch_utils.Conv1D``, ``y = x @ W + b``) with the weight stored
     ``(nx, nf) = (in, out)``.
     """
-    w = getattr(module, "weight", None)
+    # _parameters first: while torch.fx traces, module attribute reads return proxies
+    w = module._parameters.get("weight")
+    if w is None:
+        w = getattr(module, "weight", None)  # a parametrized (masked) weight
     if not isinstance(w, Tensor) or w.dim() != 2:
         return None
     i, o = getattr(module, "in_features", None), getattr(module, "out_features", None)
@@ -246,6 +249,15 @@ def in_dim(model: nn.Module, name: str) -> int | None:
     """The dim of tensor ``name`` that indexes the inputs (1 for Linear/Conv, 0 for a
     transposed HuggingFace ``Conv1D``, None for a norm weight)."""
     return layout(model, name).in_dim
+
+
+def in_dims(model: nn.Module, names=None) -> dict[str, int | None]:
+    """``{name: in_dim}`` of the tensors (default: the prunable ones) whose inputs are not on
+    dim 1 (for :func:`prunelab.selection.select`'s N:M scope)."""
+    wanted = None if names is None else set(names)
+    pool = candidates(model) if wanted is not None else prunables(model)
+    return {c.name: c.in_dim for c in pool
+            if (wanted is None or c.name in wanted) and c.in_dim != 1}
 
 
 def transposed_names(model: nn.Module) -> frozenset[str]:
@@ -823,6 +835,22 @@ def _autograd_graph(model: nn.Module, example, forward, reason: str) -> LayerGra
         return t
 
     x = B.map_tensors(example, leafy)
+    internal: set = set()  # autograd nodes a layer made inside its own call
+
+    def inside(out_fn, args) -> None:
+        """Mark the nodes between a layer's inputs and its output (a Linear on (N, T, F) runs
+        view -> mm -> view; a Conv1D addmm and a view): they are the layer, not the network,
+        and read as opaque they would cut its input off from its producers."""
+        stops = {a.grad_fn for a in args if isinstance(a, Tensor) and a.grad_fn is not None}
+        stack = [nxt for nxt, _ in out_fn.next_functions if nxt is not None]
+        while stack:
+            node = stack.pop()
+            if node in stops or node in internal or _ag_kind(node) == "AccumulateGrad" \
+                    or node in produced:
+                continue
+            internal.add(node)
+            stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+
     handles = []
     for mname, m in model.named_modules():
         if mname in b.layers:
@@ -831,6 +859,7 @@ def _autograd_graph(model: nn.Module, example, forward, reason: str) -> LayerGra
                     b.order.append(w)  # execution order, as the fx walk records it
                 if isinstance(out, Tensor) and out.grad_fn is not None:
                     produced[out.grad_fn] = ("layer", w, args[0] if args else None)
+                    inside(out.grad_fn, args)
         elif isinstance(m, BN_MODULES):
             def post(mod, args, out, name=mname):
                 if isinstance(out, Tensor) and out.grad_fn is not None:
@@ -896,6 +925,9 @@ def _autograd_graph(model: nn.Module, example, forward, reason: str) -> LayerGra
             continue
         if kind == "AccumulateGrad":
             states[node] = {INPUT: _Path()} if id(node.variable) in inputs else None
+            continue
+        if node in internal:
+            states[node] = None
             continue
         s = union(node)
         if s is None:

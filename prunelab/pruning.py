@@ -238,7 +238,9 @@ def _prune_with(model: nn.Module, config: PruneConfig, *, batch, finetune, train
         if unknown:
             raise ValueError(f"nm_layers names unknown layers {sorted(unknown)}; prunable "
                              f"weights: {names}")
-        NM.nm_select({n: cur[n] for n in nm_names}, n_keep, m)  # ValueError naming a layer
+        nm_in = G.in_dims(work, nm_names)  # a transposed Conv1D groups along its dim 0
+        NM.nm_select({n: cur[n] for n in nm_names}, n_keep, m,  # ValueError naming a layer
+                     in_dims=nm_in)
         stage_nm = [f"{k}:{m}" for k in NM.stage_ns(n_keep, m, stages, config.schedule)]
         stage_targets = [None] * stages
         stage_layer_targets = [{n: 1.0 - k / m if n in nm_names
@@ -298,7 +300,8 @@ def _prune_with(model: nn.Module, config: PruneConfig, *, batch, finetune, train
                 new = dict(cur)  # layers outside nm_layers (and stages with n_i = m) keep theirs
                 if int(nm_scope.split(":")[0]) < m:
                     new.update(S.select({n: scores[n] for n in nm_names}, None, scope=nm_scope,
-                                        previous={n: cur[n] for n in nm_names}, _checked=True))
+                                        previous={n: cur[n] for n in nm_names},
+                                        in_dims=nm_in, _checked=True))
             else:
                 new = S.select(scores, target, scope=config.scope,
                                layer_sparsity=stage_layer_targets[i], previous=cur,
