@@ -105,10 +105,13 @@ def reinitialize(model: nn.Module, seed: int = 0, *, init: str | None = None) ->
             fresh = G.plain_copy(module) if parametrize.is_parametrized(module, tname) \
                 else module
             if scheme is None:
-                if not hasattr(fresh, "reset_parameters"):
+                # nn.MultiheadAttention names its reset _reset_parameters
+                reset = getattr(fresh, "reset_parameters", None) or getattr(
+                    fresh, "_reset_parameters", None)
+                if reset is None:
                     raise ValueError(f"reinitialize: {n} ({type(module).__name__}) has no "
                                      f"reset_parameters; pass init= one of {models.INITS}")
-                fresh.reset_parameters()
+                reset()
             else:
                 models.init_weight_(getattr(fresh, tname), scheme)
                 if tname == "weight" and getattr(fresh, "bias", None) is not None:

@@ -165,8 +165,12 @@ def test_parametrized_in_proj_weight_equals_masked_weight_in_train_and_eval(kdim
     for mode in ("train", "eval"):
         getattr(pruned, mode)()
         getattr(twin, mode)()
-        with torch.no_grad():  # eval + no_grad + batch_first: nn.MultiheadAttention's fast path
-            torch.testing.assert_close(pruned(ids), twin(ids), rtol=1e-6, atol=1e-6)
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            got = pruned(ids)
+        torch.testing.assert_close(got, twin(ids), rtol=1e-6, atol=1e-6)
+        if mode == "eval" and kdim is None:
+            # eval + no_grad + batch_first self-attention: the fused fast path ran
+            assert "aten::_native_multi_head_attention" in {e.name for e in prof.events()}
     pruned.train()
     out = pruned(ids).sum()
     out.backward()  # gradients reach the original behind the parametrization
@@ -379,3 +383,60 @@ def test_gpt2_embeddings_when_asked():
     assert list(res.masks) == ["transformer.wte.weight", "transformer.wpe.weight"]
     total = sum(v.numel() for v in res.masks.values())
     assert sum(int((~v).sum()) for v in res.masks.values()) == S.n_pruned(0.3, total)
+
+
+# Criteria that need layers with inputs and outputs refuse embeddings and norms by name.
+NEEDS_LAYERS = {
+    **{c: "cannot score" for c in ("lap", "lfp", "lbp", "lap-forward", "lap-backward",
+                                   "lap-forward-seq", "lap-backward-seq", "obd", "qm",
+                                   "obd+lap")},
+    "obs": "never called as modules",
+    "lap-act": "torch.fx cannot trace",          # MHANet does not trace (as the contract's mha)
+    "lap-all": "lap-all needs a model torch.fx can trace",
+    "synflow": "synflow feeds an all-ones input",  # token ids
+}
+
+
+@pytest.mark.parametrize("criterion", pl.criteria.names())
+@pytest.mark.parametrize("kind", ["embedding", "norm"])
+def test_every_criterion_on_embeddings_and_norms_works_or_says_why(criterion, kind):
+    m = MHANet()
+    ids = torch.randint(0, 11, (12, 5))
+    y = torch.randint(0, 3, (12,))
+    before = snapshot(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if criterion in NEEDS_LAYERS:
+            with pytest.raises(ValueError, match=NEEDS_LAYERS[criterion]):
+                pl.prune(m, criterion, sparsity=0.5, scope="layerwise", batch=(ids, y),
+                         prunable={kind})
+            assert_unchanged(before, m)
+            return
+        res = pl.prune(m, criterion, sparsity=0.5, scope="layerwise", batch=(ids, y),
+                       prunable={kind})
+    assert_unchanged(before, m)
+    (name,) = res.masks
+    assert G.layout(m, name).kind == kind
+    assert int((~res.masks[name]).sum()) == S.n_pruned(0.5, res.masks[name].numel())
+
+
+def test_obs_fisher_blocks_score_embeddings():
+    m = MHANet()
+    ids = torch.randint(0, 11, (12, 5))
+    y = torch.randint(0, 3, (12,))
+    s = pl.score(m, "obs", batch=(ids, y), block="fisher", prunable={"embedding"})
+    assert list(s) == ["emb.weight"] and s["emb.weight"].shape == m.emb.weight.shape
+
+
+def test_reinitialize_redraws_attention_projections_and_keeps_masks():
+    m = MHANet()
+    pruned = pl.prune(m, "mp", sparsity=0.5).model
+    for init in (None, "glorot_normal"):
+        fresh = M.reinitialize(pruned, seed=3, init=init)
+        w = G.weight(fresh, "attn.in_proj_weight")
+        assert not torch.equal(w, G.weight(pruned, "attn.in_proj_weight"))
+        masks = M.current(fresh)
+        assert set(masks) == set(M.current(pruned))
+        assert torch.all(w[~masks["attn.in_proj_weight"]] == 0)
+    with pytest.raises(ValueError, match="has no reset_parameters"):
+        M.reinitialize(pl.prune(ConvNet1D(), "mp", sparsity=0.5).model)

@@ -205,11 +205,14 @@ def _is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or G.linear_like(m) is not None
 
 
+def _transposed(m: nn.Module) -> bool:
+    """True for a layer storing its weight ``(in, out)`` (HF ``Conv1D``)."""
+    return not isinstance(m, G.PRUNABLE_TYPES) and G.linear_like(m) == (1, 0)
+
+
 def _out_in(m: nn.Module) -> Tensor:
-    """The weight of ``m`` laid out ``(out, in, ...)`` (a view; HF ``Conv1D`` stores it
-    ``(in, out)``)."""
-    dims = None if isinstance(m, G.PRUNABLE_TYPES) else G.linear_like(m)
-    return m.weight.T if dims == (1, 0) else m.weight
+    """The weight of ``m`` laid out ``(out, in, ...)`` (a view)."""
+    return m.weight.T if _transposed(m) else m.weight
 
 
 def _check_unused(model: nn.Module, x, obj: B.Objective, names: list[str]) -> None:
@@ -317,7 +320,7 @@ class _Accumulator:
         ggn, grads = {}, {}
         for m in self.modules:
             # sums are (out, in, ...); a transposed Conv1D stores (in, out): back to its layout
-            back = _out_in(m) is not m.weight
+            back = _transposed(m)
             zero = torch.zeros_like(m.weight).detach()
             ggn[m] = (self.diag[m] / n_total).detach() if m in self.diag else zero
             if self.grad:

@@ -66,7 +66,12 @@ def _ordered(model: nn.Module, *, sparsity, scope: str, masks: Masks | None, bac
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     la = Lookahead(model, graph_of(model, batch), bn=bn)
-    order = list(la.graph)[::-1] if backward else list(la.graph)
+    missing = [n for n in targets if n not in la.graph]
+    if missing:
+        raise ValueError(f"criterion {criterion!r} cannot score {missing}: they are not layers "
+                         f"of the layer graph (embeddings, norms); leave them out with prunable=")
+    # layers outside prunable= stay as they are: neighbours only
+    order = [n for n in (list(la.graph)[::-1] if backward else list(la.graph)) if n in targets]
     for n, m in (masks or {}).items():  # direct calls may pass masks not yet multiplied in
         if n in la.graph:
             la.update(n, la.w[n] * la.canonical(n, m.to(device=la.w[n].device,
