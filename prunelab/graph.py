@@ -2,8 +2,11 @@
 
 Names are the parameter names of the *plain* model (``"features.0.weight"``), also when masks are
 attached as parametrizations (where ``named_parameters`` would say
-``features.0.parametrizations.weight.original``). By default the weights of ``nn.Linear`` and
-``nn.Conv1d/2d/3d`` are prunable; biases and normalisation parameters are not.
+``features.0.parametrizations.weight.original``). By default the weights of ``nn.Linear``,
+``nn.Conv1d/2d/3d``, the projections of ``nn.MultiheadAttention`` and Linear-like third-party
+layers (HuggingFace's transposed ``Conv1D``) are prunable; embeddings and norm weights when asked
+(``prunable=``); biases never. :func:`candidates` / :func:`layout` say how each tensor is laid
+out (:func:`out_dim`, :func:`in_dim`), the one place structure-aware methods ask.
 
 Over 500 lines because naming the prunable tensors and tracing how layers connect (the
 layer graph every structured method reads) are one idea: the graph is keyed by those names.
@@ -33,7 +36,8 @@ from prunelab.models import PRUNABLE_TYPES
 
 __all__ = ["split_name", "prunable_names", "prunables", "candidates", "check_prunable",
            "selecting", "layout", "out_dim", "in_dim", "in_dims", "canonical", "transposed_names",
-           "linear_like", "is_layer", "Prunable", "KINDS", "DEFAULT_KINDS", "NORM_TYPES", "module_of", "weight", "weights", "is_parametrized",
+           "linear_like", "is_layer", "Prunable", "KINDS", "DEFAULT_KINDS", "NORM_TYPES",
+           "module_of", "weight", "weights", "is_parametrized",
            "plain_copy", "INPUT", "OUTPUT", "EXTERNAL", "MARKERS", "Edge", "Layer", "LayerGraph",
            "ACT_MODULES", "PASS_MODULES", "BN_MODULES", "ACT_FUNCS", "ACT_METHODS", "PASS_FUNCS",
            "PASS_METHODS", "trace", "fx_inputs", "structure_key", "layer_graph",
@@ -98,7 +102,7 @@ def linear_like(module: nn.Module) -> tuple[int, int] | None:
     # _parameters first: while torch.fx traces, module attribute reads return proxies
     w = module._parameters.get("weight")
     if w is None:
-        w = getattr(module, "weight", None)  # a parametrized (masked) weight
+        w = _tensor_of(module, "weight")  # a parametrized (masked) weight
     if not isinstance(w, Tensor) or w.dim() != 2:
         return None
     i, o = getattr(module, "in_features", None), getattr(module, "out_features", None)
@@ -120,6 +124,11 @@ def _full(mname: str, tname: str) -> str:
 
 
 def _tensor_of(module: nn.Module, tname: str) -> Tensor | None:
+    # cheap membership tests first: a missing attribute costs nn.Module.__getattr__ an exception
+    plist = module._modules.get("parametrizations")
+    if module._parameters.get(tname) is None and tname not in module.__dict__ \
+            and (plist is None or tname not in plist):
+        return None
     t = getattr(module, tname, None)
     return t if isinstance(t, Tensor) else None
 

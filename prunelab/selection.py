@@ -437,9 +437,9 @@ def lap_layer_sparsity(model: nn.Module, tau: int, *, p: float, q: float,
     """
     names = G.prunable_names(model)
     out, seen_conv = {}, False
+    kinds = {c.name: c.kind for c in G.candidates(model)}
     for i, n in enumerate(names):
-        module = G.module_of(model, n)
-        if isinstance(module, nn.Linear):
+        if kinds[n] != "conv":  # Linear, Linear-like and attention projections: fully connected
             keep = ((1 + q) / 2) ** tau if i == len(names) - 1 else q ** tau
         else:
             if skip_first_conv and not seen_conv:

@@ -144,7 +144,8 @@ STRUCT_LIMITS = {
     **{("mha", c): "cannot see through" for c in structured.names()},
     **{("gpt2", c): "not an nn.Linear/nn.Conv weight" for c in structured.names()},
 }
-STRUCT_CASES = [(m, c) for m in [*STRUCT_LAYERS, "residual-default", "encoder", "bert", "mha", "gpt2"]
+STRUCT_CASES = [(m, c)
+                for m in [*STRUCT_LAYERS, "residual-default", "encoder", "bert", "mha", "gpt2"]
                 for c in structured.names()]
 
 

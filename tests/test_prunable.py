@@ -338,8 +338,8 @@ def test_layer_graph_reads_conv1d_sizes_from_its_layout():
 
 # ------------------------------------------------------------------------ HuggingFace GPT-2
 def _gpt2():
-    transformers = pytest.importorskip(
-        "transformers", reason="transformers is not installed (pip install -e .[hf])")
+    pytest.importorskip("transformers",
+                        reason="transformers is not installed (pip install -e .[hf])")
     from transformers.pytorch_utils import Conv1D
 
     model, batch, _ = make("gpt2")
