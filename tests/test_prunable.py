@@ -4,6 +4,7 @@ Linear-like third-party layers (HuggingFace's transposed Conv1D), embeddings and
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -440,3 +441,16 @@ def test_reinitialize_redraws_attention_projections_and_keeps_masks():
         assert torch.all(w[~masks["attn.in_proj_weight"]] == 0)
     with pytest.raises(ValueError, match="has no reset_parameters"):
         M.reinitialize(pl.prune(ConvNet1D(), "mp", sparsity=0.5).model)
+
+
+def test_synflow_conservation_reads_conv1d_units_in_their_layout():
+    """The conservation table (Tanaka et al. Thm 1) reads a transposed Conv1D's units on its
+    output dim: the same numbers as the nn.Linear twin."""
+    from prunelab import collapse
+
+    conv, lin, _ = twins()
+    tc = collapse.conservation_table(conv, input_shape=(8,))
+    tl = collapse.conservation_table(lin, input_shape=(8,))
+    assert list(tc["units"]) == list(tl["units"]) == [12, 8, 0]
+    for col in ("score_sum", "unit_max_rel_diff"):
+        np.testing.assert_allclose(tc[col], tl[col], rtol=1e-9)
