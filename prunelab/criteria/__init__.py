@@ -177,7 +177,9 @@ def check_scores(scores: Scores, model: nn.Module, name: str) -> Scores:
         raise ValueError(f"criterion {name!r} cannot score {missing} ({', '.join(kinds)} "
                          f"tensors): it scores only {sorted(scores)}; leave them out with "
                          f"prunable=")
-    extra = set(scores) - set(expected) - {c.name for c in G.candidates(model)}
+    extra = set(scores) - set(expected)
+    if extra:  # a graph criterion scores every layer; those outside prunable= are dropped
+        extra -= {c.name for c in G.candidates(model)}
     if extra:
         raise ValueError(f"criterion {name!r} returned scores for {sorted(scores)}, expected {expected}")
     out = {}
