@@ -113,8 +113,12 @@ class Lookahead:
     Args:
         model: plain model (weights are read, never written).
         graph: its :func:`prunelab.graph.layer_graph` (computed when omitted).
-        weights: replacement tensors by weight name (e.g. the working copies of the ordered
-            variants, or OBD magnitudes); the model's weights are used for the others.
+        weights: replacement tensors by weight name (e.g. OBD magnitudes), laid out as the
+            model's; the model's weights are used for the others.
+
+    Internally every weight is held ``(out, in, ...)`` (:func:`prunelab.graph.canonical`: a
+    HuggingFace ``Conv1D`` stores ``(in, out)``): :attr:`w`, :meth:`score` and :meth:`update`
+    use that layout, :meth:`scores` returns the model's.
         bn: ``"eq8"``, ``"fold"`` or ``"none"`` (see the module docstring).
         row_scale: per-output-channel factors ``ρ_l`` that scale the rows of ``W_l`` wherever it
             appears (LAP-act's ``Ŵ_l``, App. F Eq. 19); multiplied with the folded BN scales.
@@ -126,9 +130,11 @@ class Lookahead:
         self.graph = graph if graph is not None else G.layer_graph(model)
         self.bn = check_bn(bn)
         weights = dict(weights or {})
+        self.transposed = G.transposed_names(model) & set(self.graph)
         self.w: dict[str, Tensor] = {}
         for n in self.graph:
-            self.w[n] = work_dtype(weights[n] if n in weights else G.weight(model, n))
+            self.w[n] = self.canonical(n, work_dtype(weights[n] if n in weights
+                                                     else G.weight(model, n)))
         self._a = bn_scales(model, self.graph) if bn != "none" else {}
         self.rho: dict[str, Tensor] = {}
         for n, layer in self.graph.layers.items():
@@ -154,6 +160,11 @@ class Lookahead:
         self._in: dict[str, Tensor] = {}
         self._prev: dict[str, Tensor] = {}
         self._next: dict[str, Tensor] = {}
+
+    def canonical(self, n: str, t: Tensor) -> Tensor:
+        """``t`` (shaped like weight ``n``) in the ``(out, in, ...)`` layout, or back: a
+        transpose is its own inverse."""
+        return G.canonical(t, n in self.transposed)
 
     def _folded(self, src: str) -> str | None:
         if self.bn != "fold" or src in G.MARKERS:
@@ -265,7 +276,7 @@ class Lookahead:
         return scaled_abs(self.w[n], r, q, self.graph[n].groups)
 
     def scores(self, *, prev: bool = True, next: bool = True) -> Scores:
-        return {n: self.score(n, prev=prev, next=next) for n in self.graph}
+        return {n: self.canonical(n, self.score(n, prev=prev, next=next)) for n in self.graph}
 
     def update(self, n: str, weight: Tensor) -> None:
         """Replace the weight of ``n`` (e.g. after pruning it) and forget what depended on it."""
