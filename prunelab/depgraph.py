@@ -131,7 +131,7 @@ class DependencyGraph:
         groups: every :class:`Group` with at least one member.
     """
 
-    def __init__(self, model: nn.Module, example):
+    def __init__(self, model: nn.Module, example, *, meta: bool = False):
         self._root = torch.arange(0)    # label -> smallest label of its group
         self._n = 0                      # labels in use
         self._starts: list[int] = []   # first label of each producer, in creation order
@@ -145,7 +145,9 @@ class DependencyGraph:
         self.splits: list[tuple[Tensor, int, int]] = []   # (labels of a split dim, blocks, size)
         self.matmul_ids: set[int] = set()         # labels contracted by a matrix product
         self.hf_heads: dict[str, tuple[list[str], int, int]] = {}  # attn module -> qkv, H, d
-        _trace(self, model, example)
+        #: True when the trace ran on meta tensors (shapes only), False on the example's values
+        self.meta = meta
+        _trace(self, model, example, meta)
         self._finish()
 
     # ------------------------------------------------------------------ union-find
@@ -279,9 +281,10 @@ def example_input(example, batch, model: nn.Module | None = None):
 
 
 class _Tracer(TorchDispatchMode):
-    def __init__(self, dg: DependencyGraph):
+    def __init__(self, dg: DependencyGraph, on_meta: _OnMeta | None = None):
         super().__init__()
         self.dg = dg
+        self.on_meta = on_meta  # runs the operations on meta tensors when given
         self.labels: dict[int, tuple[Tensor, Tensor]] = {}  # id(tensor) -> (tensor, labels)
         self.depth = 0
         self.paused = False
@@ -304,7 +307,7 @@ class _Tracer(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = self.on_meta.run(func, args, kwargs) if self.on_meta else func(*args, **kwargs)
         if self.depth:
             return out
         flat_in = [a for a in _flat(args) + _flat(list(kwargs.values())) if isinstance(a, Tensor)]
@@ -451,6 +454,112 @@ class _Opaque(Exception):
     pass
 
 
+class _NotOnMeta(Exception):
+    pass
+
+
+class _OnMeta(TorchDispatchMode):
+    """Every operation on the meta device: output shapes and dtypes, no arithmetic.
+
+    The labels depend only on the shapes and the sequence of operations, so the trace needs no
+    values; a forward that reads values (``.item()``, ``if x.any()``, ``torch.nonzero``) raises on
+    meta tensors, and :func:`dependencies` then traces the real example. Parameters, buffers and
+    constants get a meta twin when an operation reads them; factories (``torch.zeros(n)``) make
+    meta tensors. An in-place write into a real tensor raises (its twin would diverge from it).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.twins: dict[int, tuple[Tensor, Tensor]] = {}  # id(real tensor) -> (it, meta twin)
+
+    def meta(self, t):
+        if not isinstance(t, Tensor) or t.is_meta:
+            return t
+        hit = self.twins.get(id(t))
+        if hit is None or hit[0] is not t:
+            hit = self.twins[id(t)] = (t, t.to("meta"))
+        return hit[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return self.run(func, args, kwargs or {})
+
+    def run(self, func, args, kwargs):
+        """``func`` on the meta twins of its arguments."""
+        if func._schema.is_mutable:
+            for i, a in enumerate(func._schema.arguments):
+                v = args[i] if i < len(args) else kwargs.get(a.name)
+                if a.alias_info is not None and a.alias_info.is_write and \
+                        isinstance(v, Tensor) and not v.is_meta:
+                    raise _NotOnMeta(f"{func} writes into a tensor that is not an activation")
+        args, kwargs = _map(args, self.meta), _map(kwargs, self.meta)
+        if "device" in kwargs:  # a factory (or a copy to a device): stay on meta
+            kwargs["device"] = torch.device("meta")
+        rule = _FAST_META.get(func)
+        if rule is None and torch.Tag.pointwise in func.tags and \
+                torch.Tag.nondeterministic_seeded not in func.tags and not func._schema.is_mutable:
+            rule = _FAST_META[func] = _pointwise_meta
+        out = rule(func, args, kwargs) if rule is not None else None
+        return func(*args, **kwargs) if out is None else out
+
+
+# Shape rules for the commonest operations: torch's own meta kernels for them are Python
+# decompositions (0.1-0.7 ms each, more than the real kernel on one example). Each returns what
+# the meta kernel returns (shape, dtype, contiguous strides), or None to defer to it when its
+# inputs are not the plain case (non-contiguous, mixed dtypes); tests/test_depgraph.py compares
+# them with the meta kernels.
+def _pointwise_meta(func, args, kwargs):
+    ts = [a for a in _flat(list(args)) + _flat(list(kwargs.values())) if isinstance(a, Tensor)]
+    if not ts or not all(t.is_contiguous() for t in ts):
+        return None
+    shape = torch.broadcast_shapes(*(t.shape for t in ts))
+    try:  # the result dtype (type promotion, comparisons) from the real kernel on 1-element twins
+        probe = func(*_map(args, _unit), **_map(kwargs, _unit))
+    except Exception:  # noqa: BLE001 - the meta kernel decides
+        return None
+    if not isinstance(probe, Tensor):
+        return None
+    return torch.empty(shape, dtype=probe.dtype, device="meta")
+
+
+def _unit(t: Tensor) -> Tensor:
+    return torch.ones((1,) * t.dim(), dtype=t.dtype)
+
+
+def _batch_norm_meta(func, args, kwargs):
+    x = args[0]
+    training = args[5] if func is torch.ops.aten.native_batch_norm.default else False
+    if training or not x.is_contiguous() or len({t.dtype for t in args[:5]
+                                                if isinstance(t, Tensor)}) != 1:
+        return None
+    stat = torch.empty((x.shape[1],), dtype=x.dtype, device="meta")
+    return torch.empty_like(x), stat, stat.clone()
+
+
+def _matmul_meta(func, args, kwargs):
+    if func is torch.ops.aten.addmm.default:
+        bias, a, b = args[:3]
+        out = (a.shape[0], b.shape[1])
+        if bias.dim() > 2 or torch.broadcast_shapes(bias.shape, out) != out:
+            return None
+        ts = (bias, a, b)
+    else:
+        a, b = args[:2]
+        ts = (a, b)
+    if kwargs or len({t.dtype for t in ts}) != 1 or a.shape[-1] != b.shape[-2] or \
+            a.shape[:-2] != b.shape[:-2]:
+        return None
+    return torch.empty((*a.shape[:-1], b.shape[-1]), dtype=a.dtype, device="meta")
+
+
+_FAST_META = {
+    torch.ops.aten.native_batch_norm.default: _batch_norm_meta,
+    torch.ops.aten._native_batch_norm_legit_no_training.default: _batch_norm_meta,
+    torch.ops.aten.addmm.default: _matmul_meta,
+    torch.ops.aten.mm.default: _matmul_meta,
+    torch.ops.aten.bmm.default: _matmul_meta,
+}
+
+
 def _matmul_side(lab: Tensor, contracted: int, free: int):
     """(contracted labels, free labels) of one operand of a matrix product; None where absent."""
     if not (lab >= 0).any():
@@ -515,8 +624,11 @@ def _record(dg: DependencyGraph, store: dict, module: str, lab: Tensor) -> None:
         store[module] = torch.where(old >= 0, old, lab)
 
 
-def _trace(dg: DependencyGraph, model: nn.Module, example) -> None:
-    tracer = _Tracer(dg)
+def _trace(dg: DependencyGraph, model: nn.Module, example, meta: bool = False) -> None:
+    on_meta = _OnMeta() if meta else None
+    tracer = _Tracer(dg, on_meta)
+    if meta:
+        example = B.map_tensors(example, lambda t: t.to("meta"))
     names = {}
     for name, m in model.named_modules():
         names[id(m)] = name
@@ -535,6 +647,8 @@ def _trace(dg: DependencyGraph, model: nn.Module, example) -> None:
         if tracer.depth == 1:
             # a known module is followed by its hooks: run its insides without the mode's cost
             _pop_mode()
+            if on_meta is not None:  # the module's insides still run on meta tensors
+                _push_mode(on_meta)
             tracer.paused = True
 
     def post(mod, args, kwargs, output):
@@ -543,6 +657,8 @@ def _trace(dg: DependencyGraph, model: nn.Module, example) -> None:
         if tracer.depth > 1:
             tracer.depth -= 1
             return
+        if on_meta is not None:
+            _pop_mode()
         try:
             _labels_after(mod, [*args, *kwargs.values()], output)
         finally:
@@ -614,13 +730,15 @@ def _trace(dg: DependencyGraph, model: nn.Module, example) -> None:
     handles = [register_module_forward_pre_hook(pre),
                register_module_forward_hook(post, with_kwargs=True)]
     try:
+        for t in output_tensors(example):  # labels are made outside the mode
+            tracer.put(t, tracer.full(t, FIXED))
         with tracer:
             try:
-                for t in output_tensors(example):
-                    tracer.put(t, tracer.full(t, FIXED))
                 output = call(model, example)
             finally:
                 if tracer.paused:  # the forward raised inside a known module
+                    if on_meta is not None:
+                        _pop_mode()
                     _push_mode(tracer)
                     tracer.paused = False
     except Exception as err:
@@ -641,7 +759,8 @@ def _producer(dg: DependencyGraph, name: str, kind: str, n: int) -> Tensor:
     return dg.prods[name].ids
 
 
-def dependencies(model: nn.Module, example=None, *, batch=None) -> DependencyGraph:
+def dependencies(model: nn.Module, example=None, *, batch=None,
+                 meta: bool | None = None) -> DependencyGraph:
     """The dependency groups of ``model`` from one traced forward pass of ``example``.
 
     The pass runs without gradients, in eval mode (BatchNorm statistics untouched; the modes are
@@ -669,12 +788,15 @@ def dependencies(model: nn.Module, example=None, *, batch=None) -> DependencyGra
         torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad():
             first = _first(example)
-            if first is not example:
+            tries = [(first, m) for m in (True, False) if meta in (None, m)]
+            if first is not example:  # not a batch after all (an unbatched input): trace it whole
+                tries += [(example, m) for m in (True, False) if meta in (None, m)]
+            for k, (x, on_meta) in enumerate(tries):
                 try:
-                    return DependencyGraph(model, first)
-                except ValueError:  # not a batch after all (an unbatched input): trace it whole
-                    pass
-            return DependencyGraph(model, example)
+                    return DependencyGraph(model, x, meta=on_meta)
+                except ValueError:
+                    if k == len(tries) - 1:
+                        raise
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for m in training:
