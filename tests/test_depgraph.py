@@ -186,7 +186,7 @@ def test_shape_rules_match_the_meta_kernels(op):
     assert main.is_meta and len(outs) == len(refs)
     assert (main.shape, main.dtype, main.stride()) == (ref_main.shape, ref_main.dtype,
                                                          ref_main.stride())
-    rule = D._FAST_META.get(func, D._pointwise_meta)
+    rule = D._FAST_META.get(func, (D._pointwise_meta,))[0]
     meta_args = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
     deferred = op in ("relu-noncontiguous", "batch_norm-channels-last", "addmm-beta")
     assert (rule(func, meta_args, kwargs) is None) is deferred  # the rule itself answered
