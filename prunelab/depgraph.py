@@ -530,7 +530,9 @@ def _pointwise_meta(func, args, kwargs):
     ts = [a for a in _flat(list(args)) + _flat(list(kwargs.values())) if isinstance(a, Tensor)]
     if not ts or not all(t.is_contiguous() for t in ts):
         return None
-    shape = torch.broadcast_shapes(*(t.shape for t in ts))
+    shape = _broadcast([t.shape for t in ts])
+    if shape is None:
+        return None
     try:  # the result dtype (type promotion, comparisons) from the real kernel on 1-element twins
         probe = func(*_map(args, _unit), **_map(kwargs, _unit))
     except Exception:  # noqa: BLE001 - the meta kernel decides
@@ -538,6 +540,59 @@ def _pointwise_meta(func, args, kwargs):
     if not isinstance(probe, Tensor):
         return None
     return torch.empty(shape, dtype=probe.dtype, device="meta")
+
+
+def _broadcast(shapes) -> tuple | None:
+    """The broadcast of ``shapes`` (torch.broadcast_shapes on meta goes through Python refs);
+    None when they do not broadcast (the meta kernel then raises torch's own error)."""
+    first = tuple(shapes[0])
+    if all(tuple(s) == first for s in shapes):
+        return first
+    nd = max(len(s) for s in shapes)
+    out = [1] * nd
+    for s in shapes:
+        for i, d in enumerate(s, nd - len(s)):
+            if d != 1:
+                if out[i] not in (1, d):
+                    return None
+                out[i] = d
+    return tuple(out)
+
+
+def _reduce_meta(func, args, kwargs):
+    x = args[0]
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if not x.is_contiguous() or dims is None or x.dim() == 0:
+        return None
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not dims:
+        return None
+    gone = {d % x.dim() for d in dims}
+    shape = [1 if i in gone else n for i, n in enumerate(x.shape) if keep or i not in gone]
+    try:  # the result dtype (mean of ints raises, dtype=) from the real kernel on a 1-element twin
+        probe = func(_unit(x), *args[1:], **kwargs)
+    except Exception:  # noqa: BLE001 - the meta kernel decides
+        return None
+    return torch.empty(shape, dtype=probe.dtype, device="meta")
+
+
+def _conv_meta(func, args, kwargs):
+    if len(args) != 9 or kwargs:
+        return None
+    x, w, b, stride, padding, dilation, transposed, _, groups = args
+    if transposed or not (x.is_contiguous() and w.is_contiguous()) or x.dim() != w.dim() or \
+            x.shape[1] != w.shape[1] * groups or len({t.dtype for t in (x, w, b)
+                                                      if t is not None}) != 1:
+        return None
+    k = w.dim() - 2
+    if not len(stride) == len(padding) == len(dilation) == k:
+        return None
+    size = [(n + 2 * p - d * (kk - 1) - 1) // s + 1 for n, kk, s, p, d in
+            zip(x.shape[2:], w.shape[2:], stride, padding, dilation)]
+    if min(size) <= 0:
+        return None
+    return torch.empty((x.shape[0], w.shape[0], *size), dtype=x.dtype, device="meta")
 
 
 def _unit(t: Tensor) -> Tensor:
@@ -559,7 +614,7 @@ def _matmul_meta(func, args, kwargs):
     if func is torch.ops.aten.addmm.default:
         bias, a, b = args[:3]
         out = (a.shape[0], b.shape[1])
-        if bias.dim() > 2 or torch.broadcast_shapes(bias.shape, out) != out:
+        if bias.dim() > 2 or _broadcast([bias.shape, out]) != out:
             return None
         ts = (bias, a, b)
     else:
@@ -578,6 +633,11 @@ _FAST_META = {
     torch.ops.aten.addmm.default: (_matmul_meta, []),
     torch.ops.aten.mm.default: (_matmul_meta, []),
     torch.ops.aten.bmm.default: (_matmul_meta, []),
+    torch.ops.aten.convolution.default: (_conv_meta, []),
+    torch.ops.aten.mean.dim: (_reduce_meta, []),
+    torch.ops.aten.sum.dim_IntList: (_reduce_meta, []),
+    torch.ops.aten.amax.default: (_reduce_meta, []),
+    torch.ops.aten.amin.default: (_reduce_meta, []),
 }
 
 
@@ -617,10 +677,8 @@ def _compact(lab: Tensor) -> Tensor | None:
     for i in range(2, nd):
         if stride[i] and shape[i] != 1:
             return None
-    return lab[_FIRST_POSITION[nd]]
-
-
-_FIRST_POSITION = {nd: (slice(None), slice(None)) + (slice(0, 1),) * (nd - 2) for nd in range(3, 9)}
+    # the first position as one view (a tuple of slices costs one dispatch per dimension)
+    return lab.as_strided((*shape[:2], *(1,) * (nd - 2)), stride, lab.storage_offset())
 
 
 def _channel_labels(lab: Tensor, dim: int, module: str, dg: DependencyGraph) -> Tensor:

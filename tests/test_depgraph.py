@@ -163,7 +163,26 @@ OPS = {
     "addmm-2d-bias": (aten.addmm.default, lambda: (_t((3, 1)), _t((3, 4)), _t((4, 5)))),
     "mm": (aten.mm.default, lambda: (_t((3, 4), torch.float64), _t((4, 2), torch.float64))),
     "bmm": (aten.bmm.default, lambda: (_t((2, 3, 4)), _t((2, 4, 6)))),
+    "conv2d": (aten.convolution.default, lambda: (_t((2, 4, 9, 7)), _t((6, 4, 3, 3)), _t(6),
+                                                 [1, 1], [1, 1], [1, 1], False, [0, 0], 1)),
+    "conv2d-strided-dilated-grouped": (
+        aten.convolution.default, lambda: (_t((2, 4, 9, 8)), _t((6, 2, 3, 2)), None, [2, 3],
+                                           [0, 1], [2, 1], False, [0, 0], 2)),
+    "conv1d": (aten.convolution.default, lambda: (_t((2, 3, 11)), _t((5, 3, 4)), _t(5), [2], [1],
+                                                 [1], False, [0], 1)),
+    "conv3d-f64": (aten.convolution.default,
+                   lambda: (_t((1, 2, 5, 6, 7), torch.float64), _t((3, 2, 3, 3, 3), torch.float64),
+                            None, [1, 1, 1], [0, 1, 2], [1, 1, 1], False, [0, 0, 0], 1)),
+    "mean-dims": (aten.mean.dim, lambda: (_t((2, 3, 4, 5)), [2, 3])),
+    "mean-keepdim-negative": (aten.mean.dim, lambda: (_t((2, 3, 4)), [-1], True)),
+    "sum-int": (aten.sum.dim_IntList, lambda: (_t((2, 3), torch.int32), [1])),
+    "sum-dtype": (aten.sum.dim_IntList, lambda: (_t((2, 3)), [0]), {"dtype": torch.float64}),
+    "amax": (aten.amax.default, lambda: (_t((2, 3, 4)), [1])),
     # not the plain case: deferred to the meta kernel, which must still be what comes out
+    "conv-transposed": (aten.convolution.default, lambda: (_t((2, 4, 5, 5)), _t((4, 3, 3, 3)),
+                                                          None, [2, 2], [1, 1], [1, 1], True,
+                                                          [1, 1], 1)),
+    "amax-all": (aten.amax.default, lambda: (_t((2, 3, 4)),)),
     "relu-noncontiguous": (aten.relu.default, lambda: (_t((4, 6)).t(),)),
     "batch_norm-channels-last": (aten.native_batch_norm.default,
                                  lambda: (_t((2, 4, 3, 3)).to(memory_format=torch.channels_last),
@@ -188,7 +207,8 @@ def test_shape_rules_match_the_meta_kernels(op):
                                                          ref_main.stride())
     rule = D._FAST_META.get(func, (D._pointwise_meta,))[0]
     meta_args = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
-    deferred = op in ("relu-noncontiguous", "batch_norm-channels-last", "addmm-beta")
+    deferred = op in ("relu-noncontiguous", "batch_norm-channels-last", "addmm-beta",
+                      "conv-transposed", "amax-all")
     assert (rule(func, meta_args, kwargs) is None) is deferred  # the rule itself answered
     real = func(*args, **kwargs)          # and what the real kernel gives
     real = real[0] if isinstance(real, tuple) else real
