@@ -484,7 +484,7 @@ class _OnMeta(TorchDispatchMode):
             return t
         hit = self.twins.get(id(t))
         if hit is None or hit[0] is not t:
-            hit = self.twins[id(t)] = (t, t.to("meta"))
+            hit = self.twins[id(t)] = (t, _twin(t))
         return hit[1]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -511,6 +511,12 @@ class _OnMeta(TorchDispatchMode):
         return func(*args, **kwargs) if out is None else out
 
 
+def _twin(t: Tensor) -> Tensor:
+    """A meta tensor with ``t``'s shape, strides and dtype (``t.to("meta")`` makes a sliced
+    tensor contiguous, and the real kernels see the strides)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
 def _meta_rule(func) -> tuple:
     """(shape rule or None, [(position, name) of each argument ``func`` writes into])."""
     schema = func._schema
@@ -528,7 +534,15 @@ def _meta_rule(func) -> tuple:
 # them with the meta kernels.
 def _pointwise_meta(func, args, kwargs):
     ts = [a for a in _flat(list(args)) + _flat(list(kwargs.values())) if isinstance(a, Tensor)]
-    if not ts or not all(t.is_contiguous() for t in ts):
+    if not ts:
+        return None
+    strides = None
+    if len(ts) == 1 and not ts[0].is_contiguous():
+        # one permuted operand (attention's transposes): the output keeps its strides
+        if 1 in ts[0].shape or not _permuted_dense(ts[0]):
+            return None
+        strides = ts[0].stride()
+    elif not all(t.is_contiguous() for t in ts):
         return None
     shape = _broadcast([t.shape for t in ts])
     if shape is None:
@@ -539,7 +553,37 @@ def _pointwise_meta(func, args, kwargs):
         return None
     if not isinstance(probe, Tensor):
         return None
+    if strides is not None:
+        return torch.empty_strided(shape, strides, dtype=probe.dtype, device="meta")
     return torch.empty(shape, dtype=probe.dtype, device="meta")
+
+
+def _permuted_dense(t: Tensor) -> bool:
+    """A permutation of a contiguous tensor (no gaps, no overlaps)."""
+    expect = 1
+    for st, n in sorted(zip(t.stride(), t.shape)):
+        if st != expect:
+            return False
+        expect *= n
+    return True
+
+
+def _layer_norm_meta(func, args, kwargs):
+    x, shape = args[0], args[1]
+    if kwargs or not x.is_contiguous() or x.dtype not in (torch.float32, torch.float64) or \
+            any(isinstance(t, Tensor) and t.dtype != x.dtype for t in args[2:4]) or \
+            tuple(x.shape[x.dim() - len(shape):]) != tuple(shape):
+        return None
+    stat = (*x.shape[:x.dim() - len(shape)], *(1,) * len(shape))
+    return tuple(torch.empty(s, dtype=x.dtype, device="meta") for s in (x.shape, stat, stat))
+
+
+def _softmax_meta(func, args, kwargs):
+    x, last = args[0], args[2] if len(args) > 2 else kwargs.get("dtype")
+    if not x.is_contiguous() or x.dtype not in (torch.float32, torch.float64) or \
+            (last is not None and last is not False and last != x.dtype):
+        return None  # half_to_float or a dtype change: the meta kernel decides
+    return torch.empty(x.shape, dtype=x.dtype, device="meta")
 
 
 def _broadcast(shapes) -> tuple | None:
@@ -634,6 +678,10 @@ _FAST_META = {
     torch.ops.aten.mm.default: (_matmul_meta, []),
     torch.ops.aten.bmm.default: (_matmul_meta, []),
     torch.ops.aten.convolution.default: (_conv_meta, []),
+    torch.ops.aten.native_layer_norm.default: (_layer_norm_meta, []),
+    torch.ops.aten._softmax.default: (_softmax_meta, []),
+    torch.ops.aten._safe_softmax.default: (_softmax_meta, []),
+    torch.ops.aten._log_softmax.default: (_softmax_meta, []),
     torch.ops.aten.mean.dim: (_reduce_meta, []),
     torch.ops.aten.sum.dim_IntList: (_reduce_meta, []),
     torch.ops.aten.amax.default: (_reduce_meta, []),
@@ -707,7 +755,7 @@ def _trace(dg: DependencyGraph, model: nn.Module, example, meta: bool = False) -
     on_meta = _OnMeta() if meta else None
     tracer = _Tracer(dg, on_meta)
     if meta:
-        example = B.map_tensors(example, lambda t: t.to("meta"))
+        example = B.map_tensors(example, _twin)
     names = {}
     for name, m in model.named_modules():
         names[id(m)] = name
