@@ -51,8 +51,8 @@ def test_meta_and_real_traces_give_the_same_groups(case):
     assert D.dependencies(model, x).meta        # the default takes the meta path here
 
 
-@pytest.mark.parametrize("arch", ["conv6", "resnet18", "vgg19"])
-def test_meta_and_real_traces_of_the_benchmark_models(arch):
+@pytest.mark.parametrize("arch", pl.models.names())
+def test_meta_and_real_traces_of_the_model_zoo(arch):
     model = pl.models.build(arch, input_shape=(3, 32, 32), num_classes=10, seed=0).eval()
     assert_same_graph(*_both(model, _x((2, 3, 32, 32))))
 
