@@ -9,9 +9,11 @@ Two comparisons, each timed round-robin in one run (``benchmarks/__main__.round_
   models and the batch in channels-last. In NCHW oneDNN reorders each convolution's input and
   output to its blocked layout; those copies, like ReLU and max-pool, are memory-bound and shrink
   with the channel count (2x at 50 %) while the convolutions' FLOPs shrink ~4x, so NCHW stays
-  under the FLOP ratio (1 thread, batch 64, conv6: dense 253 ms = convs 218 + ReLU/pool 37; pruned
-  85 ms = 66 + 19; ratio 3.0 of 3.95). Channels-last, the layout a CPU user runs conv nets in for
-  speed, has no reorders (ratio 3.9 on 1 thread; surgery keeps a channels-last model's layout);
+  under the FLOP ratio (1 thread, CPU time, batch 64, conv6: dense 253 ms = convs 218 + ReLU/pool
+  37; pruned 85 ms = 66 + 19; ratio 3.0-3.8 of 3.95). Channels-last, the layout a CPU user runs
+  conv nets in for speed, has no reorders (ratio 3.9-4.1 on 1 thread; surgery keeps a
+  channels-last model's layout). With 2 threads on a loaded machine the ratio drops to 1.5-2.3
+  in both layouts: the smaller model's shorter kernels pay the same thread hand-offs;
 * time to compute the dependency groups (:func:`prunelab.surgery.dependencies`) against
   Torch-Pruning's ``DependencyGraph().build_dependency`` on the same model and example: the goal is
   a ratio ours / theirs of at most 1 (skipped with a message when torch_pruning is missing). Ours
