@@ -9,8 +9,9 @@ smaller copy, or the masked model it must equal).
 
 Over 500 lines because the label rule of each ATen operation family (views and concatenations,
 point-wise ties, reductions, pools, matrix products, attention, normalisation), the union-find the
-rules feed and the closure of a selection under its groups are one algorithm: a rule only makes
-sense with the groups it builds and the constraints :func:`plan` checks on them.
+rules feed, the meta-tensor pass that runs them without arithmetic and the closure of a selection
+under its groups are one algorithm: a rule only makes sense with the groups it builds and the
+constraints :func:`plan` checks on them.
 
 How the dependencies are found (:func:`dependencies`)
     One forward pass of the example is traced at the ATen level (a ``TorchDispatchMode``: the same
@@ -25,10 +26,16 @@ How the dependencies are found (:func:`dependencies`)
     columns; BatchNorm carries labels through and has its entries sliced; a depthwise conv ties its
     output channel to its input channel; a matrix product ties the labels of its contracted
     dimension (query and key units of one attention head, also inside
-    ``scaled_dot_product_attention``). Anything that mixes channels —
-    LayerNorm over them, softmax over them, an unknown operation, the model output, a model input
-    added to a channel — *blocks* the labels it sees: a selection touching a blocked group raises
-    ``ValueError`` naming the layer and the reason.
+    ``scaled_dot_product_attention``). Anything that mixes channels — LayerNorm over them,
+    softmax over them, an unknown operation, the model output, a model input added to a channel
+    — *blocks* the labels it sees: a selection touching a blocked group raises ``ValueError``
+    naming the layer and the reason.
+
+    The labels depend only on shapes and on the sequence of operations, so the pass first runs on
+    *meta* tensors (no arithmetic: ~10 ms for a ResNet-18 whose real forward costs ~20 ms on one
+    thread); a forward that reads values (``.item()``, ``if x.any()``, HuggingFace's mask checks)
+    or writes into a tensor that is no activation raises there, and the real example is traced
+    instead. Both paths give the same groups (tests/test_depgraph.py).
 
 Groups and selections
     A selection must name every member of a group with the same channels (``expand=False``, the
@@ -131,7 +138,7 @@ class DependencyGraph:
         groups: every :class:`Group` with at least one member.
     """
 
-    def __init__(self, model: nn.Module, example):
+    def __init__(self, model: nn.Module, example, *, meta: bool = False):
         self._root = torch.arange(0)    # label -> smallest label of its group
         self._n = 0                      # labels in use
         self._starts: list[int] = []   # first label of each producer, in creation order
@@ -145,7 +152,9 @@ class DependencyGraph:
         self.splits: list[tuple[Tensor, int, int]] = []   # (labels of a split dim, blocks, size)
         self.matmul_ids: set[int] = set()         # labels contracted by a matrix product
         self.hf_heads: dict[str, tuple[list[str], int, int]] = {}  # attn module -> qkv, H, d
-        _trace(self, model, example)
+        #: True when the trace ran on meta tensors (shapes only), False on the example's values
+        self.meta = meta
+        _trace(self, model, example, meta)
         self._finish()
 
     # ------------------------------------------------------------------ union-find
@@ -279,9 +288,10 @@ def example_input(example, batch, model: nn.Module | None = None):
 
 
 class _Tracer(TorchDispatchMode):
-    def __init__(self, dg: DependencyGraph):
+    def __init__(self, dg: DependencyGraph, on_meta: _OnMeta | None = None):
         super().__init__()
         self.dg = dg
+        self.on_meta = on_meta  # runs the operations on meta tensors when given
         self.labels: dict[int, tuple[Tensor, Tensor]] = {}  # id(tensor) -> (tensor, labels)
         self.depth = 0
         self.paused = False
@@ -304,7 +314,7 @@ class _Tracer(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = self.on_meta.run(func, args, kwargs) if self.on_meta else func(*args, **kwargs)
         if self.depth:
             return out
         flat_in = [a for a in _flat(args) + _flat(list(kwargs.values())) if isinstance(a, Tensor)]
@@ -451,6 +461,234 @@ class _Opaque(Exception):
     pass
 
 
+class _NotOnMeta(Exception):
+    pass
+
+
+class _OnMeta(TorchDispatchMode):
+    """Every operation on the meta device: output shapes and dtypes, no arithmetic.
+
+    The labels depend only on the shapes and the sequence of operations, so the trace needs no
+    values; a forward that reads values (``.item()``, ``if x.any()``, ``torch.nonzero``) raises on
+    meta tensors, and :func:`dependencies` then traces the real example. Parameters, buffers and
+    constants get a meta twin when an operation reads them; factories (``torch.zeros(n)``) make
+    meta tensors. An in-place write into a real tensor raises (its twin would diverge from it).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.twins: dict[int, tuple[Tensor, Tensor]] = {}  # id(real tensor) -> (it, meta twin)
+
+    def meta(self, t):
+        if not isinstance(t, Tensor) or t.is_meta:
+            return t
+        hit = self.twins.get(id(t))
+        if hit is None or hit[0] is not t:
+            hit = self.twins[id(t)] = (t, _twin(t))
+        return hit[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return self.run(func, args, kwargs or {})
+
+    def run(self, func, args, kwargs):
+        """``func`` on the meta twins of its arguments."""
+        known = _FAST_META.get(func)
+        if known is None:
+            known = _FAST_META[func] = _meta_rule(func)
+        rule, writes = known
+        for i, name in writes:
+            v = args[i] if i < len(args) else kwargs.get(name)
+            if isinstance(v, Tensor) and not v.is_meta:
+                raise _NotOnMeta(f"{func} writes into a tensor that is not an activation")
+        meta = self.meta
+        args = tuple(meta(a) if isinstance(a, Tensor) else
+                     _map(a, meta) if isinstance(a, (list, tuple)) else a for a in args)
+        if kwargs:
+            kwargs = _map(kwargs, meta)
+            if "device" in kwargs:  # a factory (or a copy to a device): stay on meta
+                kwargs["device"] = torch.device("meta")
+        out = rule(func, args, kwargs) if rule is not None else None
+        return func(*args, **kwargs) if out is None else out
+
+
+def _twin(t: Tensor) -> Tensor:
+    """A meta tensor with ``t``'s shape, strides and dtype (``t.to("meta")`` makes a sliced
+    tensor contiguous, and the real kernels see the strides)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+def _meta_rule(func) -> tuple:
+    """(shape rule or None, [(position, name) of each argument ``func`` writes into])."""
+    schema = func._schema
+    writes = [(i, a.name) for i, a in enumerate(schema.arguments)
+              if a.alias_info is not None and a.alias_info.is_write]
+    tags = func.tags
+    pointwise = torch.Tag.pointwise in tags and torch.Tag.nondeterministic_seeded not in tags
+    return (_pointwise_meta if pointwise and not writes else None), writes
+
+
+# Shape rules for the commonest operations: torch's own meta kernels for them are Python
+# decompositions (0.1-0.7 ms each, more than the real kernel on one example). Each returns what
+# the meta kernel returns (shape, dtype, contiguous strides), or None to defer to it when its
+# inputs are not the plain case (non-contiguous, mixed dtypes); tests/test_depgraph.py compares
+# them with the meta kernels.
+def _pointwise_meta(func, args, kwargs):
+    ts = [a for a in _flat(list(args)) + _flat(list(kwargs.values())) if isinstance(a, Tensor)]
+    if not ts:
+        return None
+    strides = None
+    if len(ts) == 1 and not ts[0].is_contiguous():
+        # one permuted operand (attention's transposes): the output keeps its strides
+        if 1 in ts[0].shape or not _permuted_dense(ts[0]):
+            return None
+        strides = ts[0].stride()
+    elif not all(t.is_contiguous() for t in ts):
+        return None
+    shape = _broadcast([t.shape for t in ts])
+    if shape is None:
+        return None
+    try:  # the result dtype (type promotion, comparisons) from the real kernel on 1-element twins
+        probe = func(*_map(args, _unit), **_map(kwargs, _unit))
+    except Exception:  # noqa: BLE001 - the meta kernel decides
+        return None
+    if not isinstance(probe, Tensor):
+        return None
+    if strides is not None:
+        return torch.empty_strided(shape, strides, dtype=probe.dtype, device="meta")
+    return torch.empty(shape, dtype=probe.dtype, device="meta")
+
+
+def _permuted_dense(t: Tensor) -> bool:
+    """A permutation of a contiguous tensor (no gaps, no overlaps)."""
+    expect = 1
+    for st, n in sorted(zip(t.stride(), t.shape)):
+        if st != expect:
+            return False
+        expect *= n
+    return True
+
+
+def _layer_norm_meta(func, args, kwargs):
+    x, shape = args[0], args[1]
+    if kwargs or not x.is_contiguous() or x.dtype not in (torch.float32, torch.float64) or \
+            any(isinstance(t, Tensor) and t.dtype != x.dtype for t in args[2:4]) or \
+            tuple(x.shape[x.dim() - len(shape):]) != tuple(shape):
+        return None
+    stat = (*x.shape[:x.dim() - len(shape)], *(1,) * len(shape))
+    return tuple(torch.empty(s, dtype=x.dtype, device="meta") for s in (x.shape, stat, stat))
+
+
+def _softmax_meta(func, args, kwargs):
+    x, last = args[0], args[2] if len(args) > 2 else kwargs.get("dtype")
+    if not x.is_contiguous() or x.dtype not in (torch.float32, torch.float64) or \
+            (last is not None and last is not False and last != x.dtype):
+        return None  # half_to_float or a dtype change: the meta kernel decides
+    return torch.empty(x.shape, dtype=x.dtype, device="meta")
+
+
+def _broadcast(shapes) -> tuple | None:
+    """The broadcast of ``shapes`` (torch.broadcast_shapes on meta goes through Python refs);
+    None when they do not broadcast (the meta kernel then raises torch's own error)."""
+    first = tuple(shapes[0])
+    if all(tuple(s) == first for s in shapes):
+        return first
+    nd = max(len(s) for s in shapes)
+    out = [1] * nd
+    for s in shapes:
+        for i, d in enumerate(s, nd - len(s)):
+            if d != 1:
+                if out[i] not in (1, d):
+                    return None
+                out[i] = d
+    return tuple(out)
+
+
+def _reduce_meta(func, args, kwargs):
+    x = args[0]
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if not x.is_contiguous() or dims is None or x.dim() == 0:
+        return None
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not dims:
+        return None
+    gone = {d % x.dim() for d in dims}
+    shape = [1 if i in gone else n for i, n in enumerate(x.shape) if keep or i not in gone]
+    try:  # the result dtype (mean of ints raises, dtype=) from the real kernel on a 1-element twin
+        probe = func(_unit(x), *args[1:], **kwargs)
+    except Exception:  # noqa: BLE001 - the meta kernel decides
+        return None
+    return torch.empty(shape, dtype=probe.dtype, device="meta")
+
+
+def _conv_meta(func, args, kwargs):
+    if len(args) != 9 or kwargs:
+        return None
+    x, w, b, stride, padding, dilation, transposed, _, groups = args
+    if transposed or not (x.is_contiguous() and w.is_contiguous()) or x.dim() != w.dim() or \
+            x.shape[1] != w.shape[1] * groups or len({t.dtype for t in (x, w, b)
+                                                      if t is not None}) != 1:
+        return None
+    k = w.dim() - 2
+    if not len(stride) == len(padding) == len(dilation) == k:
+        return None
+    size = [(n + 2 * p - d * (kk - 1) - 1) // s + 1 for n, kk, s, p, d in
+            zip(x.shape[2:], w.shape[2:], stride, padding, dilation)]
+    if min(size) <= 0:
+        return None
+    return torch.empty((x.shape[0], w.shape[0], *size), dtype=x.dtype, device="meta")
+
+
+def _unit(t: Tensor) -> Tensor:
+    return torch.ones((1,) * t.dim(), dtype=t.dtype)
+
+
+def _batch_norm_meta(func, args, kwargs):
+    x = args[0]
+    training = args[5] if func is torch.ops.aten.native_batch_norm.default else False
+    if training or not x.is_contiguous() or len({t.dtype for t in args[:5]
+                                                if isinstance(t, Tensor)}) != 1:
+        return None
+    def new(shape):  # torch.empty on meta is C++; empty_like/clone go through Python refs
+        return torch.empty(shape, dtype=x.dtype, device="meta")
+    return new(x.shape), new((x.shape[1],)), new((x.shape[1],))
+
+
+def _matmul_meta(func, args, kwargs):
+    if func is torch.ops.aten.addmm.default:
+        bias, a, b = args[:3]
+        out = (a.shape[0], b.shape[1])
+        if bias.dim() > 2 or _broadcast([bias.shape, out]) != out:
+            return None
+        ts = (bias, a, b)
+    else:
+        a, b = args[:2]
+        ts = (a, b)
+    if kwargs or len({t.dtype for t in ts}) != 1 or a.shape[-1] != b.shape[-2] or \
+            a.shape[:-2] != b.shape[:-2]:
+        return None
+    return torch.empty((*a.shape[:-1], b.shape[-1]), dtype=a.dtype, device="meta")
+
+
+#: ATen op -> (shape rule or None, arguments it writes into); filled as operations are met
+_FAST_META = {
+    torch.ops.aten.native_batch_norm.default: (_batch_norm_meta, []),
+    torch.ops.aten._native_batch_norm_legit_no_training.default: (_batch_norm_meta, []),
+    torch.ops.aten.addmm.default: (_matmul_meta, []),
+    torch.ops.aten.mm.default: (_matmul_meta, []),
+    torch.ops.aten.bmm.default: (_matmul_meta, []),
+    torch.ops.aten.convolution.default: (_conv_meta, []),
+    torch.ops.aten.native_layer_norm.default: (_layer_norm_meta, []),
+    torch.ops.aten._softmax.default: (_softmax_meta, []),
+    torch.ops.aten._safe_softmax.default: (_softmax_meta, []),
+    torch.ops.aten._log_softmax.default: (_softmax_meta, []),
+    torch.ops.aten.mean.dim: (_reduce_meta, []),
+    torch.ops.aten.sum.dim_IntList: (_reduce_meta, []),
+    torch.ops.aten.amax.default: (_reduce_meta, []),
+    torch.ops.aten.amin.default: (_reduce_meta, []),
+}
+
+
 def _matmul_side(lab: Tensor, contracted: int, free: int):
     """(contracted labels, free labels) of one operand of a matrix product; None where absent."""
     if not (lab >= 0).any():
@@ -487,10 +725,8 @@ def _compact(lab: Tensor) -> Tensor | None:
     for i in range(2, nd):
         if stride[i] and shape[i] != 1:
             return None
-    return lab[_FIRST_POSITION[nd]]
-
-
-_FIRST_POSITION = {nd: (slice(None), slice(None)) + (slice(0, 1),) * (nd - 2) for nd in range(3, 9)}
+    # the first position as one view (a tuple of slices costs one dispatch per dimension)
+    return lab.as_strided((*shape[:2], *(1,) * (nd - 2)), stride, lab.storage_offset())
 
 
 def _channel_labels(lab: Tensor, dim: int, module: str, dg: DependencyGraph) -> Tensor:
@@ -515,8 +751,11 @@ def _record(dg: DependencyGraph, store: dict, module: str, lab: Tensor) -> None:
         store[module] = torch.where(old >= 0, old, lab)
 
 
-def _trace(dg: DependencyGraph, model: nn.Module, example) -> None:
-    tracer = _Tracer(dg)
+def _trace(dg: DependencyGraph, model: nn.Module, example, meta: bool = False) -> None:
+    on_meta = _OnMeta() if meta else None
+    tracer = _Tracer(dg, on_meta)
+    if meta:
+        example = B.map_tensors(example, _twin)
     names = {}
     for name, m in model.named_modules():
         names[id(m)] = name
@@ -535,6 +774,8 @@ def _trace(dg: DependencyGraph, model: nn.Module, example) -> None:
         if tracer.depth == 1:
             # a known module is followed by its hooks: run its insides without the mode's cost
             _pop_mode()
+            if on_meta is not None:  # the module's insides still run on meta tensors
+                _push_mode(on_meta)
             tracer.paused = True
 
     def post(mod, args, kwargs, output):
@@ -543,6 +784,8 @@ def _trace(dg: DependencyGraph, model: nn.Module, example) -> None:
         if tracer.depth > 1:
             tracer.depth -= 1
             return
+        if on_meta is not None:
+            _pop_mode()
         try:
             _labels_after(mod, [*args, *kwargs.values()], output)
         finally:
@@ -614,13 +857,15 @@ def _trace(dg: DependencyGraph, model: nn.Module, example) -> None:
     handles = [register_module_forward_pre_hook(pre),
                register_module_forward_hook(post, with_kwargs=True)]
     try:
+        for t in output_tensors(example):  # labels are made outside the mode
+            tracer.put(t, tracer.full(t, FIXED))
         with tracer:
             try:
-                for t in output_tensors(example):
-                    tracer.put(t, tracer.full(t, FIXED))
                 output = call(model, example)
             finally:
                 if tracer.paused:  # the forward raised inside a known module
+                    if on_meta is not None:
+                        _pop_mode()
                     _push_mode(tracer)
                     tracer.paused = False
     except Exception as err:
@@ -641,19 +886,23 @@ def _producer(dg: DependencyGraph, name: str, kind: str, n: int) -> Tensor:
     return dg.prods[name].ids
 
 
-def dependencies(model: nn.Module, example=None, *, batch=None) -> DependencyGraph:
+def dependencies(model: nn.Module, example=None, *, batch=None,
+                 meta: bool | None = None) -> DependencyGraph:
     """The dependency groups of ``model`` from one traced forward pass of ``example``.
 
     The pass runs without gradients, in eval mode (BatchNorm statistics untouched; the modes are
     restored after) and without ``nn.TransformerEncoderLayer``'s fused inference path, on the
-    first example of the batch (the whole input when that fails: an unbatched input). The
-    first call in a process also pays torch's one-time import of ``torch._dynamo`` (seconds),
-    which any ``TorchDispatchMode`` triggers.
+    first example of the batch (the whole input when that fails: an unbatched input), on meta
+    tensors when the forward allows it (see the module docstring; ``.meta`` of the result says
+    which path ran). The first call in a process also pays torch's one-time import of
+    ``torch._dynamo`` (seconds), which any ``TorchDispatchMode`` triggers.
 
     Args:
         model: Any module; never modified.
         example: A model input (tensor, tuple, or mapping for ``model(**x)``).
         batch: ``(x, y)``, used for ``example`` when that is not given.
+        meta: ``None`` (default): meta tensors, else the real example; ``True`` / ``False``:
+            only that path (ValueError when it fails).
 
     Raises:
         ValueError: The model cannot be run on the example.
@@ -669,12 +918,15 @@ def dependencies(model: nn.Module, example=None, *, batch=None) -> DependencyGra
         torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad():
             first = _first(example)
-            if first is not example:
+            tries = [(first, m) for m in (True, False) if meta in (None, m)]
+            if first is not example:  # not a batch after all (an unbatched input): trace it whole
+                tries += [(example, m) for m in (True, False) if meta in (None, m)]
+            for k, (x, on_meta) in enumerate(tries):
                 try:
-                    return DependencyGraph(model, first)
-                except ValueError:  # not a batch after all (an unbatched input): trace it whole
-                    pass
-            return DependencyGraph(model, example)
+                    return DependencyGraph(model, x, meta=on_meta)
+                except ValueError:
+                    if k == len(tries) - 1:
+                        raise
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for m in training:

@@ -49,6 +49,18 @@ def _keep(n: int, rm: list[int], device) -> Tensor:
     return keep
 
 
+def _fresh(t: Tensor, like: Tensor) -> nn.Parameter:
+    """``t`` (a slice of ``like``) as a parameter with its own storage, in ``like``'s memory
+    format: indexing the input dimension returns NCHW, and a channels-last model must stay
+    channels-last (its convolutions skip the layout reorders; measured in bench_surgery)."""
+    fmt = torch.contiguous_format
+    if like.dim() in (4, 5) and not like.is_contiguous():
+        cl = torch.channels_last if like.dim() == 4 else torch.channels_last_3d
+        fmt = cl if like.is_contiguous(memory_format=cl) else fmt
+    out = t.contiguous(memory_format=fmt)
+    return nn.Parameter(out.clone() if out.data_ptr() == like.data_ptr() else out)
+
+
 def _means(model: nn.Module, pl: Plan, batch) -> dict[str, Tensor]:
     """Mean of each consumer's input column / channel on ``batch`` (MRP Eq. 4)."""
     x = example_input(None, batch, model)
@@ -120,13 +132,13 @@ def _shrink(model: nn.Module, pl: Plan) -> None:
         dev = mod.weight.device
         if isinstance(mod, nn.Embedding):
             keep = _keep(mod.embedding_dim, rm, dev)
-            mod.weight = nn.Parameter(mod.weight[:, keep].clone())
+            mod.weight = _fresh(mod.weight[:, keep], mod.weight)
             mod.embedding_dim = int(keep.sum())
             continue
         keep = _keep(mod.weight.shape[0], rm, dev)
-        mod.weight = nn.Parameter(mod.weight[keep].clone())
+        mod.weight = _fresh(mod.weight[keep], mod.weight)
         if mod.bias is not None:
-            mod.bias = nn.Parameter(mod.bias[keep].clone())
+            mod.bias = _fresh(mod.bias[keep], mod.bias)
         if isinstance(mod, nn.Linear):
             mod.out_features = int(keep.sum())
         else:
@@ -140,7 +152,7 @@ def _shrink(model: nn.Module, pl: Plan) -> None:
     for name, rm in pl.cols.items():
         mod = model.get_submodule(name)
         keep = _keep(mod.weight.shape[1], rm, mod.weight.device)
-        mod.weight = nn.Parameter(mod.weight[:, keep].clone())
+        mod.weight = _fresh(mod.weight[:, keep], mod.weight)
         if isinstance(mod, nn.Linear):
             mod.in_features = int(keep.sum())
         else:

@@ -406,3 +406,23 @@ def test_layernorm_blocks_only_the_channels_it_normalises():
     x = _x((2, 3, 8, 8))
     res = S.remove(_RowNorm(), {"conv": [0, 5]}, x)
     assert res.model.mix.in_channels == 4 and res.max_diff <= 1e-5
+
+
+def test_channels_last_model_stays_channels_last():
+    """Removed input columns and output rows keep the layout the caller chose (a channels-last
+    conv net runs its convolutions without layout reorders: bench_surgery)."""
+    cl = torch.channels_last
+    model = init(ResNetish()).to(memory_format=cl)
+    x = _x((2, 3, 8, 8)).to(memory_format=cl)
+    res = S.remove(model, {"stem": [2, 4], "block1.conv1": [1]}, x, expand=True)
+    for name, p in res.model.named_parameters():
+        if p.dim() == 4:
+            assert p.is_contiguous(memory_format=cl), name
+        else:
+            assert p.is_contiguous(), name
+    ref = S.masked(model, {"stem": [2, 4], "block1.conv1": [1]}, x, expand=True)
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(x), ref(x), atol=1e-5, rtol=0)
+    plain = S.remove(init(ResNetish()), {"stem": [2, 4]}, x, expand=True).model
+    assert all(p.is_contiguous() for p in plain.parameters())
+    assert model.stem.weight.is_contiguous(memory_format=cl)      # the caller's model untouched
