@@ -46,13 +46,15 @@ from prunelab import masks as M
 from prunelab import models as models_
 from prunelab import paths, zoo
 from prunelab.metrics import loss as batch_loss
-from prunelab.config import PruneConfig, check_integer, check_recipe_fields
+from prunelab import graph as G
+from prunelab.config import PruneConfig, check_integer, check_recipe_fields, prunable_label
 from prunelab.pruning import prune, prune_with
 from prunelab.store import Store, canonical_json, config_key
 from prunelab.train import Recipe, check_on_interrupt, evaluate, finetune as finetune_model
 
 __all__ = ["accuracy_curve", "Sweep", "SweepError", "run_one", "normalize_config",
-           "finetune_recipe", "check_device", "FIELDS", "DEFAULTS", "OPTIONAL", "MEASURED",
+           "finetune_recipe", "check_device", "check_sweep_prunable", "prunable_of",
+           "FIELDS", "DEFAULTS", "OPTIONAL", "MEASURED",
            "TIMINGS"]
 
 
@@ -110,7 +112,7 @@ DEFAULTS: dict[str, Any] = {
 FIELDS: tuple[str, ...] = tuple(DEFAULTS)
 #: Run settings held in a config (and so in its key and the frame) only when they differ from
 #: these defaults, so the keys of runs that do not set them are those of earlier versions.
-OPTIONAL: dict[str, Any] = {"loss": "cross_entropy", "device": None}
+OPTIONAL: dict[str, Any] = {"loss": "cross_entropy", "device": None, "prunable": None}
 #: Losses a sweep can key: a callable has no stable name to store.
 SWEEP_LOSSES: tuple[str, ...] = ("cross_entropy", "mse")
 
@@ -220,6 +222,25 @@ def check_sweep_loss(loss) -> str:
     raise ValueError(f"loss must be one of {SWEEP_LOSSES} in a sweep, got {loss!r}")
 
 
+def check_sweep_prunable(prunable) -> str | None:
+    """The ``prunable=`` of a sweep as its stable label (kinds and/or tensor names joined by
+    ``+``, sorted), or None for the default. A callable cannot be keyed, so it is refused."""
+    if callable(prunable):
+        raise ValueError(f"prunable must be None or kinds / tensor names in a sweep, got the "
+                         f"callable {getattr(prunable, '__name__', type(prunable).__name__)!r}: "
+                         f"a callable has no name the store can key runs by; use "
+                         f"pl.prune(..., prunable=fn) for it")
+    if isinstance(prunable, str) and "+" in prunable:  # a label read back from a config
+        prunable = prunable.split("+")
+    checked = G.check_prunable(prunable)
+    return None if checked is None else prunable_label(checked)
+
+
+def prunable_of(label: str | None):
+    """The ``prunable=`` a sweep config's label stands for (see :func:`check_sweep_prunable`)."""
+    return None if label is None else tuple(label.split("+"))
+
+
 def _dataset_name(name) -> str:
     return str(name).strip().lower().replace("_", "-")
 
@@ -247,11 +268,12 @@ def _normalize(config: Mapping[str, Any], archs: frozenset = frozenset(),
             valid = [*D.names(), *sorted(datasets)]
             raise ValueError(f"unknown dataset {c['dataset']!r}; valid names: {', '.join(valid)}")
     loss, device = check_sweep_loss(c["loss"]), check_device(c["device"])
+    prunable = check_sweep_prunable(c["prunable"])
     # The pruning fields are validated (and numbers canonicalised: np.float32(0.9) is 0.9) by
     # the one config the pruning loop runs; the key is computed from these canonical values.
     pc = PruneConfig(c["criterion"], sparsity=c["sparsity"], scope=c["scope"],
                      stages=c["stages"], schedule=c["schedule"], lam=c["lam"], seed=c["seed"],
-                     loss=loss, device=device)
+                     loss=loss, device=device, prunable=prunable_of(prunable))
     out = {"arch": arch, "dataset": dataset, "seed": pc.seed, "criterion": pc.criterion,
            "sparsity": pc.sparsity, "stages": pc.stages, "lam": pc.lam,
            "schedule": pc.schedule, "scope": pc.scope,
@@ -262,6 +284,8 @@ def _normalize(config: Mapping[str, Any], archs: frozenset = frozenset(),
         out["loss"] = loss
     if device != OPTIONAL["device"]:
         out["device"] = device
+    if prunable != OPTIONAL["prunable"]:
+        out["prunable"] = prunable
     return out, pc
 
 
@@ -374,7 +398,8 @@ def _measure(config: Mapping[str, Any], zoo_root: str | None = None,
     if prune_config is None:
         prune_config = PruneConfig(cfg["criterion"], sparsity=cfg["sparsity"], scope=cfg["scope"],
                                    stages=cfg["stages"], schedule=cfg["schedule"],
-                                   lam=cfg["lam"], seed=cfg["seed"], loss=loss, device=device)
+                                   lam=cfg["lam"], seed=cfg["seed"], loss=loss, device=device,
+                                   prunable=prunable_of(cfg.get("prunable")))
     root = Path(zoo_root) if zoo_root is not None else None
     seed = cfg["seed"]
     with _one_thread(), torch.random.fork_rng(devices=[]):
@@ -640,6 +665,11 @@ class Sweep:
             A column (and part of the key) only when not None, so default sweeps keep their
             keys. Checked for spelling here; :meth:`run` refuses a CUDA device that this
             machine lacks unless the runs go to a Dask cluster.
+        prunable: which tensors are pruned (see :func:`prunelab.graph.prunable_names`): None
+            (default: Linear, Conv and attention projections), or kinds (``"embedding"``,
+            ``"norm"``, ...) and/or tensor names. A column and part of the key only when not
+            None, as its label (``"embedding+linear"``); a callable cannot be keyed, so it is
+            refused here (``pl.prune`` takes it).
 
     Raises:
         ValueError: an unknown field or a bad value (naming it), or an empty list.
@@ -647,7 +677,7 @@ class Sweep:
 
     def __init__(self, *, arch="mlp", dataset="mnist1d", seed=0, criterion="mp", sparsity=0.9,
                  stages=1, lam=0.0, schedule="exponential", scope="global", finetune="recipe",
-                 examples=1000, loss="cross_entropy", device=None, **unknown):
+                 examples=1000, loss="cross_entropy", device=None, prunable=None, **unknown):
         if unknown:
             raise ValueError(f"unknown sweep field(s) {sorted(unknown)}; fields: "
                              f"{[*FIELDS, *OPTIONAL]}")
@@ -659,8 +689,9 @@ class Sweep:
         if isinstance(dataset, Mapping):
             dataset = list(dataset)
         try:
-            settings = {"loss": check_sweep_loss(loss), "device": check_device(device)}
-        except ValueError as exc:
+            settings = {"loss": check_sweep_loss(loss), "device": check_device(device),
+                        "prunable": check_sweep_prunable(prunable)}
+        except (ValueError, TypeError) as exc:
             raise ValueError(f"sweep: {exc}") from None
         #: loss / device where they differ from :data:`OPTIONAL`: added to every config.
         self.settings = {k: v for k, v in settings.items() if v != OPTIONAL[k]}

@@ -343,3 +343,67 @@ def test_repr_shows_the_custom_names_and_settings():
     assert text.startswith("Sweep(2 runs; varied={'criterion': ['mp', 'obd']}")
     assert "'arch': 'reg'" in text and "'dataset': 'wave'" in text
     assert "'loss': 'mse'" in text and "'device': 'cpu'" in text
+
+
+def make_embedder(seed):
+    """Module level: token ids -> embedding -> mean -> Linear, for prunable={"embedding"}."""
+    torch.manual_seed(seed)
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(16, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.emb(x).mean(1))
+
+    return Bag().eval()
+
+
+TOKENS = TensorBundle(torch.randint(0, 16, (120, 5), generator=torch.Generator().manual_seed(1)),
+                      torch.randint(0, 3, (120,), generator=torch.Generator().manual_seed(2)),
+                      name="tokens")
+
+
+def test_prunable_is_a_keyed_setting_that_reaches_the_pruning(store):
+    grid = dict(arch={"bag": make_embedder}, dataset={"tokens": TOKENS}, criterion="mp",
+                sparsity=0.5, finetune=None, examples=32)
+    default = E.Sweep(**grid)
+    both = E.Sweep(**grid, prunable=["linear", "embedding"])
+    same = E.Sweep(**grid, prunable=("embedding", "linear"))
+    assert all("prunable" not in c for c in default.configs())
+    assert [c["prunable"] for c in both.configs()] == ["embedding+linear"]
+    assert both.keys() == same.keys() and not set(both.keys()) & set(default.keys())
+    a = default.run(store, executor="inline", progress=False)
+    b = both.run(store, executor="inline", progress=False)
+    assert "prunable" not in a.columns and b["prunable"].tolist() == ["embedding+linear"]
+    # the runs pruned what they were told: compare with pl.prune on the same model and batch
+    import prunelab as pl
+    batch = TOKENS.batch("train", n=32, seed=0)
+    for frame, prunable in ((a, None), (b, ("linear", "embedding"))):
+        r = pl.prune(make_embedder(0), "mp", sparsity=0.5, batch=batch, prunable=prunable)
+        assert frame["loss_pruned"].iloc[0] == pytest.approx(metrics.loss(r.model, batch))
+    assert b["loss_pruned"].iloc[0] != pytest.approx(a["loss_pruned"].iloc[0])
+    # a stored config carries the label back to run_one
+    row = E.run_one(both.configs()[0], factories={"bag": make_embedder},
+                    bundles={"tokens": TOKENS})
+    assert row["prunable"] == "embedding+linear"
+    assert row["loss_pruned"] == pytest.approx(b["loss_pruned"].iloc[0])
+
+
+@pytest.mark.parametrize("prunable, match", [
+    (lambda name, module, tensor: True, "callable.*cannot.*key|no name the store"),
+    (["linear", "bogus"], None),
+    ([3], "prunable must hold kinds"),
+])
+def test_bad_prunable_in_a_sweep_is_refused(prunable, match):
+    grid = dict(arch={"bag": make_embedder}, dataset={"tokens": TOKENS}, finetune=None)
+    if match is None:  # an unknown name can only be checked against the model, at run time
+        sweep = E.Sweep(**grid, prunable=prunable, examples=8)
+        with pytest.raises(ValueError, match="bogus"):
+            E.run_one(sweep.configs()[0], factories={"bag": make_embedder},
+                      bundles={"tokens": TOKENS})
+        return
+    with pytest.raises(ValueError, match=match):
+        E.Sweep(**grid, prunable=prunable)
