@@ -262,12 +262,17 @@ class MaskedCopy:
             changed = sum(abs(a - b) for a, b in zip(ks, self._ks))
             if self._flat and changed <= self.FULL_PASS_FRACTION * self.total:
                 self._move(ks)
+                self._count(ks)
                 return True
         else:
             self._set_ranking(ranking, layerwise)
         ranking.masks(sparsity, out=self.masks)
         self._full_pass()
         self._ks = ks
+        if self._flat:
+            self._count(ks)
+        else:
+            self.kept = [int(torch.count_nonzero(m)) for m in self.masks.values()]
         return True
 
     def show_masks(self, masks: G.Masks) -> None:
@@ -278,8 +283,9 @@ class MaskedCopy:
             if self._prev is not None:
                 a, b = self._bounds(n)
                 m &= self._prev[a:b].view(m.shape)
-        self._ranking, self._order, self._groups, self._ks = None, None, [], []
+        self._ranking, self._ks = None, []
         self._full_pass()
+        self.kept = [int(torch.count_nonzero(m)) for m in self.masks.values()]
 
     def _bounds(self, name: str) -> tuple[int, int]:
         i = self.names.index(name)
@@ -289,47 +295,61 @@ class MaskedCopy:
     def _full_pass(self) -> None:
         for n, w in self.weights.items():
             torch.mul(self.dense[n], self.masks[n], out=w)
-        self.kept = [int(torch.count_nonzero(m)) for m in self.masks.values()]
 
     def _set_ranking(self, ranking: M.Ranking, layerwise: bool) -> None:
+        """The ranking's order and what a move reads along it: entries by increasing rank
+        (per layer for a layerwise ranking), their dense weights and attached masks in that
+        order, and the ranks of the live entries keyed by layer (``layer · (N + 1) + rank``,
+        sorted) so that the kept count of every layer at any threshold is one searchsorted."""
         missing = set(self.names) - set(ranking.ranks)
         if missing:
             raise ValueError(f"the ranking has no scores for {sorted(missing)}")
         self._ranking, self._ks = ranking, []
         if not self._flat:
-            self._order, self._groups = None, []
             return
-        ranks = [ranking.ranks[n].reshape(-1) for n in self.names]
         device = self._mask.device
-        if layerwise:  # one order per layer, offsets into the flat buffers
-            order = torch.empty(self.total, dtype=torch.long, device=device)
-            for r, a, b in zip(ranks, self._starts, self._starts[1:]):
-                order[a + r.to(device)] = torch.arange(a, b, device=device)
+        ranks = torch.cat([ranking.ranks[n].reshape(-1) for n in self.names]).to(device)
+        order = torch.empty(self.total, dtype=torch.long, device=device)
+        if layerwise:  # one order per layer, as flat positions
+            for a, b in zip(self._starts, self._starts[1:]):
+                order[a + ranks[a:b]] = torch.arange(a, b, device=device)
             self._groups = list(zip(self._starts, self.numels))
         else:  # one order over every weight
-            order = torch.empty(self.total, dtype=torch.long, device=device)
-            order[torch.cat(ranks).to(device)] = torch.arange(self.total, device=device)
+            order[ranks] = torch.arange(self.total, device=device)
             self._groups = [(0, self.total)]
         self._order = order
+        self._dense_by_rank = self._dense[order]
+        self._prev_by_rank = self._prev[order] if self._prev is not None else None
+        keyed = self._layer * (self.total + 1) + ranks
+        if self._prev is not None:
+            keyed = keyed[self._prev]  # entries pruned by attached masks are never kept
+        self._keyed = keyed.sort().values
+        self._alive = torch.bincount(self._layer if self._prev is None else
+                                     self._layer[self._prev], minlength=len(self.names))
+        self._layer_base = torch.arange(len(self.names), device=device) * (self.total + 1)
+        self._live_start = torch.searchsorted(self._keyed, self._layer_base)
+
+    def _count(self, ks: list[int]) -> None:
+        """Kept weights per layer at thresholds ``ks``: live entries ranked at or above k."""
+        k = torch.tensor(ks if len(ks) == len(self.names) else ks * len(self.names),
+                         device=self._keyed.device)
+        below = torch.searchsorted(self._keyed, self._layer_base + k) - self._live_start
+        self.kept = (self._alive - below).tolist()
 
     @torch.no_grad()
     def _move(self, ks: list[int]) -> None:
-        counts = torch.zeros(len(self.names), dtype=torch.long, device=self._mask.device)
         for (offset, _), k_old, k_new in zip(self._groups, self._ks, ks):
             if k_new == k_old:
                 continue
-            lo, hi = sorted((k_old, k_new))
-            idx = self._order[offset + lo: offset + hi]
-            if k_new > k_old:  # prune: what was kept among them is no longer
-                was = self._mask[idx]
-                counts -= torch.bincount(self._layer[idx[was]], minlength=len(self.names))
+            lo, hi = sorted((offset + k_old, offset + k_new))
+            idx = self._order[lo:hi]
+            if k_new > k_old:  # prune the entries ranked in [k_old, k_new)
                 self._mask.index_fill_(0, idx, False)
                 self._w.index_fill_(0, idx, 0)
-            else:  # restore the dense weights (an entry pruned by attached masks stays 0)
-                keep = self._prev[idx] if self._prev is not None else None
-                self._mask[idx] = True if keep is None else keep
-                self._w[idx] = self._dense[idx]
-                back = idx if keep is None else idx[keep]
-                counts += torch.bincount(self._layer[back], minlength=len(self.names))
-        self.kept = [k + int(c) for k, c in zip(self.kept, counts.tolist())]
+            else:  # restore them (an entry pruned by attached masks stays pruned)
+                if self._prev_by_rank is None:
+                    self._mask.index_fill_(0, idx, True)
+                else:
+                    self._mask.index_copy_(0, idx, self._prev_by_rank[lo:hi])
+                self._w.index_copy_(0, idx, self._dense_by_rank[lo:hi])
         self._ks = ks
