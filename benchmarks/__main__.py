@@ -253,6 +253,12 @@ def bench_transformer(args):
     return BG.bench_transformer(args, round_robin, row)
 
 
+def bench_dask(args):
+    from benchmarks import bench_dask as BD
+
+    return BD.bench_dask(args, round_robin, row)
+
+
 def row(name, arch, value, baseline, budget, higher_is_better=False):
     ratio = value / baseline
     ok = ratio >= budget if higher_is_better else ratio <= budget
@@ -263,7 +269,8 @@ def row(name, arch, value, baseline, budget, higher_is_better=False):
 BENCHES = {"lap": bench_lap_vs_mp, "mask": bench_global_mask, "ggn": bench_ggn,
            "slider": bench_slider, "explorer": bench_explorer, "stages": bench_stages,
            "masked_step": bench_masked_step, "import": bench_import, "surgery": bench_surgery,
-           "generic": bench_generic, "transformer": bench_transformer}
+           "generic": bench_generic, "transformer": bench_transformer,
+           "dask": bench_dask}
 
 
 def main(argv=None) -> int:
