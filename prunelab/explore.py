@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from prunelab import batches as B
 from prunelab import criteria as C

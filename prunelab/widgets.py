@@ -346,12 +346,17 @@ class PruningExplorer:
     * **One-shot** (π = 1 and a criterion that does not prune toward the target inside itself,
       i.e. not ``spec(name).uses_target``): the scores of each (criterion, λ) are computed once on
       the fixed scoring batch and ranked once per scope (:class:`prunelab.masks.Ranking`); one
-      pruned copy of the model is kept. Moving the sparsity slider writes the new masks into
-      reused buffers (one comparison per weight: no sort, no allocation), multiplies them into
-      the copy's weights and evaluates the fixed evaluation batch, so a move costs the
-      evaluation plus a fixed ~1 ms of mask writing and widget traffic
-      (``benchmarks/explorer.py``'s ``time_slider_move`` measures it; DESIGN.md's budget:
-      within 1.3× of evaluating 1,000 examples).
+      pruned copy of the model is kept (:class:`prunelab.explore.MaskedCopy`). Moving the
+      sparsity slider rewrites only the weights (and masks) ranked between the old and the new
+      threshold, in place, and evaluates the fixed evaluation batch; a setting whose masks did
+      not change is not evaluated again. A move costs the evaluation plus ~0.3-0.8 ms of mask
+      writing and widget traffic (plotly's restyle messages); ``benchmarks/explorer.py``'s
+      ``time_slider_move`` measures it (DESIGN.md's budget: within 1.1× of evaluating 1,000
+      examples).
+    * **N:M** (scope ``"2:4"`` or another pattern of ``nm_patterns``): one-shot criteria keep the
+      n highest scores of every m consecutive input weights (:func:`prunelab.masks.select`);
+      the pattern fixes the sparsity at 1 − n/m, so the fraction slider does not apply (the
+      readout says so); staged runs use the pattern as :func:`prunelab.prune` does.
     * **Staged** (π > 1, or a target-using criterion such as ``synflow`` or ``lap-forward``):
       moving a control only says what will run; the Run button builds the run's
       :class:`prunelab.config.PruneConfig` (:attr:`config`) and calls
@@ -395,6 +400,9 @@ class PruningExplorer:
         cache_size: rankings (and score sets) kept; each holds one int64 per prunable weight.
         scale: size of fonts, controls and figures (1.0 in a notebook, 1.5 for a projector), in
             [0.5, 3].
+        nm_patterns: N:M patterns offered on the scope toggle after the scope words; a pattern
+            is left out when a prunable weight cannot take it (fewer than 2 dimensions, or an
+            input dimension not divisible by m). ``()``: none.
 
     Raises:
         ValueError: an unknown criterion; a density, λ, π, loss or device that a run could not
