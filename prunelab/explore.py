@@ -189,6 +189,9 @@ class MaskedCopy:
     Args:
         model: the network (never modified: the copy is made here).
 
+    Raises:
+        ValueError: a model without prunable weights.
+
     Attributes:
         model: the plain copy (eval mode, no gradients) that forward passes should use.
         names: the prunable weight names.
@@ -201,6 +204,7 @@ class MaskedCopy:
     FULL_PASS_FRACTION = 1 / 3
 
     def __init__(self, model: nn.Module):
+        M.check_prunable(model)  # ValueError for a model without prunable weights
         previous = M.current(model)
         self.model = G.plain_copy(model).eval()  # attached masks baked into the weights
         for p in self.model.parameters():
@@ -209,7 +213,7 @@ class MaskedCopy:
         weights = [G.weight(self.model, n) for n in self.names]
         self.numels = [w.numel() for w in weights]
         self.total = sum(self.numels)
-        ref = weights[0] if weights else torch.empty(0)
+        ref = weights[0]
         self._flat = len({id(w) for w in weights}) == len(weights) and \
             len({(w.device, w.dtype) for w in weights}) <= 1
         self._starts = [0]

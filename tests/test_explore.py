@@ -179,3 +179,8 @@ def test_masked_copy_with_tied_weights_takes_the_full_pass():
         assert _same(live.masks, ranking.masks(s))
         assert torch.equal(live.weights["a.weight"],
                            net.a.weight.detach() * ranking.masks(s)["a.weight"])
+
+
+def test_masked_copy_refuses_a_model_without_prunable_weights():
+    with pytest.raises(ValueError, match="no prunable weights"):
+        E.MaskedCopy(torch.nn.Sequential(torch.nn.ReLU()))
