@@ -30,7 +30,7 @@ def time_slider_move(explorer, repeats: int = 41, values=(0.2, 0.1, 0.05, 0.02),
         ``{"move", "evaluate", "ratio", "examples", "evaluate_1000", "ratio_1000"}``:
         seconds of a move, of evaluating the evaluation batch (``examples`` rows) and of
         evaluating 1,000 examples, and the two ratios (DESIGN.md's budget: a move within
-        1.3× of evaluating 1,000 examples).
+        1.1× of evaluating 1,000 examples).
     """
     if not explorer.one_shot:
         raise ValueError("time_slider_move needs the one-shot path: stages π = 1 and a "

@@ -33,6 +33,7 @@ from torch import nn
 from prunelab import batches as B
 from prunelab import graph as G
 from prunelab import masks as M
+from prunelab import semistructured as NM
 from prunelab.connectivity import barrier, has_batchnorm, interpolate, path_ts, plain_eval
 from prunelab.criteria import compute
 from prunelab.train import Recipe, as_tensors, evaluate, fit
@@ -79,7 +80,14 @@ def imp(model: nn.Module, bundle, *, rounds: int, recipe: Recipe, prune_fraction
         recipe: training recipe for one full training run of T steps.
         prune_fraction: fraction p of the *remaining* weights pruned per round, in (0, 1).
         rewind_step: k, the step the surviving weights are rewound to (0 = θ₀, Frankle & Carbin).
-        scope: "global" or "layerwise" magnitude pruning.
+        scope: "global", "layerwise" or "normalized" magnitude pruning
+            (:func:`prunelab.masks.select`). Not an N:M pattern such as ``"2:4"``: IMP's round
+            r has density (1−p)^r, while an N:M pattern fixes the density at n/m in every
+            round (at most one round could reach it, and none could go beyond), so the
+            pattern is refused here rather than after the dense training. For N:M tickets
+            prune to the pattern in stages (``pl.prune(model, "mp", scope="2:4", stages=...)``,
+            n stepping down from m) and train the result, or rewind it with
+            :func:`instability_curve` (``masks=``).
         reinit_control: also train each round's mask from a random re-initialisation.
         seed: data order and the control's re-initialisation.
         progress: progress bars.
@@ -91,9 +99,30 @@ def imp(model: nn.Module, bundle, *, rounds: int, recipe: Recipe, prune_fraction
 
     Returns:
         :class:`LotteryResult`.
+
+    Raises:
+        ValueError: a bad ``rounds``, ``prune_fraction``, ``rewind_step``, ``scope`` (an N:M
+            pattern included), ``seed``, or a bundle without the train, val and test splits
+            the rounds report; TypeError: a ``recipe`` that is not a
+            :class:`prunelab.train.Recipe`, or flags that are not booleans. All checked before
+            any training.
     """
     B.objective(loss, output)  # validated before any training
     M.check_prunable(model)
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a prunelab.train.Recipe, got {type(recipe).__name__}")
+    for flag, value in (("reinit_control", reinit_control), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    for split in ("train", "val", "test"):
+        data = getattr(bundle, split, None)
+        if data is None or not hasattr(data, "__len__") or len(data) == 0:
+            raise ValueError(f"imp trains on bundle.train and reports bundle.val and bundle.test "
+                             f"every round: bundle.{split} must be a non-empty Dataset, got "
+                             f"{type(data).__name__}" + (" of length 0" if data is not None
+                                                          and hasattr(data, "__len__") else ""))
     if isinstance(rounds, numbers.Integral) and not isinstance(rounds, bool):
         rounds = int(rounds)
     if isinstance(rewind_step, numbers.Integral) and not isinstance(rewind_step, bool):
@@ -106,7 +135,16 @@ def imp(model: nn.Module, bundle, *, rounds: int, recipe: Recipe, prune_fraction
     total = recipe.total_steps(len(bundle.train))
     if isinstance(rewind_step, bool) or not isinstance(rewind_step, int) or not 0 <= rewind_step < total:
         raise ValueError(f"rewind_step must be an integer in [0, {total}), got {rewind_step!r}")
-    M.check_scope(scope)
+    if NM.is_nm(scope):
+        n, m = NM.parse_nm(scope)
+        raise ValueError(f"scope={scope!r}: IMP prunes prune_fraction={prune_fraction} of the "
+                         f"remaining weights per round (round r keeps (1-p)^r), but an N:M "
+                         f"pattern keeps exactly {n} of every {m} weights in every round (density "
+                         f"{n / m:g}, no further); use scope 'global', 'layerwise' or "
+                         f"'normalized', or prune to the pattern with pl.prune(model, 'mp', "
+                         f"scope={scope!r}, stages=...) and train that")
+    if scope not in M.SCOPES:
+        raise ValueError(f"scope must be one of {M.SCOPES}, got {scope!r}")
 
     net = copy.deepcopy(model)
     if rewind_step > 0:

@@ -38,8 +38,9 @@ from prunelab import batches as B
 from prunelab import criteria as C
 from prunelab import graph as G
 from prunelab import masks as M
+from prunelab import semistructured as NM
 from prunelab.config import PruneConfig
-from prunelab.explore import NeedsRun, Pruner, one_shot_scores
+from prunelab.explore import MaskedCopy, NeedsRun, Pruner, one_shot_scores
 from prunelab.pruning import SCHEDULES
 from prunelab.train import evaluate
 
@@ -345,12 +346,17 @@ class PruningExplorer:
     * **One-shot** (π = 1 and a criterion that does not prune toward the target inside itself,
       i.e. not ``spec(name).uses_target``): the scores of each (criterion, λ) are computed once on
       the fixed scoring batch and ranked once per scope (:class:`prunelab.masks.Ranking`); one
-      pruned copy of the model is kept. Moving the sparsity slider writes the new masks into
-      reused buffers (one comparison per weight: no sort, no allocation), multiplies them into
-      the copy's weights and evaluates the fixed evaluation batch, so a move costs the
-      evaluation plus a fixed ~1 ms of mask writing and widget traffic
-      (``benchmarks/explorer.py``'s ``time_slider_move`` measures it; DESIGN.md's budget:
-      within 1.3× of evaluating 1,000 examples).
+      pruned copy of the model is kept (:class:`prunelab.explore.MaskedCopy`). Moving the
+      sparsity slider rewrites only the weights (and masks) ranked between the old and the new
+      threshold, in place, and evaluates the fixed evaluation batch; a setting whose masks did
+      not change is not evaluated again. A move costs the evaluation plus ~0.3-0.8 ms of mask
+      writing and widget traffic (plotly's restyle messages); ``benchmarks/explorer.py``'s
+      ``time_slider_move`` measures it (DESIGN.md's budget: within 1.1× of evaluating 1,000
+      examples).
+    * **N:M** (scope ``"2:4"`` or another pattern of ``nm_patterns``): one-shot criteria keep the
+      n highest scores of every m consecutive input weights (:func:`prunelab.masks.select`);
+      the pattern fixes the sparsity at 1 − n/m, so the fraction slider does not apply (the
+      readout says so); staged runs use the pattern as :func:`prunelab.prune` does.
     * **Staged** (π > 1, or a target-using criterion such as ``synflow`` or ``lap-forward``):
       moving a control only says what will run; the Run button builds the run's
       :class:`prunelab.config.PruneConfig` (:attr:`config`) and calls
@@ -394,6 +400,9 @@ class PruningExplorer:
         cache_size: rankings (and score sets) kept; each holds one int64 per prunable weight.
         scale: size of fonts, controls and figures (1.0 in a notebook, 1.5 for a projector), in
             [0.5, 3].
+        nm_patterns: N:M patterns offered on the scope toggle after the scope words; a pattern
+            is left out when a prunable weight cannot take it (fewer than 2 dimensions, or an
+            input dimension not divisible by m). ``()``: none.
 
     Raises:
         ValueError: an unknown criterion; a density, λ, π, loss or device that a run could not
@@ -422,7 +431,8 @@ class PruningExplorer:
                  device=None, criteria=None, batch_size: int = 1000, eval_split: str = "val",
                  seed: int = 0, lam_values=(0, 1e-4, 1e-3, 1e-2, 1e-1, 1, 10),
                  stages_values=(1, 2, 5, 14, 50, 140), density: float = 0.3,
-                 min_density: float = 1e-3, cache_size: int = 16, scale: float = 1.0):
+                 min_density: float = 1e-3, cache_size: int = 16, scale: float = 1.0,
+                 nm_patterns=("2:4",)):
         W, go = _widgets()
         names = list(C.names()) if criteria is None else list(criteria)
         if not names:
@@ -472,18 +482,14 @@ class PruningExplorer:
 
         # One pruned copy, plain (no parametrization: torch.nn.utils.parametrize re-multiplies
         # the mask in Python on every forward, ~25 % of a 500-example evaluation of the MLP).
-        # A move writes the masks into ``_buffers`` and ``dense * mask`` into its weights; all
-        # of them beside the parameters (same device).
-        self._pruned = G.plain_copy(self._model).eval()
-        for p in self._pruned.parameters():
-            p.requires_grad_(False)
-        self._dense = {n: G.weight(self._pruned, n).detach().clone() for n in self._names}
-        self._weights = {n: G.weight(self._pruned, n) for n in self._names}
-        self._buffers = {n: (self._previous[n].to(w.device).clone()
-                             if self._previous and n in self._previous
-                             else torch.ones_like(w, dtype=torch.bool))
-                         for n, w in self._dense.items()}
-        self._numels = [b.numel() for b in self._buffers.values()]
+        # A move rewrites only the weights (and masks, ``_buffers``) whose mask changed
+        # (prunelab.explore.MaskedCopy); all of them beside the parameters (same device).
+        self._live = MaskedCopy(self._model)
+        self._pruned = self._live.model
+        self._buffers = self._live.masks
+        self._numels = list(self._live.numels)
+        self._live_key = None     # the N:M selection the live copy shows (None: a ranking)
+        self._live_after = None   # its evaluation, reused while the copy is unchanged
 
         self._scores = _LRU(cache_size)
         self._rankings = _LRU(cache_size)
@@ -504,7 +510,8 @@ class PruningExplorer:
         self.criterion = W.Dropdown(options=names, value="mp" if "mp" in names else names[0],
                                     description="criterion", style=style,
                                     layout=W.Layout(width=_px(260, scale), **fits))
-        self.scope = W.ToggleButtons(options=list(M.SCOPES), value="global", description="scope",
+        self.scope = W.ToggleButtons(options=list(M.SCOPES) + self._fitting_nm(nm_patterns),
+                                     value="global", description="scope",
                                      style={"button_width": _px(105, scale), **style},
                                      layout=W.Layout(**fits))
         self.schedule = W.ToggleButtons(options=list(SCHEDULES), value="exponential",
@@ -574,7 +581,11 @@ class PruningExplorer:
     # ------------------------------------------------------------------ public
     @property
     def sparsity(self) -> float:
-        """Target sparsity of the controls: 1 − density (at least the model's own sparsity)."""
+        """Target sparsity of the controls: 1 − density (at least the model's own sparsity);
+        with an N:M scope the ``1 - n/m`` the pattern fixes (the slider does not apply)."""
+        if NM.is_nm(self.scope.value):
+            n, m = NM.parse_nm(self.scope.value)
+            return 1.0 - n / m
         return min(max(1.0 - float(self.density.value), self._base_sparsity), 1.0 - 1e-12)
 
     @property
@@ -673,6 +684,21 @@ class PruningExplorer:
         return self.widget._repr_mimebundle_(**kwargs)
 
     # ------------------------------------------------------------------ internals
+    def _fitting_nm(self, patterns) -> list[str]:
+        """The N:M patterns of ``patterns`` every prunable weight can take (at least 2-D, input
+        dimension divisible by m); ValueError for a malformed pattern."""
+        if isinstance(patterns, str):
+            patterns = (patterns,)
+        out = []
+        for p in patterns:
+            n, m = NM.parse_nm(p)  # ValueError naming a malformed pattern
+            label = f"{n}:{m}"
+            if label not in out and all(
+                    len(shape) >= 2 and math.prod(shape[1:]) % m == 0
+                    for shape in (G.weight(self._model, w).shape for w in self._names)):
+                out.append(label)
+        return out
+
     def _evaluate(self, model: nn.Module) -> dict:
         return evaluate(model, self._eval_batch, loss=self._objective)
 
@@ -690,6 +716,30 @@ class PruningExplorer:
         if pruner is not None:
             self.stats["hits"] += 1
             return pruner.ranking
+        scores = self._scores_of(name, lam)
+        pruner = Pruner(self._model, name, batch=self._score_batch, scope=scope, seed=self.seed,
+                        lam=lam, scores=scores, loss=self._objective.loss,
+                        output=self._objective.output)
+        ranking = pruner.ranking
+        self.stats["rankings"] += 1
+        self._rankings.put(key, pruner)
+        return ranking
+
+    def _nm_masks(self, name: str, scope: str, lam: float) -> dict[str, torch.Tensor]:
+        """The N:M masks of one-shot ``name`` at λ (cached beside the rankings): in every group
+        of m consecutive weights along the input the n highest scores are kept
+        (:func:`prunelab.masks.select`, as one-shot :func:`prunelab.prune` with this scope)."""
+        key = (name, scope, lam)
+        masks = self._rankings.hit(key)
+        if masks is not None:
+            self.stats["hits"] += 1
+            return masks
+        masks = M.select(self._scores_of(name, lam), None, scope=scope, previous=self._previous)
+        self.stats["rankings"] += 1
+        return self._rankings.put(key, masks)
+
+    def _scores_of(self, name: str, lam: float) -> dict[str, torch.Tensor]:
+        """One-shot scores of ``name`` at λ on the scoring batch, cached per (criterion, λ)."""
         scores = self._scores.hit((name, lam))
         if scores is None:
             self._set_note(f"scoring {html.escape(name)} on {len(self._score_batch[1])} "
@@ -708,13 +758,7 @@ class PruningExplorer:
             self.stats["scores"] += 1
             self._log(event="score", criterion=name, lam=lam,
                       seconds=time.perf_counter() - t0)
-        pruner = Pruner(self._model, name, batch=self._score_batch, scope=scope, seed=self.seed,
-                        lam=lam, scores=scores, loss=self._objective.loss,
-                        output=self._objective.output)
-        ranking = pruner.ranking
-        self.stats["rankings"] += 1
-        self._rankings.put(key, pruner)
-        return ranking
+        return scores
 
     def _on_control(self, change) -> None:
         if self.running:  # controls are disabled in the browser; ignore programmatic changes too
@@ -751,23 +795,33 @@ class PruningExplorer:
 
     def _update_fast(self) -> None:
         name, scope, lam = self.criterion.value, self.scope.value, self.lam.value
+        nm = NM.is_nm(scope)
         try:
-            ranking = self._ranking(name, scope, lam)
-            ranking.masks(self.sparsity, out=self._buffers)
-            with torch.no_grad():
-                for n, w in self._weights.items():
-                    torch.mul(self._dense[n], self._buffers[n], out=w)
-                after = self._evaluate(self._pruned)
+            if nm:  # the pattern fixes the masks: the density slider does not move them
+                key = (name, scope, lam)
+                changed = self._live_key != key
+                if changed:
+                    self._live.show_masks(self._nm_masks(name, scope, lam))
+                    self._live_key = key
+            else:
+                changed = self._live.show(self._ranking(name, scope, lam), self.sparsity)
+                self._live_key = None
+            after = self._live_after
+            if changed or after is None:  # an unchanged network is not evaluated again
+                self._live_after = None
+                after = self._live_after = self._evaluate(self._pruned)
         except NeedsRun:
             self._show_pending()
             return
         except Exception as err:  # noqa: BLE001 - shown to the user, the widget stays live
             self._show_error(err, name)
             return
-        kept = [int(torch.count_nonzero(b)) for b in self._buffers.values()]
+        kept = self._live.kept
+        fixed = (f" · {scope} keeps {scope.split(':')[0]} of every {scope.split(':')[1]} "
+                 "weights: the fraction slider does not apply") if nm else ""
         self._show(after, kept, mode="one-shot",
                    note=f"one-shot {name} · {scope} · λ={_lam_label(lam)} · scores cached · "
-                        f"evaluated on {after['n']} {self.eval_split} examples")
+                        f"evaluated on {after['n']} {self.eval_split} examples{fixed}")
         self._log(event="move", criterion=name, scope=scope, lam=lam, sparsity=self.sparsity,
                   accuracy=after["accuracy"])
 

@@ -297,3 +297,23 @@ def test_dask_local_cluster_gives_the_same_frame_as_local(lab, inline_frame):
     for frame in (local, dask):
         got = frame[columns].sort_values("key").reset_index(drop=True)
         pd.testing.assert_frame_equal(got, expected, check_exact=True)
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_workers_keep_glibcs_dynamic_mmap_threshold():
+    """executor="dask"'s cluster: one thread per worker, and no MALLOC_TRIM_THRESHOLD_ (Dask's
+    default of 65536 fixes glibc's mmap threshold: every large tensor a fresh zeroed mmap)."""
+    import os
+
+    pytest.importorskip("distributed")
+    from distributed import Client
+
+    from prunelab import executors as X
+
+    with X.local_cluster(1) as cluster, Client(cluster) as client:
+        env = client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_")
+        threads = client.run(os.environ.get, "OMP_NUM_THREADS")
+        info = client.scheduler_info()["workers"]
+    assert list(env.values()) == [None]
+    assert list(threads.values()) == ["1"]  # Dask's other pre-spawn settings stay
+    assert [w["nthreads"] for w in info.values()] == [1]

@@ -85,3 +85,102 @@ def test_bad_scope_and_criterion():
         E.Pruner(_net(), "mp", scope="everywhere")
     with pytest.raises(ValueError, match="valid names"):
         E.Pruner(_net(), "nope")
+
+
+# ------------------------------------------------------------------ MaskedCopy (slider engine)
+def _check_copy(live, ranking, s, reference_model, x):
+    """The live copy equals the model with the ranking's masks at ``s`` attached."""
+    want = ranking.masks(s)
+    assert _same(live.masks, want), s
+    assert live.kept == [int(want[n].sum()) for n in live.names], s
+    ref = M.apply(reference_model, want)
+    for n in live.names:
+        assert torch.equal(live.weights[n], pl.graph.weight(ref, n).detach()), (n, s)
+    with torch.no_grad():
+        assert torch.equal(live.model(x), ref(x))
+
+
+# moves down and up, small (written incrementally) and large (a full pass), repeated values
+SPARSITIES = [0.5, 0.55, 0.9, 0.91, 0.2, 0.25, 0.25, 0.999, 0.0, 0.6, 0.58, 0.97, 0.3]
+
+
+@pytest.mark.parametrize("scope", M.SCOPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_copy_equals_the_ranking_masks_at_every_move(scope, dtype):
+    net = _net().to(dtype)
+    x = _batch()[0].to(dtype)
+    live = E.MaskedCopy(net)
+    ranking = E.Pruner(net, "random", scope=scope, seed=1).ranking
+    changes = []
+    for s in SPARSITIES:
+        changes.append(live.show(ranking, s))
+        _check_copy(live, ranking, s, net, x)
+    assert changes[6] is False and all(changes[:6]) and all(changes[7:])  # 0.25 twice
+    # a second ranking (another scope) takes over from any state
+    other = E.Pruner(net, "mp", scope="layerwise").ranking
+    assert live.show(other, 0.7)
+    _check_copy(live, other, 0.7, net, x)
+    assert live.weights["fc1.weight"].dtype == dtype
+
+
+def test_masked_copy_keeps_attached_masks_and_leaves_the_model_alone():
+    net = pl.prune(_net(), "random", sparsity=0.5, scope="layerwise", seed=3).model
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = _batch()[0]
+    live = E.MaskedCopy(net)
+    old = M.current(net)
+    assert _same(live.masks, old)
+    # layerwise below the attached sparsity: restored entries keep the attached mask
+    for scope in ("layerwise", "global"):
+        ranking = E.Pruner(net, "mp", scope=scope).ranking
+        for s in (0.5, 0.8, 0.52, 0.1, 0.95, 0.6):
+            if scope == "global" and s < 0.5:
+                continue
+            live.show(ranking, s)
+            _check_copy(live, ranking, s, net, x)
+            assert all(not (live.masks[n] & ~old[n]).any() for n in old)
+    assert _same(before, net.state_dict())
+    assert not any(p.requires_grad for p in live.model.parameters())
+
+
+def test_masked_copy_show_masks_then_a_ranking_again():
+    net, x = _net(), _batch()[0]
+    live = E.MaskedCopy(net)
+    ranking = E.Pruner(net, "mp").ranking
+    live.show(ranking, 0.6)
+    nm = M.select(pl.score(net, "mp"), None, scope="2:4")
+    live.show_masks(nm)
+    assert _same(live.masks, nm)
+    ref = M.apply(net, nm)
+    assert all(torch.equal(live.weights[n], pl.graph.weight(ref, n)) for n in live.names)
+    assert live.kept == [int(m.sum()) for m in nm.values()]
+    assert live.show(ranking, 0.6)  # same ranking and target as before: still rewritten
+    _check_copy(live, ranking, 0.6, net, x)
+
+
+def test_masked_copy_with_tied_weights_takes_the_full_pass():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    torch.manual_seed(0)
+    net = Tied()
+    live = E.MaskedCopy(net)
+    scores = {n: torch.rand(6, 6) for n in ("a.weight", "b.weight")}
+    scores["b.weight"] = scores["a.weight"]
+    ranking = M.Ranking(scores, scope="layerwise")
+    for s in (0.3, 0.35, 0.8):
+        assert live.show(ranking, s)
+        assert _same(live.masks, ranking.masks(s))
+        assert torch.equal(live.weights["a.weight"],
+                           net.a.weight.detach() * ranking.masks(s)["a.weight"])
+
+
+def test_masked_copy_refuses_a_model_without_prunable_weights():
+    with pytest.raises(ValueError, match="no prunable weights"):
+        E.MaskedCopy(torch.nn.Sequential(torch.nn.ReLU()))

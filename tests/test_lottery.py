@@ -50,7 +50,7 @@ def test_rewind_zero_is_frankle_carbin(setup):
 
 
 @pytest.mark.parametrize("kw", [dict(rounds=-1), dict(prune_fraction=1.0), dict(rewind_step=10**6),
-                                dict(scope="nope")])
+                                dict(scope="nope"), dict(scope="2:4"), dict(seed=1.5)])
 def test_bad_arguments(setup, kw):
     model, bundle = setup
     args = dict(rounds=1, recipe=RECIPE) | kw
@@ -63,6 +63,37 @@ def test_bad_arguments(setup, kw):
 def digits():
     b = pl.data.load("digits")
     return b, b.train.tensors, b.test.tensors
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(scope="2:4"), ValueError, r"scope='2:4'.*keeps exactly 2 of every 4.*density 0\.5"),
+    (dict(scope="1:8", prune_fraction=0.5), ValueError, r"'1:8'.*prune_fraction=0\.5"),
+    (dict(scope="4:2"), ValueError, "m must be larger than n"),
+    (dict(scope="all"), ValueError, "scope must be one of"),
+    (dict(recipe={"epochs": 1}), TypeError, "recipe must be a prunelab.train.Recipe, got dict"),
+    (dict(reinit_control=1), TypeError, "reinit_control must be True or False"),
+    (dict(seed="0"), ValueError, "seed must be an integer"),
+])
+def test_options_are_refused_before_any_training(setup, monkeypatch, kw, error, match):
+    """Issue 16: imp(..., scope="2:4") failed only after the dense training; now every option
+    is checked at entry."""
+    model, bundle = setup
+    monkeypatch.setattr(L, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(error, match=match):
+        imp(model, bundle, **(dict(rounds=1, recipe=RECIPE) | kw))
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_a_bundle_without_a_reported_split_is_refused_at_entry(setup, monkeypatch, split):
+    model, bundle = setup
+    monkeypatch.setattr(L, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
+    parts = {s: getattr(bundle, s) for s in ("train", "val", "test")}
+    parts[split] = None
+    partial = pl.data.Bundle(name="partial", input_shape=bundle.input_shape,
+                             num_classes=bundle.num_classes, classes=bundle.classes, **parts)
+    with pytest.raises(ValueError, match=f"bundle.{split} must be a non-empty Dataset, got "
+                                         "NoneType"):
+        imp(model, partial, rounds=1, recipe=RECIPE)
 
 
 def test_instability_runs(digits):

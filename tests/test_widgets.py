@@ -90,7 +90,7 @@ def test_is_returned_not_displayed_and_has_the_controls(explorer):
     assert explorer.lam.description == "λ"
     assert explorer.lam.options[0] == ("0", 0.0)  # λ = 0 is a position of the slider
     assert [v for _, v in explorer.stages.options] == [1, 2, 5, 14, 50, 140]
-    assert list(explorer.scope.options) == list(M.SCOPES)
+    assert list(explorer.scope.options) == list(M.SCOPES) + ["2:4"]  # N:M where it fits
     assert isinstance(explorer.layers_fig, go.FigureWidget)
     assert isinstance(explorer.trajectory_fig, go.FigureWidget)
     bundle = explorer._repr_mimebundle_()
@@ -145,6 +145,71 @@ def test_fast_path_equals_the_library(explorer, model, scope):
     assert accuracy_after(explorer.readout.value) == pytest.approx(after["accuracy"], abs=5e-4)
     pruned = explorer.pruned_model()
     assert M.sparsity(M.current(pruned)) == explorer.metrics["sparsity"]
+
+
+@pytest.mark.parametrize("criterion", ["mp", "lap", "snip"])
+def test_nm_scope_gives_exact_n_of_m_masks(explorer, model, criterion):
+    """Scope "2:4": in every group of 4 consecutive input weights exactly the 2 highest scores
+    are kept, as one-shot pl.prune with that scope gives; the fraction slider does not apply."""
+    from prunelab import semistructured as NM
+
+    explorer.criterion.value = criterion
+    explorer.lam.value = 1e-3
+    explorer.density.value = 0.1
+    explorer.scope.value = "2:4"
+    masks = explorer.masks()
+    NM.check_nm(masks, 2, 4, exact=True)
+    assert explorer.sparsity == 0.5 and explorer.metrics["sparsity"] == 0.5
+    ref = pl.prune(model, criterion, scope="2:4", lam=1e-3, batch=explorer.score_batch)
+    assert all(torch.equal(masks[n], ref.masks[n]) for n in ref.masks)
+    after = evaluate(ref.model, explorer.eval_batch)
+    assert explorer.metrics["accuracy"] == after["accuracy"]
+    assert explorer.metrics["loss"] == pytest.approx(after["loss"], rel=1e-6)
+    assert bars(explorer) == pytest.approx([0.5] * len(masks))
+    assert "2:4 keeps 2 of every 4" in explorer.readout.value
+    if criterion == "mp":  # brute force: the 2 largest |θ| + λ/2·θ² of each group of 4
+        for n, m in masks.items():
+            w = pl.graph.weight(explorer.model, n).detach()
+            s = (w.abs() + 1e-3 / 2 * w ** 2).reshape(w.shape[0], -1, 4)
+            top = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, s.topk(2, -1).indices, True)
+            assert torch.equal(m, top.reshape(w.shape)), n
+    # the slider does not change the N:M masks, and the unchanged network is not re-evaluated
+    rankings, text = explorer.stats["rankings"], explorer.readout.value
+    explorer.density.value = 0.5
+    assert all(torch.equal(explorer.masks()[n], masks[n]) for n in masks)
+    assert explorer.stats["rankings"] == rankings and explorer.readout.value == text
+    assert explorer.config.scope == "2:4" and explorer.config.sparsity == 0.5
+    # back to a global scope: the slider's masks again
+    explorer.scope.value = "global"
+    ref = pl.prune(model, criterion, sparsity=0.5, lam=1e-3, batch=explorer.score_batch)
+    assert all(torch.equal(explorer.masks()[n], ref.masks[n]) for n in ref.masks)
+
+
+def test_nm_patterns_are_offered_where_every_layer_fits(model, bundle):
+    shapes = [pl.graph.weight(model, n).shape[1:].numel() for n in pl.graph.prunable_names(model)]
+    fits = [p for p in ("2:4", "1:8", "3:7") if all(c % int(p[-1]) == 0 for c in shapes)]
+    ex = pl.widgets.PruningExplorer(model, bundle, criteria=["mp"], batch_size=50,
+                                    nm_patterns=("2:4", "1:8", "3:7"))
+    assert list(ex.scope.options) == list(M.SCOPES) + fits
+    assert "3:7" not in fits  # 40 inputs: not divisible by 7
+    none = pl.widgets.PruningExplorer(model, bundle, criteria=["mp"], batch_size=50,
+                                      nm_patterns=())
+    assert list(none.scope.options) == list(M.SCOPES)
+    with pytest.raises(ValueError, match="m must be larger than n"):
+        pl.widgets.PruningExplorer(model, bundle, criteria=["mp"], batch_size=50,
+                                   nm_patterns=("4:2",))
+
+
+def test_a_repeated_setting_is_not_evaluated_again(explorer, monkeypatch):
+    calls = []
+    real = explorer._evaluate
+    monkeypatch.setattr(explorer, "_evaluate", lambda m: calls.append(1) or real(m))
+    explorer.density.value = 0.2
+    explorer.density.value = 0.1
+    assert len(calls) == 2
+    metrics = dict(explorer.metrics)
+    explorer.refresh()  # nothing changed: the last evaluation is shown again
+    assert len(calls) == 2 and explorer.metrics == metrics
 
 
 def test_scores_are_cached_per_criterion_lambda_and_ranked_per_scope(explorer):
