@@ -470,8 +470,9 @@ class PruningExplorer:
             bundle.batch(eval_split, n=min(batch_size, len(split)), seed=self.seed), self._model)
         self.before = self._evaluate(self._model)
 
-        # One pruned copy, plain (no parametrization: torch.nn.utils.parametrize re-multiplies
-        # the mask in Python on every forward, ~25 % of a 500-example evaluation of the MLP).
+        # One pruned copy, plain (no masks attached: hooks and parametrizations are not needed
+        # to evaluate, and parametrize re-multiplies the mask on every forward, ~25 % of a
+        # 500-example evaluation of the MLP).
         # A move writes the masks into ``_buffers`` and ``dense * mask`` into its weights; all
         # of them beside the parameters (same device).
         self._pruned = G.plain_copy(self._model).eval()
@@ -942,7 +943,7 @@ class UnitExplorer:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not 0 < fraction < 1:
             raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
-        self._model = G.plain_copy(model).eval() if G.is_parametrized(model) else \
+        self._model = G.plain_copy(model).eval() if G.is_masked(model) else \
             copy.deepcopy(model).eval()
         self.sets = mrp.layer_sets(self._model)
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
