@@ -133,6 +133,13 @@ def _holder(module: nn.Module, name: str) -> Holder | None:
                  if isinstance(h, Holder) and h.name == name), None)
 
 
+def foreign_forward_hooks(module: nn.Module) -> bool:
+    """True when ``module`` has forward (pre-)hooks other than mask holders, which change
+    nothing that flows."""
+    return bool(module._forward_hooks) or any(not isinstance(h, Holder)
+                                              for h in module._forward_pre_hooks.values())
+
+
 def is_masked(model: nn.Module) -> bool:
     """True when any submodule of ``model`` holds a mask of this mechanism."""
     return any(k.endswith(SUFFIX) for m in model.modules() for k in m._buffers)
