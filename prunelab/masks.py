@@ -14,7 +14,7 @@ How :func:`apply` holds masks on a model (``mechanism=``, :data:`MECHANISMS`):
   its module (1 = kept, in the weight's dtype, not in ``state_dict``). With zero weights and zero
   gradients SGD (momentum, Nesterov, weight decay), Adam, AdamW, RMSprop, Adagrad leave them
   exactly 0, so training code is unaware of masks, and a fine-tuning step costs one multiply
-  more than unmasked (DESIGN budget 1.05x; parametrize costs ~1.2-1.3x). Parameter names stay
+  more than unmasked (~1.03-1.04x on the CPU, DESIGN budget 1.05x; parametrize ~1.24-1.3x). Parameter names stay
   plain (``fc.weight``) and keep their identity; ``copy.deepcopy``, pickling and ``.to()`` keep
   the masks (a forward pre-hook re-wires the gradient hook on a copied parameter);
   ``load_state_dict`` of dense weights keeps the model pruned (a load post-hook re-zeroes).

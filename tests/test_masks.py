@@ -282,7 +282,7 @@ def test_reinitialize_draws_from_the_models_own_initialiser(mechanism):
     # xavier normal: std = sqrt(2 / (fan_in + fan_out)); PyTorch's default (kaiming uniform,
     # a=sqrt(5)) has std 1/sqrt(3 fan_in), clearly different here
     assert float(drawn(re).std()) == pytest.approx((2 / (200 + 400)) ** 0.5, rel=0.03)
-    assert float(re.fc1.bias.abs().max()) == 0.0
+    assert float(re.fc1.bias.detach().abs().max()) == 0.0
     assert torch.equal(M.current(re)["fc1.weight"], keep)
     default = M.reinitialize(M.apply(model, masks, mechanism=mechanism), seed=5,
                              init="kaiming_normal")
@@ -472,6 +472,10 @@ def test_masked_models_from_prune_use_hooks_and_fine_tune_exactly_sparse():
     x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
     result = pl.prune(model, "mp", sparsity=0.8)
     assert M.mechanism(result.model) == "hooks" and not G.is_masked(model)
+    # the caller's model gets no buffers and no hooks, on modules or on parameters
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    assert all(not m._forward_pre_hooks and not m._load_state_dict_post_hooks
+               for m in model.modules())
     masks = result.masks
     fit(result.model, (x, y), recipe=Recipe(optimizer="sgd", lr=0.05, epochs=2, batch_size=16,
                                             weight_decay=1e-3), progress=False)
