@@ -154,7 +154,8 @@ def bench_transformer(args, round_robin, row) -> list[dict]:
 
     scores = pl.score(model, "mp")
     ranking = M.Ranking(scores)
-    pruned = M.apply(model, ranking.masks(0.5))
+    # a move writes the masks into the parametrizations' bool buffers in place
+    pruned = M.apply(model, ranking.masks(0.5), mechanism="parametrize")
     buffers = {n: G.module_of(pruned, n).parametrizations["weight"][0].mask for n in scores}
     sparsities = iter([0.5, 0.9] * 100_000)
 

@@ -15,17 +15,25 @@ from torch.nn.utils import parametrize
 @torch.no_grad()
 def strip(module: nn.Module) -> None:
     """Replace each parametrized tensor of ``module`` (not its children) by a plain Parameter
-    holding its current (e.g. masked) value; works in place on this instance only."""
+    holding its current (e.g. masked) value; works in place on this instance only.
+
+    Where the value has the original's shape and dtype the original Parameter object is reused
+    (so an optimiser holding it keeps working)."""
     if not parametrize.is_parametrized(module):
         return
     values = {}
     for name, plist in module.parametrizations.items():
-        original = plist.original
-        values[name] = (getattr(module, name).detach().clone(), original.requires_grad)
+        values[name] = (getattr(module, name).detach().clone(), plist.original)
     del module._modules["parametrizations"]
     module.__class__ = module.__class__.__bases__[0]
-    for name, (value, requires_grad) in values.items():
-        module.register_parameter(name, nn.Parameter(value, requires_grad=requires_grad))
+    for name, (value, original) in values.items():
+        if isinstance(original, nn.Parameter) and original.shape == value.shape \
+                and original.dtype == value.dtype:
+            original.copy_(value)
+            module.register_parameter(name, original)
+        else:
+            module.register_parameter(name, nn.Parameter(value,
+                                                         requires_grad=original.requires_grad))
 
 
 def strip_all(model: nn.Module) -> nn.Module:

@@ -125,7 +125,7 @@ class Ablated:
 
     Attributes:
         masks: ablation name -> masks (name -> bool, True = kept).
-        models: ablation name -> masked, *untrained* copy (masks attached as parametrizations).
+        models: ablation name -> masked, *untrained* copy (masks attached, :func:`prunelab.masks.apply`).
         scores: the criterion's scores from :func:`prunelab.prune` (iterative SynFlow: its last
             round, −inf on weights pruned in earlier rounds).
         ranking: the one-shot scores whose lowest entries the ``"inverted"`` mask keeps

@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from prunelab import graph as G
 from prunelab import masks as M
@@ -302,7 +301,7 @@ def quantized_copy(model: nn.Module, *, masks: M.Masks | None = None, conv_bits:
     k-means centroid (:func:`kmeans_share`, ``conv_bits``/``fc_bits`` per layer kind).
 
     Pruned weights (per ``masks``, else the attached masks, else the zeros) are set to exactly 0;
-    attached mask parametrizations stay attached. Biases and norm parameters are untouched.
+    attached masks stay attached. Biases and norm parameters are untouched.
     """
     _check_bits(conv_bits=conv_bits, fc_bits=fc_bits)
     keep = _layer_masks(model, masks)
@@ -311,15 +310,12 @@ def quantized_copy(model: nn.Module, *, masks: M.Masks | None = None, conv_bits:
         module = G.module_of(out, name)
         tname = G.split_name(name)[1]
         wbits = conv_bits if _kind(module) == "conv" else fc_bits
-        if parametrize.is_parametrized(module, tname):
-            target = getattr(module.parametrizations, tname).original
-        else:
-            target = getattr(module, tname)
+        target = G.weight(out, name)
         flat = m.reshape(-1)
         eff = G.weight(out, name).detach().reshape(-1).cpu()
         new = torch.zeros(flat.numel(), dtype=torch.float64)
         if int(flat.sum()):
             cent, assign = kmeans_share(eff[flat], wbits, iters=iters)
             new[flat] = torch.from_numpy(cent[assign])
-        target.copy_(new.reshape(target.shape).to(target.dtype))
+        M.write_weight(module, tname, new.reshape(target.shape).to(target.dtype))
     return out

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode, _pop_mode, _push_mode
 
 from prunelab import batches as B
-from prunelab.graph import is_parametrized, plain_copy
+from prunelab.graph import is_masked, plain_copy
 
 __all__ = ["CONST", "FIXED", "HEADS", "HEAD_SIZE", "Group", "DependencyGraph", "Plan", "call",
            "dependencies", "example_input", "output_tensors", "plan"]
@@ -907,7 +907,7 @@ def dependencies(model: nn.Module, example=None, *, batch=None,
     Raises:
         ValueError: The model cannot be run on the example.
     """
-    model = plain_copy(model) if is_parametrized(model) else model
+    model = plain_copy(model) if is_masked(model) else model
     example = example_input(example, batch, model)
     training = [m for m in model.modules() if m.training]
     fastpath = torch.backends.mha.get_fastpath_enabled()

@@ -1,12 +1,13 @@
 """The prunable tensors of a model, addressed by name, and how its layers connect.
 
 Names are the parameter names of the *plain* model (``"features.0.weight"``), also when masks are
-attached as parametrizations (where ``named_parameters`` would say
-``features.0.parametrizations.weight.original``). By default the weights of ``nn.Linear``,
-``nn.Conv1d/2d/3d``, the projections of ``nn.MultiheadAttention`` and Linear-like third-party
-layers (HuggingFace's transposed ``Conv1D``) are prunable; embeddings and norm weights when asked
-(``prunable=``); biases never. :func:`candidates` / :func:`layout` say how each tensor is laid
-out (:func:`out_dim`, :func:`in_dim`), the one place structure-aware methods ask.
+attached (by default they leave the names alone; attached as parametrizations,
+``named_parameters`` would say ``features.0.parametrizations.weight.original``). By default the
+weights of ``nn.Linear``, ``nn.Conv1d/2d/3d``, the projections of ``nn.MultiheadAttention`` and
+Linear-like third-party layers (HuggingFace's transposed ``Conv1D``) are prunable; embeddings and
+norm weights when asked (``prunable=``); biases never. :func:`candidates` / :func:`layout` say how
+each tensor is laid out (:func:`out_dim`, :func:`in_dim`), the one place structure-aware methods
+ask.
 
 Over 500 lines because naming the prunable tensors and tracing how layers connect (the
 layer graph every structured method reads) are one idea: the graph is keyed by those names.
@@ -37,7 +38,7 @@ from prunelab.models import PRUNABLE_TYPES
 __all__ = ["split_name", "prunable_names", "prunables", "candidates", "check_prunable",
            "selecting", "layout", "out_dim", "in_dim", "in_dims", "canonical", "transposed_names",
            "linear_like", "is_layer", "Prunable", "KINDS", "DEFAULT_KINDS", "NORM_TYPES",
-           "module_of", "weight", "weights", "is_parametrized",
+           "module_of", "weight", "weights", "is_masked", "is_parametrized",
            "plain_copy", "INPUT", "OUTPUT", "EXTERNAL", "MARKERS", "Edge", "Layer", "LayerGraph",
            "ACT_MODULES", "PASS_MODULES", "BN_MODULES", "ACT_FUNCS", "ACT_METHODS", "PASS_FUNCS",
            "PASS_METHODS", "trace", "fx_inputs", "structure_key", "layer_graph",
@@ -295,22 +296,33 @@ def weights(model: nn.Module) -> dict[str, Tensor]:
     return {n: weight(model, n) for n in prunable_names(model)}
 
 
-def is_parametrized(model: nn.Module) -> bool:
-    """True when any submodule carries a parametrization (e.g. a prunelab mask)."""
-    return any(parametrize.is_parametrized(m) for m in model.modules())
+def is_masked(model: nn.Module) -> bool:
+    """True when any submodule carries a prunelab mask (either mechanism of
+    :mod:`prunelab.masks`) or any other parametrization: the test for "read it through
+    :func:`plain_copy`"."""
+    from prunelab._masking import is_masked as holds_masks
+
+    return holds_masks(model) or any(parametrize.is_parametrized(m)
+                                            for m in model.modules())
+
+
+#: The older name of :func:`is_masked` (masks were parametrizations only); same test.
+is_parametrized = is_masked
 
 
 @torch.no_grad()
 def plain_copy(model: nn.Module, masks: Masks | None = None) -> nn.Module:
-    """A deep copy without parametrizations whose weights are the effective (masked) ones.
+    """A deep copy without masks or parametrizations whose weights are the effective (masked)
+    ones.
 
     ``masks`` (name -> bool) are multiplied in as well, so the copy computes exactly what the
     pruned model computes with ordinary parameters that autograd and hooks see directly.
     """
+    from prunelab._masking import detach_all
     from prunelab._parametrize import strip_all
 
     # not parametrize.remove_parametrizations: it would break ``model``, whose class the copy shares
-    out = strip_all(copy.deepcopy(model))
+    out = detach_all(strip_all(copy.deepcopy(model)))
     for name, mask in (masks or {}).items():
         weight(out, name).mul_(mask.to(weight(out, name).dtype))
     return out
@@ -1014,7 +1026,7 @@ _GRAPHS_MAX = 64
 
 
 def _build_graph(model: nn.Module, example=None, forward=None) -> LayerGraph:
-    plain = plain_copy(model) if is_parametrized(model) else model
+    plain = plain_copy(model) if is_masked(model) else model
     try:
         graph = _trace_graph(plain)
     except Exception as err:  # noqa: BLE001 - any tracing failure means: fall back

@@ -11,7 +11,7 @@ Conv weight) d_i of the direction is rescaled to
 Biases and BatchNorm parameters (every parameter with at most one dimension) get direction 0,
 Li et al.'s "ignore biasbn" setting, so they stay at their trained values.
 
-For a pruned model (masks attached as parametrizations, :mod:`prunelab.masks`) the direction
+For a pruned model (masks attached, :mod:`prunelab.masks`) the direction
 is masked before it is normalised: a pruned weight gets direction 0, so every point of the
 landscape stays in the sparse subspace and ‖d_i‖ still equals the (sparse) filter norm ‖θ_i‖.
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from prunelab import batches as B
-from prunelab.graph import is_parametrized, layer_graph, plain_copy
+from prunelab.graph import is_masked, layer_graph, plain_copy
 from prunelab.units import (DATA_SCORES, SCORES, layer_units, objective_of, parse_score, prune,
                             unit_statistics)
 
@@ -153,7 +153,7 @@ class PenaltyRecorder:
 
     def measure(self, model: nn.Module, step: int) -> list[dict]:
         """Measure now (whatever ``step`` is) and return the new rows."""
-        dense = plain_copy(model) if is_parametrized(model) else copy.deepcopy(model)
+        dense = plain_copy(model) if is_masked(model) else copy.deepcopy(model)
         for p in dense.parameters():
             p.grad = None
         train_mode = model.training

@@ -43,7 +43,7 @@ class PruneResult:
     """What :func:`prune` returns.
 
     Attributes:
-        model: the pruned model (a copy unless ``inplace``) with masks attached as parametrizations.
+        model: the pruned model (a copy unless ``inplace``) with masks attached (:func:`prunelab.masks.apply`).
         masks: name -> bool mask, True = kept.
         history: one row per stage: stage, target_sparsity, sparsity, loss, delta_loss,
             step_norm, seconds, examples (plus fine-tuning metrics when fine-tuned).

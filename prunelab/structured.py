@@ -243,7 +243,7 @@ def score(model: nn.Module, criterion: str, *, layers: Sequence[str] | str | Non
 
     Args:
         model: Any module whose chosen layers :func:`prunelab.units.prune` can prune; never
-            modified (masks attached as parametrizations are honoured: the effective weights are
+            modified (attached masks are honoured: the effective weights are
             scored). HRank runs it in eval mode and restores the modes.
         criterion: A name of :data:`CRITERIA`.
         layers: Module names (``"features.0"``); default as :func:`prunelab.units.prune` (every

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from prunelab.depgraph import (HEAD_SIZE, HEADS, DependencyGraph, Group, Plan, call,
                                dependencies, example_input, output_tensors, plan)
-from prunelab.graph import is_parametrized, plain_copy
+from prunelab.graph import is_masked, plain_copy
 
 __all__ = ["DependencyGraph", "Group", "Plan", "PrunedMultiheadAttention", "SurgeryResult", "call",
            "dependencies", "masked", "plan", "remove"]
@@ -313,7 +313,7 @@ def _count(model: nn.Module) -> int:
 def _prepare(model, selection, example, batch, expand, mean_replacement):
     if mean_replacement and batch is None:
         raise ValueError("mean_replacement=True needs batch=(x, y) (or x) for the means")
-    base = plain_copy(model) if is_parametrized(model) else model
+    base = plain_copy(model) if is_masked(model) else model
     example = example_input(example, batch, base)
     dg = dependencies(base, example)
     pl = plan(dg, selection, expand=expand)
@@ -347,7 +347,7 @@ def remove(model: nn.Module, selection, example=None, *, batch=None, expand: boo
     """A physically smaller copy of ``model`` without the selected channels, units or heads.
 
     Args:
-        model: Any module; never modified (a parametrized model is read through its effective
+        model: Any module; never modified (a masked model is read through its effective
             weights).
         selection: ``{module name: indices to remove}`` — output channels of a Conv, units of a
             Linear, columns of an Embedding, heads of an ``nn.MultiheadAttention`` or of a

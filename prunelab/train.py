@@ -1,8 +1,8 @@
 """Training, fine-tuning and evaluation loops. They know nothing about pruning.
 
-Masks are attached to models as ``torch.nn.utils.parametrize`` parametrizations (see
-:mod:`prunelab.masks`), so the forward pass of a pruned model already multiplies by its mask and
-these loops need no special case for it. The recipes follow the papers' appendices: Adam without
+Masks attached by :mod:`prunelab.masks` hold pruned weights at exactly zero by themselves (their
+gradients are zeroed by a hook, or the forward multiplies by the mask under ``parametrize``), so
+these loops need no special case for them. The recipes follow the papers' appendices: Adam without
 weight decay for the LAP paper (Park et al. 2020, App. A); SGD with momentum 0.9, weight decay
 5e-4, step schedules and early stopping on validation for the LM paper (App. B).
 """
@@ -364,8 +364,8 @@ def finetune(model: nn.Module, train, *, recipe: Recipe, val=None, seed: int = 0
              progress: bool = True, inplace: bool = False, **kwargs) -> FitResult:
     """Fine-tune a (possibly pruned) model; a copy unless ``inplace=True``.
 
-    Pruned weights stay exactly zero because the masks are parametrizations of the weights:
-    the optimiser updates ``original`` while forward always sees ``original * mask``.
+    Pruned weights stay exactly zero because the attached masks hold them there (see
+    :mod:`prunelab.masks`: their gradients are zeroed after every backward pass).
     """
     target = model if inplace else copy.deepcopy(model)
     return fit(target, train, recipe=recipe, val=val, seed=seed, progress=progress,

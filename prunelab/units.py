@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from prunelab import batches as B
-from prunelab.graph import PRUNABLE_TYPES, is_parametrized, layer_graph, plain_copy
+from prunelab.graph import PRUNABLE_TYPES, is_masked, layer_graph, plain_copy
 
 
 __all__ = ["names", "UnitPruneResult", "Unit", "parse_score", "layer_units", "objective_of",
@@ -590,7 +590,7 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
             Moved to the model's device and dtype; one example is run first, so labels out of
             range, a wrong input width or float labels are named here.
         seed: Seed of ``rand``.
-        inplace: Modify ``model`` itself (not allowed for models carrying parametrizations).
+        inplace: Modify ``model`` itself (not allowed for models carrying masks).
         physical: Remove the units, giving a smaller dense model with the same function.
         loss: ``"cross_entropy"`` (default; per-token ``(N, T, C)`` outputs too), ``"mse"`` or a
             callable ``(output, y) -> mean loss`` (see :mod:`prunelab.batches`).
@@ -646,8 +646,8 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
     if needs_data and batch is None and stats is None:
         raise ValueError(f"score {score!r} is data-dependent (Taylor scores and bp_ mean "
                          "replacement need activations): pass batch=(x, y)")
-    if inplace and is_parametrized(model):
-        raise ValueError("inplace=True on a model with parametrizations (masks) is not "
+    if inplace and is_masked(model):
+        raise ValueError("inplace=True on a model with masks attached is not "
                          "supported; pass inplace=False to get a pruned plain copy")
     obj = objective_of(loss, output, loss_fn)
     examples = 0
@@ -672,7 +672,7 @@ def prune(model: nn.Module, *, fraction: float | None = None, count: int | None 
     if inplace:
         target = model
     else:
-        target = plain_copy(model) if is_parametrized(model) else copy.deepcopy(model)
+        target = plain_copy(model) if is_masked(model) else copy.deepcopy(model)
     means, masks = {}, {}
     if bp:  # on the full-size weights, before any column is dropped
         for u in units:

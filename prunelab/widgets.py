@@ -996,7 +996,7 @@ class UnitExplorer:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not 0 < fraction < 1:
             raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
-        self._model = G.plain_copy(model).eval() if G.is_parametrized(model) else \
+        self._model = G.plain_copy(model).eval() if G.is_masked(model) else \
             copy.deepcopy(model).eval()
         self.sets = mrp.layer_sets(self._model)
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm)

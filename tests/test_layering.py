@@ -21,7 +21,8 @@ NOTEBOOKS = ROOT / "notebooks"
 # < data; connectivity's path toolkit and the explore engine sit just below the studies that use
 # them: lottery's instability, curves, collapse and the widgets).
 LAYERS = [
-    {"paths", "_parametrize", "store", "executors", "results"}, {"download"}, {"batches"},
+    {"paths", "_parametrize", "_masking", "store", "executors", "results"}, {"download"},
+    {"batches"},
     {"data_readers"},
     {"data"}, {"models"}, {"train"}, {"metrics"}, {"zoo"}, {"graph"}, {"semistructured"},
     {"selection"}, {"criteria"}, {"masks"}, {"config"}, {"pruning"}, {"depgraph"}, {"surgery"},

@@ -261,22 +261,222 @@ def test_select_with_previous_matches_reference(layers, s, seed, dead):
     assert torch.equal(torch.cat([m.flatten() for m in ranked.values()]), got)
 
 
-def test_reinitialize_draws_from_the_models_own_initialiser():
+@pytest.mark.parametrize("mechanism", M.MECHANISMS)
+def test_reinitialize_draws_from_the_models_own_initialiser(mechanism):
     from prunelab import models
 
     torch.manual_seed(0)
     model = models.build("mlp", input_shape=(200,), num_classes=10, hidden=(400,), seed=0)
     assert getattr(model, models.INIT_ATTRIBUTE) == "glorot_normal"
     masks = M.select(mag(model), 0.5, scope="layerwise")
-    re = M.reinitialize(M.apply(model, masks), seed=5)
-    w = re.fc1.parametrizations["weight"].original
+    keep = masks["fc1.weight"]
+
+    def drawn(net):  # the re-drawn values: the dense original, or the kept entries
+        if mechanism == "parametrize":
+            return net.fc1.parametrizations["weight"].original.detach()
+        assert (net.fc1.weight[~keep] == 0).all()
+        return net.fc1.weight.detach()[keep]
+
+    re = M.reinitialize(M.apply(model, masks, mechanism=mechanism), seed=5)
+    assert M.mechanism(re) == mechanism
     # xavier normal: std = sqrt(2 / (fan_in + fan_out)); PyTorch's default (kaiming uniform,
     # a=sqrt(5)) has std 1/sqrt(3 fan_in), clearly different here
-    assert float(w.std()) == pytest.approx((2 / (200 + 400)) ** 0.5, rel=0.03)
-    assert float(re.fc1.bias.abs().max()) == 0.0
-    assert torch.equal(re.fc1.parametrizations["weight"][0].mask, masks["fc1.weight"])
-    default = M.reinitialize(M.apply(model, masks), seed=5, init="kaiming_normal")
-    assert float(default.fc1.parametrizations["weight"].original.std()) == pytest.approx(
-        (2 / 200) ** 0.5, rel=0.03)
+    assert float(drawn(re).std()) == pytest.approx((2 / (200 + 400)) ** 0.5, rel=0.03)
+    assert float(re.fc1.bias.detach().abs().max()) == 0.0
+    assert torch.equal(M.current(re)["fc1.weight"], keep)
+    default = M.reinitialize(M.apply(model, masks, mechanism=mechanism), seed=5,
+                             init="kaiming_normal")
+    assert float(drawn(default).std()) == pytest.approx((2 / 200) ** 0.5, rel=0.03)
     with pytest.raises(ValueError, match="unknown init 'nope'"):
         M.reinitialize(model, init="nope")
+
+
+# ----------------------------------------------------------------- mechanisms (issue 16, item 3)
+from prunelab import _masking  # noqa: E402
+from prunelab import graph as G  # noqa: E402
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-2),
+    "sgd-nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True,
+                                              weight_decay=1e-2),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-2),
+    "adam-amsgrad": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-2, amsgrad=True),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=1e-1),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5, weight_decay=1e-2),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.05, weight_decay=1e-2),
+}
+
+
+def effective(model, masks):
+    return {n: G.weight(model, n) for n in masks}
+
+
+def train_steps(model, opt, masks, steps=6, dtype=torch.float32, seed=0):
+    """``steps`` steps; asserts the pruned entries are exactly 0 after each optimiser step."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 12, generator=g, dtype=dtype)
+        y = torch.randint(0, 3, (16,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        for n, w in effective(model, masks).items():
+            assert (w[~masks[n]] == 0).all(), n
+            assert w[masks[n]].ne(0).all(), n  # kept entries do train
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_pruned_weights_stay_exactly_zero_under_every_optimizer(optimizer, dtype):
+    model = tiny_mlp().to(dtype)
+    masks = M.select(mag(model), 0.7)
+    pruned = M.apply(model, masks)  # default mechanism; the optimiser is made afterwards
+    assert M.mechanism(pruned) == "hooks"
+    train_steps(pruned, OPTIMIZERS[optimizer](pruned.parameters()), masks, dtype=dtype)
+    # a deep copy (tensor hooks are not copied: the first forward re-wires them) and the
+    # original, trained further, both stay pruned
+    clone = copy.deepcopy(pruned)
+    train_steps(clone, OPTIMIZERS[optimizer](clone.parameters()), masks, dtype=dtype, seed=1)
+    train_steps(pruned, OPTIMIZERS[optimizer](pruned.parameters()), masks, dtype=dtype, seed=2)
+    assert all(torch.equal(M.current(clone)[n], masks[n]) for n in masks)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd-momentum", "adamw"])
+def test_both_mechanisms_train_to_the_same_weights(optimizer):
+    model = tiny_mlp().double()
+    masks = M.select(mag(model), 0.6)
+    nets = {mech: M.apply(model, masks, mechanism=mech) for mech in M.MECHANISMS}
+    for mech, net in nets.items():
+        assert M.mechanism(net) == mech
+        train_steps(net, OPTIMIZERS[optimizer](net.parameters()), masks, dtype=torch.float64)
+    a, b = (effective(nets[m], masks) for m in M.MECHANISMS)
+    for n in masks:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-12, atol=1e-14)
+    assert list(nets["hooks"].state_dict()) == list(model.state_dict())  # plain keys
+
+
+def test_hooks_mechanism_keeps_names_identity_and_plain_state_dict():
+    model = tiny_mlp()
+    masks = M.select(mag(model), 0.5)
+    before = {n: p for n, p in model.named_parameters()}
+    M.apply(model, masks, inplace=True)
+    assert {n: p for n, p in model.named_parameters()} == before  # same objects, plain names
+    plain = tiny_mlp(seed=3)
+    plain.load_state_dict(model.state_dict())  # strict: no extra keys
+    x = torch.randn(5, 12)
+    assert torch.equal(plain(x), model(x))
+    assert not G.is_masked(plain) and G.is_masked(model)
+    assert G.is_parametrized is G.is_masked
+    baked = M.remove(model, inplace=True)
+    assert baked is model and not G.is_masked(model) and not M.current(model)
+    assert {n: p for n, p in model.named_parameters()} == before
+    assert all(not m._forward_pre_hooks and not m._load_state_dict_post_hooks
+               for m in model.modules())
+
+
+def test_loading_dense_weights_keeps_the_model_pruned_but_a_manual_write_does_not():
+    model = tiny_mlp()
+    masks = M.select(mag(model), 0.8)
+    pruned = M.apply(model, masks)
+    pruned.load_state_dict(model.state_dict())  # dense weights in: re-zeroed by a load hook
+    assert all((w[~masks[n]] == 0).all() for n, w in effective(pruned, masks).items())
+    M.load_dense(pruned, model.state_dict())
+    assert all((w[~masks[n]] == 0).all() for n, w in effective(pruned, masks).items())
+    # documented limitation of the hooks mechanism: a raw in-place write is not undone ...
+    with torch.no_grad():
+        pruned[1].weight.copy_(model[1].weight)
+    assert (pruned[1].weight[~masks["1.weight"]] != 0).any()
+    # ... write_weight (or re-applying the masks) is the way to write into a masked weight
+    M.write_weight(pruned[1], "weight", model[1].weight)
+    assert (pruned[1].weight[~masks["1.weight"]] == 0).all()
+    # parametrize re-masks at every forward: its effective weight ignores the original's zeros
+    par = M.apply(model, masks, mechanism="parametrize")
+    assert (par[1].parametrizations["weight"].original[~masks["1.weight"]] != 0).any()
+    assert (par[1].weight[~masks["1.weight"]] == 0).all()
+
+
+def test_masks_survive_pickle_dtype_change_and_unfreezing(tmp_path):
+    model = tiny_mlp()
+    masks = M.select(mag(model), 0.7)
+    pruned = M.apply(model, masks)
+    torch.save(pruned, tmp_path / "whole.pt")
+    loaded = torch.load(tmp_path / "whole.pt", weights_only=False)
+    train_steps(loaded, OPTIMIZERS["adam"](loaded.parameters()), masks)
+    doubled = copy.deepcopy(pruned).double()
+    assert all(b.dtype == torch.float64 for m in doubled.modules() for b in m.buffers())
+    train_steps(doubled, OPTIMIZERS["sgd-momentum"](doubled.parameters()), masks,
+                dtype=torch.float64)
+    frozen = copy.deepcopy(pruned).requires_grad_(False)
+    frozen(torch.randn(2, 12))  # a forward while frozen: no hook can be registered yet
+    frozen.requires_grad_(True)
+    train_steps(frozen, OPTIMIZERS["rmsprop"](frozen.parameters()), masks)
+
+
+def test_swap_mode_conversion_rewires_the_gradient_hook():
+    model = M.apply(tiny_mlp(), M.select(mag(tiny_mlp()), 0.5))
+    masks = M.current(model)
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model = model.double()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    train_steps(model, OPTIMIZERS["sgd-momentum"](model.parameters()), masks,
+                dtype=torch.float64)
+
+
+def test_switching_mechanisms_and_exports_keep_the_masks():
+    model = tiny_mlp()
+    masks = M.select(mag(model), 0.6)
+    hooked = M.apply(model, masks)
+    par = M.to_parametrize(hooked)
+    assert M.mechanism(par) == "parametrize" and M.mechanism(hooked) == "hooks"
+    back = M.apply(par, M.current(par))
+    assert M.mechanism(back) == "hooks"
+    x = torch.randn(7, 12)
+    for net in (par, back, M.to_torch_prune(hooked), G.plain_copy(hooked), M.remove(par)):
+        assert torch.equal(net(x), hooked(x))
+    for net in (par, back):
+        assert all(torch.equal(M.current(net)[n], masks[n]) for n in masks)
+    assert torch.equal(M.from_torch_prune(M.to_torch_prune(hooked))["3.weight"], masks["3.weight"])
+    imported = M.import_torch_prune(M.to_torch_prune(par))
+    assert M.mechanism(imported) == "hooks" and torch.equal(imported(x), hooked(x))
+    plain = G.plain_copy(hooked)
+    assert not G.is_masked(plain) and not any(_masking.names(m) for m in plain.modules())
+    with pytest.raises(ValueError, match="mechanism must be one of"):
+        M.apply(model, masks, mechanism="prune")
+
+
+def test_any_parameter_name_can_be_held_masked():
+    """Keyed by (module, tensor name): e.g. ``in_proj_weight`` of nn.MultiheadAttention."""
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(8, 2, batch_first=True)
+    keep = torch.rand(attn.in_proj_weight.shape) > 0.5
+    _masking.attach(attn, "in_proj_weight", keep)
+    assert set(M.current(attn)) == {"in_proj_weight"}
+    opt = torch.optim.AdamW(attn.parameters(), lr=0.01, weight_decay=0.1)
+    for _ in range(4):
+        x = torch.randn(3, 5, 8)
+        opt.zero_grad()
+        attn(x, x, x)[0].square().mean().backward()
+        opt.step()
+        assert (attn.in_proj_weight[~keep] == 0).all()
+    assert (copy.deepcopy(attn).in_proj_weight[~keep] == 0).all()
+    M.remove(attn, inplace=True)
+    assert not M.current(attn) and not G.is_masked(attn)
+
+
+def test_masked_models_from_prune_use_hooks_and_fine_tune_exactly_sparse():
+    import prunelab as pl
+
+    model = tiny_mlp()
+    x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
+    result = pl.prune(model, "mp", sparsity=0.8)
+    assert M.mechanism(result.model) == "hooks" and not G.is_masked(model)
+    # the caller's model gets no buffers and no hooks, on modules or on parameters
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    assert all(not m._forward_pre_hooks and not m._load_state_dict_post_hooks
+               for m in model.modules())
+    masks = result.masks
+    fit(result.model, (x, y), recipe=Recipe(optimizer="sgd", lr=0.05, epochs=2, batch_size=16,
+                                            weight_decay=1e-3), progress=False)
+    assert all((w[~masks[n]] == 0).all() for n, w in effective(result.model, masks).items())

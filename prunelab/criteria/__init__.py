@@ -249,7 +249,7 @@ def _compute(model: nn.Module, name: str, *, batch, masks, lam, seed, sparsity, 
         check_finite_weights(model)
     if not copy:
         work = model
-    elif masks or G.is_parametrized(model):
+    elif masks or G.is_masked(model):
         work = G.plain_copy(model, masks)  # criteria see the effective (masked) weights
         work.eval()
         for p in work.parameters():
@@ -318,8 +318,8 @@ def score(model: nn.Module, name: str, *, batch=None, masks: Masks | None = None
     """Scores of every prunable weight of ``model`` under criterion ``name``.
 
     Args:
-        model: any module made of Linear/Conv layers; never modified (masks attached as
-            parametrizations are honoured: pruned weights are zero while scoring).
+        model: any module made of Linear/Conv layers; never modified (attached masks
+            are honoured: pruned weights are zero while scoring).
         name: a name from :func:`names`.
         batch: (x, y) tensors (x a tensor, a mapping -> ``model(**x)`` or a tuple), a Dataset or
             a DataLoader; required by data-dependent criteria. Moved to the model's device.

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from prunelab import batches as B
 from prunelab import graph as G
+from prunelab._masking import foreign_forward_hooks
 from prunelab.criteria.factors import (MAX_EXACT_COLUMNS, columns, draws, output_factor,
                                        units_of)
 
@@ -435,8 +436,8 @@ def _chain(model: nn.Module) -> list[nn.Module] | None:
     out: list[nn.Module] = []
 
     def visit(m: nn.Module) -> bool:
-        if m._forward_hooks or m._forward_pre_hooks:
-            return False  # hooks may change what flows; leave such models to autograd
+        if foreign_forward_hooks(m):
+            return False  # hooks may change what flows (a mask's do not); leave them to autograd
         if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
             return all(visit(c) for c in m)
         if isinstance(m, G.PRUNABLE_TYPES):

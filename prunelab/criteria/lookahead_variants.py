@@ -232,7 +232,7 @@ def lap_act(model: nn.Module, *, batch=None, bn: str = "eq8", **_) -> Scores:
         raise ValueError("lap-act estimates activation probabilities from data: pass "
                          "batch=(x, y)")
     x = batch[0]
-    if G.is_parametrized(model):  # direct calls: trace and run the plain equivalent
+    if G.is_masked(model):  # direct calls: trace and run the plain equivalent
         model = G.plain_copy(model)
     graph = G.layer_graph(model, x)
     if graph.source == "autograd":
@@ -348,7 +348,7 @@ def lap_all(model: nn.Module, *, batch=None, bn: str = "eq8", input_shape=None,
     ``input_shape`` attribute.
     """
     check_bn(bn)
-    if G.is_parametrized(model):
+    if G.is_masked(model):
         model = G.plain_copy(model)
     graph = G.layer_graph(model)
     if not graph.traced:

@@ -388,7 +388,7 @@ def obs(model: nn.Module, *, batch=None, masks: Masks | None = None, seed: int =
         raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
     if batch is None:
         raise ValueError("criterion 'obs' is data-dependent: pass batch=(x, y)")
-    if G.is_parametrized(model):
+    if G.is_masked(model):
         model = G.plain_copy(model)
     block = "row" if block == "layer" else block
     x, y = batch
