@@ -116,13 +116,6 @@ def imp(model: nn.Module, bundle, *, rounds: int, recipe: Recipe, prune_fraction
             raise TypeError(f"{flag} must be True or False, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    for split in ("train", "val", "test"):
-        data = getattr(bundle, split, None)
-        if data is None or not hasattr(data, "__len__") or len(data) == 0:
-            raise ValueError(f"imp trains on bundle.train and reports bundle.val and bundle.test "
-                             f"every round: bundle.{split} must be a non-empty Dataset, got "
-                             f"{type(data).__name__}" + (" of length 0" if data is not None
-                                                          and hasattr(data, "__len__") else ""))
     if isinstance(rounds, numbers.Integral) and not isinstance(rounds, bool):
         rounds = int(rounds)
     if isinstance(rewind_step, numbers.Integral) and not isinstance(rewind_step, bool):
@@ -132,6 +125,13 @@ def imp(model: nn.Module, bundle, *, rounds: int, recipe: Recipe, prune_fraction
     if isinstance(prune_fraction, bool) or not isinstance(prune_fraction, numbers.Real) \
             or not 0 < prune_fraction < 1:
         raise ValueError(f"prune_fraction must be in (0, 1), got {prune_fraction!r}")
+    for split in ("train", "val", "test"):
+        data = getattr(bundle, split, None)
+        if data is None or not hasattr(data, "__len__") or len(data) == 0:
+            raise ValueError(f"imp trains on bundle.train and reports bundle.val and bundle.test "
+                             f"every round: bundle.{split} must be a non-empty Dataset, got "
+                             f"{type(data).__name__}" + (" of length 0" if data is not None
+                                                          and hasattr(data, "__len__") else ""))
     total = recipe.total_steps(len(bundle.train))
     if isinstance(rewind_step, bool) or not isinstance(rewind_step, int) or not 0 <= rewind_step < total:
         raise ValueError(f"rewind_step must be an integer in [0, {total}), got {rewind_step!r}")

@@ -153,14 +153,15 @@ def _mha_twin(model, masks):
 
 
 @pytest.mark.parametrize("kdim", [None, 6])
-def test_parametrized_in_proj_weight_equals_masked_weight_in_train_and_eval(kdim):
+@pytest.mark.parametrize("mechanism", M.MECHANISMS)
+def test_masked_in_proj_weight_equals_masked_weight_in_train_and_eval(kdim, mechanism):
     torch.manual_seed(0)
     m = MHANet(kdim=kdim, vdim=kdim)
     ids = torch.randint(0, 11, (5, 7))
     masks = S.select(pl.score(m, "random", seed=1), 0.6)
     attn = [n for n in masks if n.startswith("attn.") and "out_proj" not in n]
     assert attn and all(not masks[n].all() for n in attn)
-    pruned = M.apply(m, masks)
+    pruned = M.apply(m, masks, mechanism=mechanism)
     assert set(M.current(pruned)) == set(masks)
     twin = _mha_twin(m, masks)
     for mode in ("train", "eval"):
@@ -174,10 +175,13 @@ def test_parametrized_in_proj_weight_equals_masked_weight_in_train_and_eval(kdim
             assert "aten::_native_multi_head_attention" in {e.name for e in prof.events()}
     pruned.train()
     out = pruned(ids).sum()
-    out.backward()  # gradients reach the original behind the parametrization
+    out.backward()  # gradients reach the tensor (behind the parametrization), pruned ones 0
     for n in attn:
         mod, t = G.module_of(pruned, n), G.split_name(n)[1]
-        assert mod.parametrizations[t].original.grad is not None
+        held = mod.parametrizations[t].original if mechanism == "parametrize" else getattr(mod, t)
+        assert held.grad is not None and held.grad[masks[n]].abs().sum() > 0
+        if mechanism == "hooks":
+            assert torch.all(held.grad[~masks[n]] == 0)
         assert torch.all(G.weight(pruned, n)[~masks[n]] == 0)
 
 
@@ -202,10 +206,13 @@ def test_export_and_checkpoints_with_non_weight_tensor_names(tmp_path):
     assert set(got) == set(res.masks) and all(torch.equal(got[n], res.masks[n]) for n in got)
     imported = M.import_torch_prune(tp)
     assert set(M.current(imported)) == set(res.masks)
-    # dense state dict: plain keys, unmasked originals; loads into a fresh model
+    # dense state dict: plain keys (the default hooks hold pruned entries at 0; parametrize
+    # keeps the unmasked originals); loads into a fresh model
     dense = M.dense_state_dict(res.model)
-    assert "attn.in_proj_weight" in dense and torch.equal(dense["attn.in_proj_weight"],
-                                                          m.attn.in_proj_weight)
+    assert "attn.in_proj_weight" in dense and torch.equal(
+        dense["attn.in_proj_weight"], m.attn.in_proj_weight * res.masks["attn.in_proj_weight"])
+    original = M.dense_state_dict(M.apply(m, res.masks, mechanism="parametrize"))
+    assert torch.equal(original["attn.in_proj_weight"], m.attn.in_proj_weight)
     fresh = MHANet()
     fresh.load_state_dict(dense)
     removed = M.remove(res.model)
