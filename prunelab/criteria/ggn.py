@@ -269,6 +269,13 @@ class _Accumulator:
         if self.grad and gcol is not None:
             self._add(self.gsum, m, gcol.T @ a)
 
+    def add_done(self, m: nn.Module, diag: Tensor, gsum: Tensor | None) -> None:
+        """Add sums already contracted for ``m``: Σ squared per-example gradients, Σ gradients."""
+        self.seen.add(m)
+        self._add(self.diag, m, diag.reshape(m.weight.shape))
+        if self.grad and gsum is not None:
+            self._add(self.gsum, m, gsum.reshape(m.weight.shape))
+
     def add_calls(self, m: nn.Module, calls: Sequence[tuple[Tensor, Tensor]], k: int) -> None:
         """Add all calls of ``m`` in one pass; several calls (shared weights) add up per example."""
         self.seen.add(m)
@@ -605,12 +612,16 @@ def _autograd_pass(model: nn.Module, modules: dict[str, nn.Module], x, y: Tensor
         return float(loss)
     if not z.requires_grad:
         raise ValueError("the logits do not depend on any prunable layer")
-    # Per column: fast-path layers (2-D Linear, one call) accumulate Σ_j b²; others keep b.
+    # Per column: fast-path layers (2-D Linear, one call) accumulate Σ_j b²; Linear layers on
+    # token sequences (one call) accumulate their contraction column by column (no copy of the
+    # k columns); others keep b.
     fast = {m for m in unique if len(calls[m]) == 1 and isinstance(m, nn.Linear)
             and calls[m][0][0].dim() == 2}
+    tokens = {m: _TokenLinear(calls[m][0][0], k, acc.grad) for m in unique
+              if m not in fast and len(calls[m]) == 1 and isinstance(m, nn.Linear)}
     sq = {m: None for m in fast}
     kept: dict[nn.Module, list[list[Tensor]]] = {
-        m: [[] for _ in calls[m]] for m in unique if m not in fast}
+        m: [[] for _ in calls[m]] for m in unique if m not in fast and m not in tokens}
     gcol: dict[nn.Module, Tensor] = {}
     cols = v.shape[0]
     for j in range(cols):
@@ -622,15 +633,85 @@ def _autograd_pass(model: nn.Module, modules: dict[str, nn.Module], x, y: Tensor
                     sq[m] = b.square() if sq[m] is None else sq[m].addcmul_(b, b)
                 else:
                     gcol[m] = b
+            elif m in tokens:
+                tokens[m].add(j, b)
             else:
                 kept[m][i].append(b)
     for m in fast:
         acc.add_linear(m, calls[m][0][0], sq[m], gcol.get(m))
+    for m, tok in tokens.items():
+        acc.add_done(m, *tok.result())
     for m, per_call in kept.items():
         if per_call:
             acc.add_calls(m, [(calls[m][i][0], torch.stack(bl)) for i, bl in enumerate(per_call)],
                           k)
     return float(loss)
+
+
+class _TokenLinear:
+    """Σ_n Σ_j (Σ_p b_j[n,p] a[n,p]ᵀ)² of a Linear applied at P positions (tokens), one column
+    b_j (N, ..., O) at a time, so the k columns are never stacked.
+
+    The weight is shared across positions, so positions are summed before squaring. Two exact
+    ways, the cheaper one chosen by P and k:
+
+    * pairs (P + 1 < 2k): Σ_n Σ_{p≤q} c_pq (Σ_j b_jp ∘ b_jq)(a_p ∘ a_q) with c = 1 on the
+      diagonal and 2 off it. The Σ_j products accumulate per column into a (P(P+1)/2, N, O)
+      buffer, then one matmul over (examples, pairs) contracts them with the input products:
+      N·P(P+1)/2·O·K multiply-adds, against k·N·P·O·K for per-example gradients.
+    * per-example gradients (otherwise, e.g. Monte-Carlo with one column or long sequences):
+      one batched matmul per column, squared and summed in place.
+    """
+
+    def __init__(self, a: Tensor, k: int, grad: bool) -> None:
+        n, kin = a.shape[0], a.shape[-1]
+        self.a = a.reshape(n, -1, kin)  # (N, P, K)
+        self.p = p = self.a.shape[1]
+        self.k, self.grad = k, grad
+        self.pairs = p + 1 < 2 * k
+        self.bb: Tensor | None = None
+        self.diag: Tensor | None = None
+        self.gsum: Tensor | None = None
+        if self.pairs:
+            sizes = [p - i for i in range(p)]
+            self.offsets = [sum(sizes[:i]) for i in range(p)]
+
+    def add(self, j: int, b: Tensor) -> None:
+        n, p = self.a.shape[:2]
+        b = b.reshape(n, p, -1)  # (N, P, O)
+        if j >= self.k:  # the gradient column: one matmul over examples and positions
+            if self.grad:
+                self.gsum = b.reshape(n * p, -1).T @ self.a.reshape(n * p, -1)
+            return
+        if not self.pairs:
+            d = _square_sum_per_example(b.transpose(1, 2).unsqueeze(1).unsqueeze(0),
+                                        self.a.transpose(1, 2).unsqueeze(1))[0]
+            self.diag = d if self.diag is None else self.diag.add_(d)
+            return
+        # Pair-major layout (pairs, N, O): every update below is one contiguous block (measured
+        # twice as fast as example-major slices, whose strided writes miss the cache).
+        bt = b.transpose(0, 1)
+        if self.bb is None:
+            self.bb = b.new_empty(p * (p + 1) // 2, n, b.shape[-1])
+        for i, off in enumerate(self.offsets):
+            dst = self.bb[off:off + p - i]
+            if j == 0:
+                torch.mul(bt[i:i + 1], bt[i:], out=dst)
+            else:
+                dst.addcmul_(bt[i:i + 1], bt[i:])
+
+    def result(self) -> tuple[Tensor, Tensor | None]:
+        """(Σ of squared per-example gradients (O, K), Σ of gradients (O, K) or None)."""
+        if self.pairs:
+            n, p, kin = self.a.shape
+            at = self.a.transpose(0, 1)
+            uu = at.new_empty(p * (p + 1) // 2, n, kin)
+            for i, off in enumerate(self.offsets):
+                dst = uu[off:off + p - i]
+                torch.mul(at[i:i + 1], at[i:], out=dst)
+                dst[1:].mul_(2)  # off-diagonal pairs stand for (p, q) and (q, p)
+            self.diag = self.bb.reshape(-1, self.bb.shape[-1]).T @ uu.reshape(-1, kin)
+        return self.diag, self.gsum
 
 
 def _hooked_forward(model: nn.Module, modules: list[nn.Module], x, *, clone: bool,
