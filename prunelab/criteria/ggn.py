@@ -56,6 +56,9 @@ _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GE
 
 # Elements of the temporary per-example gradients (columns x examples x weight) of conv layers.
 _PER_EXAMPLE_BUDGET = 2**24
+# Elements of one chunk of per-example gradients, squared and summed right after the matmul that
+# writes them: 1 MB in float32 stays in cache (measured 4x faster than 64 MB chunks for k = 1).
+_PER_EXAMPLE_CHUNK = 2**18
 # Bytes of activations and propagated factors per chunk of examples when ``chunk=None``.
 _CHUNK_BUDGET_BYTES = 2**29
 
@@ -322,7 +325,7 @@ def _square_sum_per_example(b: Tensor, u: Tensor) -> Tensor:
     k, n, g, og, p = b.shape
     kg = u.shape[2]
     ut = u.reshape(n * g, kg, p).transpose(1, 2)  # (N·g, P, Kg), no copy
-    step = max(1, _PER_EXAMPLE_BUDGET // max(1, g * og * kg))
+    step = max(1, _PER_EXAMPLE_CHUNK // max(1, g * og * kg))
     buf = b.new_empty(min(n, step) * g, og, kg)
     diag = b.new_zeros(g, og, kg)
     for c in range(k):
