@@ -59,6 +59,8 @@ _PER_EXAMPLE_BUDGET = 2**24
 # Elements of one chunk of per-example gradients, squared and summed right after the matmul that
 # writes them: 1 MB in float32 stays in cache (measured 4x faster than 64 MB chunks for k = 1).
 _PER_EXAMPLE_CHUNK = 2**18
+# Relative cost of one elementwise multiply-add (memory-bound) to one matmul multiply-add.
+_ELEMENTWISE_COST = 8
 # Bytes of activations and propagated factors per chunk of examples when ``chunk=None``.
 _CHUNK_BUDGET_BYTES = 2**29
 
@@ -620,7 +622,7 @@ def _autograd_pass(model: nn.Module, modules: dict[str, nn.Module], x, y: Tensor
     # k columns); others keep b.
     fast = {m for m in unique if len(calls[m]) == 1 and isinstance(m, nn.Linear)
             and calls[m][0][0].dim() == 2}
-    tokens = {m: _TokenLinear(calls[m][0][0], k, acc.grad) for m in unique
+    tokens = {m: _TokenLinear(calls[m][0][0], m.out_features, k, acc.grad) for m in unique
               if m not in fast and len(calls[m]) == 1 and isinstance(m, nn.Linear)}
     sq = {m: None for m in fast}
     kept: dict[nn.Module, list[list[Tensor]]] = {
@@ -658,7 +660,7 @@ class _TokenLinear:
     The weight is shared across positions, so positions are summed before squaring. Two exact
     ways, the cheaper one chosen by P and k:
 
-    * pairs (P + 1 < 2k): Σ_n Σ_{p≤q} c_pq (Σ_j b_jp ∘ b_jq)(a_p ∘ a_q) with c = 1 on the
+    * pairs (roughly P + 1 < 2k, by a cost model): Σ_n Σ_{p≤q} c_pq (Σ_j b_jp ∘ b_jq)(a_p ∘ a_q) with c = 1 on the
       diagonal and 2 off it. The Σ_j products accumulate per column into a (P(P+1)/2, N, O)
       buffer, then one matmul over (examples, pairs) contracts them with the input products:
       N·P(P+1)/2·O·K multiply-adds, against k·N·P·O·K for per-example gradients.
@@ -666,12 +668,15 @@ class _TokenLinear:
       one batched matmul per column, squared and summed in place.
     """
 
-    def __init__(self, a: Tensor, k: int, grad: bool) -> None:
+    def __init__(self, a: Tensor, out_features: int, k: int, grad: bool) -> None:
         n, kin = a.shape[0], a.shape[-1]
         self.a = a.reshape(n, -1, kin)  # (N, P, K)
         self.p = p = self.a.shape[1]
         self.k, self.grad = k, grad
-        self.pairs = p + 1 < 2 * k
+        # Cost in matmul multiply-adds per example, an elementwise op counted as _ELEMENTWISE_COST
+        # (memory-bound ops run about that much slower than a large matmul here).
+        o, t, e = out_features, p * (p + 1) // 2, _ELEMENTWISE_COST
+        self.pairs = t * o * (e * k + kin) + e * t * kin < k * o * kin * (p + e)
         self.bb: Tensor | None = None
         self.diag: Tensor | None = None
         self.gsum: Tensor | None = None
