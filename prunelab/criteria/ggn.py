@@ -653,6 +653,18 @@ def _autograd_pass(model: nn.Module, modules: dict[str, nn.Module], x, y: Tensor
     return float(loss)
 
 
+def _pairs_cheaper(p: int, k: int, o: int, kin: int) -> bool:
+    """Whether pairs of positions cost less than per-example gradients for a Linear (O, K) at P
+    positions with k columns (see :class:`_TokenLinear`).
+
+    Costs in matmul multiply-adds per example, an elementwise multiply-add counted as
+    ``_ELEMENTWISE_COST`` of them (memory-bound ops run about that much slower here): pairs
+    t·O·(e·k + K) + e·t·K with t = P(P+1)/2, per-example gradients k·O·K·(P + e).
+    """
+    t, e = p * (p + 1) // 2, _ELEMENTWISE_COST
+    return t * o * (e * k + kin) + e * t * kin < k * o * kin * (p + e)
+
+
 class _TokenLinear:
     """Σ_n Σ_j (Σ_p b_j[n,p] a[n,p]ᵀ)² of a Linear applied at P positions (tokens), one column
     b_j (N, ..., O) at a time, so the k columns are never stacked.
@@ -673,10 +685,7 @@ class _TokenLinear:
         self.a = a.reshape(n, -1, kin)  # (N, P, K)
         self.p = p = self.a.shape[1]
         self.k, self.grad = k, grad
-        # Cost in matmul multiply-adds per example, an elementwise op counted as _ELEMENTWISE_COST
-        # (memory-bound ops run about that much slower than a large matmul here).
-        o, t, e = out_features, p * (p + 1) // 2, _ELEMENTWISE_COST
-        self.pairs = t * o * (e * k + kin) + e * t * kin < k * o * kin * (p + e)
+        self.pairs = _pairs_cheaper(p, k, out_features, kin)
         self.bb: Tensor | None = None
         self.diag: Tensor | None = None
         self.gsum: Tensor | None = None
