@@ -25,8 +25,8 @@ Cost (measured, ``python -m benchmarks --only ggn transformer``): the exact diag
 backward passes of the factor (C classes); on a transformer each costs about half a
 forward+backward (LayerNorm, GELU, softmax and reshape backward are memory-bound and are paid per
 column), which puts the floor of the exact diagonal near (C − 1)/2 forward+backward passes
-before any contraction (4.5× at C = 10). A batched backward (``is_grads_batched=True``, vmap over the columns)
-measured slower than the loop here.
+before any contraction (4.5× at C = 10). A batched backward (``is_grads_batched=True``, vmap
+over the columns) measured slower than the loop here.
 
 ``"auto"`` picks the chain when the model is one, otherwise autograd. The output-side factor of
 each loss comes from :mod:`prunelab.criteria.factors`.
@@ -682,10 +682,10 @@ class _TokenLinear:
     The weight is shared across positions, so positions are summed before squaring. Two exact
     ways, the cheaper one chosen by P and k:
 
-    * pairs (roughly P + 1 < 2k, by a cost model): Σ_n Σ_{p≤q} c_pq (Σ_j b_jp ∘ b_jq)(a_p ∘ a_q) with c = 1 on the
-      diagonal and 2 off it. The Σ_j products accumulate per column into a (P(P+1)/2, N, O)
-      buffer, then one matmul over (examples, pairs) contracts them with the input products:
-      N·P(P+1)/2·O·K multiply-adds, against k·N·P·O·K for per-example gradients.
+    * pairs (roughly P + 1 < 2k, by a cost model): Σ_n Σ_{p≤q} c_pq (Σ_j b_jp ∘ b_jq)(a_p ∘ a_q)
+      with c = 1 on the diagonal and 2 off it. The Σ_j products accumulate per column into a
+      (P(P+1)/2, N, O) buffer, then one matmul over (examples, pairs) contracts them with the
+      input products: N·P(P+1)/2·O·K multiply-adds, against k·N·P·O·K for per-example gradients.
     * per-example gradients (otherwise, e.g. Monte-Carlo with one column or long sequences):
       one batched matmul per column, squared and summed in place.
     """
@@ -693,7 +693,7 @@ class _TokenLinear:
     def __init__(self, a: Tensor, out_features: int, k: int, grad: bool) -> None:
         n, kin = a.shape[0], a.shape[-1]
         self.a = a.reshape(n, -1, kin)  # (N, P, K)
-        self.p = p = self.a.shape[1]
+        p = self.a.shape[1]
         self.k, self.grad = k, grad
         self.pairs = _pairs_cheaper(p, k, out_features, kin)
         self.bb: Tensor | None = None
