@@ -348,3 +348,77 @@ def test_float_targets_must_be_probabilities():
     model, x, _, _ = build("mlp-tanh")
     with pytest.raises(ValueError, match="probabilities"):
         ggn_diagonal(model, (x, torch.zeros(5, dtype=torch.float64)))
+
+
+# ----------------------------------------------------------------------------- token sequences
+def _tiny_vit():
+    import prunelab as pl
+
+    torch.manual_seed(0)
+    # (1, 8) inputs cut into 2 patches of 4 plus a class token: 3 positions per Linear call
+    return pl.models.build("vit", input_shape=(1, 8), num_classes=5, patch=4, dim=8, depth=1,
+                           heads=2).double().eval()
+
+
+@pytest.mark.parametrize("pairs", [True, False])
+def test_vit_exact_ggn_matches_explicit_jacobians(monkeypatch, pairs):
+    """A transformer (LayerNorm, attention, GELU, residual adds, a class token: the autograd
+    engine) with each Linear contracted over position pairs or by per-example gradients."""
+    import prunelab.criteria.ggn as ggn
+
+    monkeypatch.setattr(ggn, "_pairs_cheaper", lambda *a: pairs)
+    model = _tiny_vit()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 1, 8, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (6,), generator=gen)
+    ref, ref_loss, ref_grad = ggn_reference(model, x, y)
+    res = loss_grad_ggn(model, (x, y))
+    assert res.loss == pytest.approx(ref_loss, rel=1e-12)
+    assert set(res.ggn) == set(ref)
+    for n in ref:
+        torch.testing.assert_close(res.ggn[n], ref[n], rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(res.grad[n], ref_grad[n], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("pairs", [True, False])
+@pytest.mark.parametrize("k", [1, 4])
+def test_token_linear_contraction_equals_per_example_gradients(monkeypatch, pairs, k):
+    """Both contractions of _TokenLinear, column by column, against explicit per-example
+    gradients Σ_n Σ_j (Σ_p b_j[n,p] a[n,p]ᵀ)², and the gradient column against Σ bᵀa."""
+    import prunelab.criteria.ggn as ggn
+
+    monkeypatch.setattr(ggn, "_pairs_cheaper", lambda *a: pairs)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 2, 3, 4, generator=gen, dtype=torch.float64)  # (N, 2x3 positions, K)
+    b = torch.randn(k + 1, 7, 2, 3, 5, generator=gen, dtype=torch.float64)  # (cols, N, .., O)
+    acc = ggn._TokenLinear(a, 5, k, grad=True)
+    assert acc.pairs is pairs
+    for j in range(k + 1):
+        acc.add(j, b[j])
+    diag, gsum = acc.result()
+    want = torch.einsum("jnpo,npi->jnoi", b[:k].reshape(k, 7, 6, 5), a.reshape(7, 6, 4))
+    torch.testing.assert_close(diag, want.square().sum((0, 1)))
+    torch.testing.assert_close(gsum, torch.einsum("npo,npi->oi", b[k].reshape(7, 6, 5),
+                                                  a.reshape(7, 6, 4)))
+
+
+def test_pairs_chosen_where_cheaper():
+    """Exact (k = 9) on a width-64 Linear at 8 positions: pairs; Monte-Carlo (k = 1), a 5-input
+    patch embedding or 64 positions: per-example gradients."""
+    from prunelab.criteria.ggn import _pairs_cheaper
+
+    assert _pairs_cheaper(8, 9, 64, 64)
+    assert not _pairs_cheaper(8, 1, 64, 64)
+    assert not _pairs_cheaper(8, 9, 64, 5)
+    assert not _pairs_cheaper(64, 9, 64, 64)
+
+
+def test_per_example_chunks_give_the_same_numbers(monkeypatch):
+    import prunelab.criteria.ggn as ggn
+
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randn(2, 9, 1, 4, 5, generator=gen, dtype=torch.float64)
+    u = torch.randn(9, 1, 3, 5, generator=gen, dtype=torch.float64)
+    whole = ggn._square_sum_per_example(b, u)
+    monkeypatch.setattr(ggn, "_PER_EXAMPLE_CHUNK", 4 * 3 * 2)  # 2 examples per chunk, 9 = 4x2+1
+    torch.testing.assert_close(ggn._square_sum_per_example(b, u), whole)

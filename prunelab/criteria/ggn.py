@@ -16,7 +16,17 @@ Two propagation engines give identical numbers:
   and that hold no prunable layer (pooling, custom blocks) are differentiated locally.
 * ``"autograd"``: any graph autograd can differentiate (residual nets, functional code): the
   prunable layers' outputs are captured with hooks and each factor column is pulled back with one
-  ``torch.autograd.grad`` call.
+  ``torch.autograd.grad`` call. Each column is contracted as it arrives: Σ_j b² for Linear layers
+  on (N, features), and for Linear layers on token sequences (transformers: the weight is shared
+  across positions) either the position-pair expansion or per-example gradients, whichever costs
+  less (:class:`_TokenLinear`), so the k columns are never stacked.
+
+Cost (measured, ``python -m benchmarks --only ggn transformer``): the exact diagonal needs C − 1
+backward passes of the factor (C classes); on a transformer each costs about half a
+forward+backward (LayerNorm, GELU, softmax and reshape backward are memory-bound and are paid per
+column), which puts the floor of the exact diagonal near (C − 1)/2 forward+backward passes
+before any contraction (4.5× at C = 10). A batched backward (``is_grads_batched=True``, vmap
+over the columns) measured slower than the loop here.
 
 ``"auto"`` picks the chain when the model is one, otherwise autograd. The output-side factor of
 each loss comes from :mod:`prunelab.criteria.factors`.
@@ -57,6 +67,12 @@ _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GE
 
 # Elements of the temporary per-example gradients (columns x examples x weight) of conv layers.
 _PER_EXAMPLE_BUDGET = 2**24
+# Elements of one chunk of per-example gradients, squared and summed right after the matmul that
+# writes them: 4 MB in float32 stays in cache (measured 4x faster than 64 MB chunks for k = 1;
+# 1 MB chunks were as fast on one thread but slower on two).
+_PER_EXAMPLE_CHUNK = 2**20
+# Relative cost of one elementwise multiply-add (memory-bound) to one matmul multiply-add.
+_ELEMENTWISE_COST = 8
 # Bytes of activations and propagated factors per chunk of examples when ``chunk=None``.
 _CHUNK_BUDGET_BYTES = 2**29
 
@@ -293,6 +309,13 @@ class _Accumulator:
         if self.grad and gcol is not None:
             self._add(self.gsum, m, gcol.T @ a)
 
+    def add_done(self, m: nn.Module, diag: Tensor, gsum: Tensor | None) -> None:
+        """Add sums already contracted for ``m``: Σ squared per-example gradients, Σ gradients."""
+        self.seen.add(m)
+        self._add(self.diag, m, diag.reshape(m.weight.shape))
+        if self.grad and gsum is not None:
+            self._add(self.gsum, m, gsum.reshape(m.weight.shape))
+
     def add_calls(self, m: nn.Module, calls: Sequence[tuple[Tensor, Tensor]], k: int) -> None:
         """Add all calls of ``m`` in one pass; several calls (shared weights) add up per example."""
         self.seen.add(m)
@@ -345,7 +368,7 @@ def _square_sum_per_example(b: Tensor, u: Tensor) -> Tensor:
     k, n, g, og, p = b.shape
     kg = u.shape[2]
     ut = u.reshape(n * g, kg, p).transpose(1, 2)  # (N·g, P, Kg), no copy
-    step = max(1, _PER_EXAMPLE_BUDGET // max(1, g * og * kg))
+    step = max(1, _PER_EXAMPLE_CHUNK // max(1, g * og * kg))
     buf = b.new_empty(min(n, step) * g, og, kg)
     diag = b.new_zeros(g, og, kg)
     for c in range(k):
@@ -635,12 +658,16 @@ def _autograd_pass(model: nn.Module, modules: dict[str, nn.Module], x, y: Tensor
         return float(loss)
     if not z.requires_grad:
         raise ValueError("the logits do not depend on any prunable layer")
-    # Per column: fast-path layers (2-D Linear, one call) accumulate Σ_j b²; others keep b.
+    # Per column: fast-path layers (2-D Linear or Linear-like, one call) accumulate Σ_j b²;
+    # nn.Linear layers on token sequences (one call) accumulate their contraction column by
+    # column (no copy of the k columns); others keep b.
     fast = {m for m in unique if len(calls[m]) == 1 and _is_linear(m)
             and calls[m][0][0].dim() == 2}
+    tokens = {m: _TokenLinear(calls[m][0][0], m.out_features, k, acc.grad) for m in unique
+              if m not in fast and len(calls[m]) == 1 and isinstance(m, nn.Linear)}
     sq = {m: None for m in fast}
     kept: dict[nn.Module, list[list[Tensor]]] = {
-        m: [[] for _ in calls[m]] for m in unique if m not in fast}
+        m: [[] for _ in calls[m]] for m in unique if m not in fast and m not in tokens}
     gcol: dict[nn.Module, Tensor] = {}
     cols = v.shape[0]
     for j in range(cols):
@@ -652,15 +679,97 @@ def _autograd_pass(model: nn.Module, modules: dict[str, nn.Module], x, y: Tensor
                     sq[m] = b.square() if sq[m] is None else sq[m].addcmul_(b, b)
                 else:
                     gcol[m] = b
+            elif m in tokens:
+                tokens[m].add(j, b)
             else:
                 kept[m][i].append(b)
     for m in fast:
         acc.add_linear(m, calls[m][0][0], sq[m], gcol.get(m))
+    for m, tok in tokens.items():
+        acc.add_done(m, *tok.result())
     for m, per_call in kept.items():
         if per_call:
             acc.add_calls(m, [(calls[m][i][0], torch.stack(bl)) for i, bl in enumerate(per_call)],
                           k)
     return float(loss)
+
+
+def _pairs_cheaper(p: int, k: int, o: int, kin: int) -> bool:
+    """Whether pairs of positions cost less than per-example gradients for a Linear (O, K) at P
+    positions with k columns (see :class:`_TokenLinear`).
+
+    Costs in matmul multiply-adds per example, an elementwise multiply-add counted as
+    ``_ELEMENTWISE_COST`` of them (memory-bound ops run about that much slower here): pairs
+    t·O·(e·k + K) + e·t·K with t = P(P+1)/2, per-example gradients k·O·K·(P + e).
+    """
+    t, e = p * (p + 1) // 2, _ELEMENTWISE_COST
+    return t * o * (e * k + kin) + e * t * kin < k * o * kin * (p + e)
+
+
+class _TokenLinear:
+    """Σ_n Σ_j (Σ_p b_j[n,p] a[n,p]ᵀ)² of a Linear applied at P positions (tokens), one column
+    b_j (N, ..., O) at a time, so the k columns are never stacked.
+
+    The weight is shared across positions, so positions are summed before squaring. Two exact
+    ways, the cheaper one chosen by P and k:
+
+    * pairs (roughly P + 1 < 2k, by a cost model): Σ_n Σ_{p≤q} c_pq (Σ_j b_jp ∘ b_jq)(a_p ∘ a_q)
+      with c = 1 on the diagonal and 2 off it. The Σ_j products accumulate per column into a
+      (P(P+1)/2, N, O) buffer, then one matmul over (examples, pairs) contracts them with the
+      input products: N·P(P+1)/2·O·K multiply-adds, against k·N·P·O·K for per-example gradients.
+    * per-example gradients (otherwise, e.g. Monte-Carlo with one column or long sequences):
+      one batched matmul per column, squared and summed in place.
+    """
+
+    def __init__(self, a: Tensor, out_features: int, k: int, grad: bool) -> None:
+        n, kin = a.shape[0], a.shape[-1]
+        self.a = a.reshape(n, -1, kin)  # (N, P, K)
+        p = self.a.shape[1]
+        self.k, self.grad = k, grad
+        self.pairs = _pairs_cheaper(p, k, out_features, kin)
+        self.bb: Tensor | None = None
+        self.diag: Tensor | None = None
+        self.gsum: Tensor | None = None
+        if self.pairs:
+            sizes = [p - i for i in range(p)]
+            self.offsets = [sum(sizes[:i]) for i in range(p)]
+
+    def add(self, j: int, b: Tensor) -> None:
+        n, p = self.a.shape[:2]
+        b = b.reshape(n, p, -1)  # (N, P, O)
+        if j >= self.k:  # the gradient column: one matmul over examples and positions
+            if self.grad:
+                self.gsum = b.reshape(n * p, -1).T @ self.a.reshape(n * p, -1)
+            return
+        if not self.pairs:
+            d = _square_sum_per_example(b.transpose(1, 2).unsqueeze(1).unsqueeze(0),
+                                        self.a.transpose(1, 2).unsqueeze(1))[0]
+            self.diag = d if self.diag is None else self.diag.add_(d)
+            return
+        # Pair-major layout (pairs, N, O): every update below is one contiguous block (measured
+        # twice as fast as example-major slices, whose strided writes miss the cache).
+        bt = b.transpose(0, 1)
+        if self.bb is None:
+            self.bb = b.new_empty(p * (p + 1) // 2, n, b.shape[-1])
+        for i, off in enumerate(self.offsets):
+            dst = self.bb[off:off + p - i]
+            if j == 0:
+                torch.mul(bt[i:i + 1], bt[i:], out=dst)
+            else:
+                dst.addcmul_(bt[i:i + 1], bt[i:])
+
+    def result(self) -> tuple[Tensor, Tensor | None]:
+        """(Σ of squared per-example gradients (O, K), Σ of gradients (O, K) or None)."""
+        if self.pairs:
+            n, p, kin = self.a.shape
+            at = self.a.transpose(0, 1)
+            uu = at.new_empty(p * (p + 1) // 2, n, kin)
+            for i, off in enumerate(self.offsets):
+                dst = uu[off:off + p - i]
+                torch.mul(at[i:i + 1], at[i:], out=dst)
+                dst[1:].mul_(2)  # off-diagonal pairs stand for (p, q) and (q, p)
+            self.diag = self.bb.reshape(-1, self.bb.shape[-1]).T @ uu.reshape(-1, kin)
+        return self.diag, self.gsum
 
 
 def _hooked_forward(model: nn.Module, modules: list[nn.Module], x, *, clone: bool,
