@@ -222,8 +222,10 @@ def conservation_table(model: nn.Module, masks: G.Masks | None = None, *,
     sums = {n: float(s.sum()) for n, s in scores.items()}
     mean = sum(sums.values()) / len(sums)
     rows = []
+    tr = G.transposed_names(model)  # units are rows of the (out, in) layout
+    canon = {n: G.canonical(s, n in tr) for n, s in scores.items()}
     for n, s in scores.items():
-        pair = _in_out_sums(graph, n, scores) if n in graph else None
+        pair = _in_out_sums(graph, n, canon) if n in graph else None
         if pair is None:
             units, diff = 0, math.nan
         else:

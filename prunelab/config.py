@@ -22,11 +22,13 @@ from typing import Any
 
 from prunelab import batches as B
 from prunelab import criteria as C
+from prunelab import graph as G
 from prunelab import selection as S
 from prunelab import semistructured as NM
 from prunelab.train import OPTIMIZERS
 
-__all__ = ["PruneConfig", "check_integer", "check_recipe_fields", "SCHEDULES", "SCOPES"]
+__all__ = ["PruneConfig", "check_integer", "check_recipe_fields", "prunable_label",
+           "SCHEDULES", "SCOPES"]
 
 
 def __dir__():
@@ -96,6 +98,14 @@ def check_recipe_fields(fields: Mapping[str, Any], what: str = "finetune") -> di
     return out
 
 
+def prunable_label(prunable) -> str:
+    """A plain, stable label of a ``prunable=`` setting for a frame column or a config key:
+    the sorted kinds/names joined by ``+``, or a callable's qualified name."""
+    if callable(prunable):
+        return f"{getattr(prunable, '__module__', '')}.{getattr(prunable, '__qualname__', '?')}"
+    return "+".join(sorted(prunable))
+
+
 def _recipe_class():
     from prunelab.train import Recipe
 
@@ -135,6 +145,11 @@ class PruneConfig:
         output: optional callable ``model output -> tensor``.
         device: where the pruning runs (e.g. ``"cuda"``); None: where the model's parameters
             are. The pruned model is returned on that device.
+        prunable: which tensors are prunable (:func:`prunelab.graph.prunable_names`): None
+            (default: Linear, Conv, attention projections, Linear-like layers), kinds among
+            ``prunelab.graph.KINDS`` and/or tensor names (names checked against the model by
+            :func:`prunelab.pruning.prune_with`), or a callable ``(name, module, tensor) ->
+            bool``. In :meth:`to_dict` (and so a sweep's key) only when not None.
     """
 
     criterion: str
@@ -150,6 +165,7 @@ class PruneConfig:
     loss: Any = "cross_entropy"
     output: Any = None
     device: str | None = None
+    prunable: Any = None
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalised values are written once, here
@@ -196,6 +212,7 @@ class PruneConfig:
                              f"got {self.options!r}")
         set_(self, "options", dict(self.options))  # our own copy
         C.check_options(self.criterion, self.options)
+        set_(self, "prunable", G.check_prunable(self.prunable))  # kinds checked; names later
         obj = B.objective(self.loss, self.output)  # ValueError/TypeError naming the loss
         set_(self, "loss", obj.loss)
         if self.device is not None:
@@ -213,7 +230,7 @@ class PruneConfig:
         return B.objective(self.loss, self.output)
 
     FIELDS = ("criterion", "sparsity", "layer_sparsity", "scope", "nm_layers", "stages",
-              "schedule", "lam", "seed", "loss", "output", "device")
+              "schedule", "lam", "seed", "loss", "output", "device", "prunable")
 
     @classmethod
     def from_kwargs(cls, criterion: str, **kwargs) -> PruneConfig:
@@ -246,4 +263,6 @@ class PruneConfig:
                 "stages": self.stages, "schedule": self.schedule, "lam": self.lam,
                 "seed": self.seed,
                 "layer_sparsity": dict(self.layer_sparsity) if self.layer_sparsity else None,
-                **({"nm_layers": list(self.nm_layers)} if self.nm_layers else {})}
+                **({"nm_layers": list(self.nm_layers)} if self.nm_layers else {}),
+                **({"prunable": prunable_label(self.prunable)}
+                   if self.prunable is not None else {})}

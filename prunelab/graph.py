@@ -2,14 +2,19 @@
 
 Names are the parameter names of the *plain* model (``"features.0.weight"``), also when masks are
 attached as parametrizations (where ``named_parameters`` would say
-``features.0.parametrizations.weight.original``). By default the weights of ``nn.Linear`` and
-``nn.Conv1d/2d/3d`` are prunable; biases and normalisation parameters are not.
+``features.0.parametrizations.weight.original``). By default the weights of ``nn.Linear``,
+``nn.Conv1d/2d/3d``, the projections of ``nn.MultiheadAttention`` and Linear-like third-party
+layers (HuggingFace's transposed ``Conv1D``) are prunable; embeddings and norm weights when asked
+(``prunable=``); biases never. :func:`candidates` / :func:`layout` say how each tensor is laid
+out (:func:`out_dim`, :func:`in_dim`), the one place structure-aware methods ask.
 
 Over 500 lines because naming the prunable tensors and tracing how layers connect (the
 layer graph every structured method reads) are one idea: the graph is keyed by those names.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import functools
 import operator
@@ -31,7 +36,10 @@ from torch.nn.utils import parametrize
 from prunelab.models import PRUNABLE_TYPES
 
 
-__all__ = ["split_name", "prunable_names", "module_of", "weight", "weights", "is_parametrized",
+__all__ = ["split_name", "prunable_names", "prunables", "candidates", "check_prunable",
+           "selecting", "layout", "out_dim", "in_dim", "in_dims", "canonical", "transposed_names",
+           "linear_like", "is_layer", "Prunable", "KINDS", "DEFAULT_KINDS", "NORM_TYPES",
+           "module_of", "weight", "weights", "is_parametrized",
            "plain_copy", "INPUT", "OUTPUT", "EXTERNAL", "MARKERS", "Edge", "Layer", "LayerGraph",
            "ACT_MODULES", "PASS_MODULES", "BN_MODULES", "ACT_FUNCS", "ACT_METHODS", "PASS_FUNCS",
            "PASS_METHODS", "trace", "fx_inputs", "structure_key", "layer_graph",
@@ -51,10 +59,226 @@ def split_name(name: str) -> tuple[str, str]:
     return module_name, tensor_name
 
 
-def prunable_names(model: nn.Module) -> list[str]:
-    """Names of the prunable weights (Linear/Conv ``weight``), in ``named_modules`` order."""
-    return [f"{name}.weight" if name else "weight"
-            for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)]
+# ============================================================================ what is prunable
+# One place says which tensors are prunable and how each is laid out (which dim holds the
+# output units and which the inputs); every structure-aware method asks here.
+
+KINDS: tuple[str, ...] = ("linear", "conv", "attention", "embedding", "norm")
+#: The kinds pruned when nothing else is asked (DESIGN "Prunable weights").
+DEFAULT_KINDS: frozenset[str] = frozenset({"linear", "conv", "attention"})
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm,
+                                           nn.modules.batchnorm._BatchNorm)
+
+
+@dataclass(frozen=True)
+class Prunable:
+    """One prunable tensor: its name, owner, kind and layout.
+
+    ``out_dim``/``in_dim`` are the dims of the tensor that index the output units and the
+    inputs (``None`` for a 1-D norm weight). ``nn.Linear`` and convolutions store ``(out, in,
+    ...)``; HuggingFace's ``Conv1D`` (``nx``/``nf``) stores ``(in, out)``; an embedding table
+    ``(num_embeddings, dim)`` acts as a Linear map from one-hot tokens, so ``out_dim=1``.
+    """
+
+    name: str
+    module: str
+    tensor: str
+    kind: str
+    out_dim: int
+    in_dim: int | None
+
+    @property
+    def transposed(self) -> bool:
+        """True when the tensor stores ``(in, out)`` (HuggingFace ``Conv1D``, embeddings)."""
+        return self.in_dim == 0 and self.out_dim == 1
+
+
+def linear_like(module: nn.Module) -> tuple[int, int] | None:
+    """``(out_dim, in_dim)`` of a third-party layer used in place of ``nn.Linear``, else None.
+
+    Recognised by a 2-D ``weight`` and declared sizes, never by type: ``in_features`` /
+    ``out_features`` with the weight stored ``(out, in)``, or ``nx`` / ``nf`` (HuggingFace
+    ``transformers.pytorch_utils.Conv1D``, ``y = x @ W + b``) with the weight stored
+    ``(nx, nf) = (in, out)``.
+    """
+    # _parameters first: while torch.fx traces, module attribute reads return proxies
+    w = module._parameters.get("weight")
+    if w is None:
+        w = _tensor_of(module, "weight")  # a parametrized (masked) weight
+    if not isinstance(w, Tensor) or w.dim() != 2:
+        return None
+    i, o = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if isinstance(i, int) and isinstance(o, int) and tuple(w.shape) == (o, i):
+        return 0, 1
+    nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
+    if isinstance(nx, int) and isinstance(nf, int) and tuple(w.shape) == (nx, nf):
+        return 1, 0
+    return None
+
+
+def is_layer(module: nn.Module) -> bool:
+    """A module whose ``weight`` is a layer of the layer graph: Linear/Conv or Linear-like."""
+    return isinstance(module, PRUNABLE_TYPES) or linear_like(module) is not None
+
+
+def _full(mname: str, tname: str) -> str:
+    return f"{mname}.{tname}" if mname else tname
+
+
+def _tensor_of(module: nn.Module, tname: str) -> Tensor | None:
+    # cheap membership tests first: a missing attribute costs nn.Module.__getattr__ an exception
+    plist = module._modules.get("parametrizations")
+    if module._parameters.get(tname) is None and tname not in module.__dict__ \
+            and (plist is None or tname not in plist):
+        return None
+    t = getattr(module, tname, None)
+    return t if isinstance(t, Tensor) else None
+
+
+def candidates(model: nn.Module) -> list[Prunable]:
+    """Every tensor of ``model`` of one of :data:`KINDS`, in ``named_modules`` order."""
+    out: list[Prunable] = []
+    attention_children: set[str] = set()
+    for mname, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            # out_proj is an nn.Linear the attention calls functionally: an attention projection
+            attention_children.add(_full(mname, "out_proj"))
+            tnames = (("in_proj_weight",) if _tensor_of(m, "in_proj_weight") is not None
+                      else ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
+            out += [Prunable(_full(mname, t), mname, t, "attention", 0, 1) for t in tnames
+                    if _tensor_of(m, t) is not None]
+            continue
+        if _tensor_of(m, "weight") is None:
+            continue
+        if isinstance(m, PRUNABLE_TYPES):
+            kind = "attention" if mname in attention_children else (
+                "linear" if isinstance(m, nn.Linear) else "conv")
+            out.append(Prunable(_full(mname, "weight"), mname, "weight", kind, 0, 1))
+        elif isinstance(m, nn.Embedding):
+            out.append(Prunable(_full(mname, "weight"), mname, "weight", "embedding", 1, 0))
+        elif isinstance(m, NORM_TYPES):
+            out.append(Prunable(_full(mname, "weight"), mname, "weight", "norm", 0, None))
+        else:
+            dims = linear_like(m)
+            if dims is not None:
+                out.append(Prunable(_full(mname, "weight"), mname, "weight", "linear", *dims))
+    return out
+
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("prunelab_prunable", default=None)
+
+
+def check_prunable(prunable, model: nn.Module | None = None):
+    """``prunable=`` checked: None, a kind or tensor name, a collection of kinds (of
+    :data:`KINDS`) and/or tensor names, or a callable ``(name, module, tensor) -> bool``.
+
+    Returns None for the default, a callable unchanged, else a frozenset. Without ``model`` a
+    string that is not a kind is taken as a tensor name (checked once a model is at hand);
+    with it, ValueError names what is neither a kind nor a candidate tensor and lists both.
+    TypeError for anything else.
+    """
+    if prunable is None or callable(prunable):
+        return prunable
+    items = (prunable,) if isinstance(prunable, str) else prunable
+    try:
+        items = frozenset(items)
+    except TypeError:
+        raise TypeError(f"prunable must be None, kinds among {list(KINDS)} and/or parameter "
+                        f"names, or a callable (name, module, tensor) -> bool; got "
+                        f"{type(prunable).__name__}") from None
+    bad = [i for i in items if not isinstance(i, str)]
+    if bad or not items:
+        raise TypeError(f"prunable must hold kinds among {list(KINDS)} and/or parameter names "
+                        f"(str), got {sorted(map(repr, items)) or 'an empty collection'}")
+    if model is not None:
+        names = {c.name for c in candidates(model)}
+        unknown = sorted(i for i in items if i not in KINDS and i not in names)
+        if unknown:
+            raise ValueError(f"prunable names unknown kinds or tensors {unknown}; allowed: the "
+                             f"kinds {list(KINDS)} or tensor names {sorted(names)}")
+    return items
+
+
+def prunables(model: nn.Module, prunable=None) -> list[Prunable]:
+    """The prunable tensors of ``model`` with their layout (see :func:`prunable_names`)."""
+    if prunable is None:
+        prunable = _ACTIVE.get()
+    if prunable is None:
+        return [c for c in candidates(model) if c.kind in DEFAULT_KINDS]
+    if callable(prunable):
+        return [c for c in candidates(model)
+                if prunable(c.name, model.get_submodule(c.module), _tensor_of(
+                    model.get_submodule(c.module), c.tensor))]
+    items = check_prunable(prunable, model)
+    return [c for c in candidates(model) if c.kind in items or c.name in items]
+
+
+def prunable_names(model: nn.Module, prunable=None) -> list[str]:
+    """Names of the prunable tensors, in ``named_modules`` order.
+
+    ``prunable`` (DESIGN "Prunable weights"): ``None`` = the kinds in effect — by default the
+    weights of ``nn.Linear``, ``nn.Conv1d/2d/3d``, the projections of ``nn.MultiheadAttention``
+    (``in_proj_weight``, or ``q/k/v_proj_weight`` when kdim/vdim differ, and ``out_proj``) and
+    Linear-like third-party layers (:func:`linear_like`); inside :func:`selecting` (which
+    ``pl.score``/``pl.prune`` use) the set given there. Otherwise kinds among :data:`KINDS`
+    (``"embedding"``: ``nn.Embedding`` weights, ``"norm"``: LayerNorm/BatchNorm/GroupNorm
+    weights) and/or tensor names, or a callable ``(name, module, tensor) -> bool``.
+    """
+    return [c.name for c in prunables(model, prunable)]
+
+
+@contextlib.contextmanager
+def selecting(prunable):
+    """Within the block, ``prunable_names(model)`` (and every function built on it) uses
+    ``prunable`` instead of the default kinds; how ``prunable=`` reaches every criterion
+    without each re-deriving its own list. ``None`` leaves the setting in effect unchanged."""
+    if prunable is None:
+        yield
+        return
+    token = _ACTIVE.set(check_prunable(prunable))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def layout(model: nn.Module, name: str) -> Prunable:
+    """The :class:`Prunable` entry of tensor ``name`` (any kind); ValueError if it is none."""
+    for c in candidates(model):
+        if c.name == name:
+            return c
+    raise ValueError(f"{name!r} is not a prunable tensor of {type(model).__name__}; candidates: "
+                     f"{[c.name for c in candidates(model)]}")
+
+
+def out_dim(model: nn.Module, name: str) -> int:
+    """The dim of tensor ``name`` that indexes the output units (0 for Linear/Conv)."""
+    return layout(model, name).out_dim
+
+
+def in_dim(model: nn.Module, name: str) -> int | None:
+    """The dim of tensor ``name`` that indexes the inputs (1 for Linear/Conv, 0 for a
+    transposed HuggingFace ``Conv1D``, None for a norm weight)."""
+    return layout(model, name).in_dim
+
+
+def in_dims(model: nn.Module, names=None) -> dict[str, int | None]:
+    """``{name: in_dim}`` of the tensors (default: the prunable ones) whose inputs are not on
+    dim 1 (for :func:`prunelab.selection.select`'s N:M scope)."""
+    wanted = None if names is None else set(names)
+    pool = candidates(model) if wanted is not None else prunables(model)
+    return {c.name: c.in_dim for c in pool
+            if (wanted is None or c.name in wanted) and c.in_dim != 1}
+
+
+def transposed_names(model: nn.Module) -> frozenset[str]:
+    """Names of the tensors stored ``(in, out)``."""
+    return frozenset(c.name for c in candidates(model) if c.transposed)
+
+
+def canonical(t: Tensor, transposed: bool) -> Tensor:
+    """``t`` laid out ``(out, in, ...)`` (a view): the layout the structured methods read."""
+    return t.transpose(0, 1) if transposed else t
 
 
 def module_of(model: nn.Module, name: str) -> nn.Module:
@@ -288,12 +512,24 @@ class _Builder:
 
     def __init__(self, model: nn.Module) -> None:
         self.layers: dict[str, tuple[str, nn.Module]] = {}  # module name -> (weight, module)
-        for mname, m in model.named_modules():
-            if isinstance(m, PRUNABLE_TYPES):
-                self.layers[mname] = (f"{mname}.weight" if mname else "weight", m)
-        self.by_weight = {w: (mname, m) for mname, (w, m) in self.layers.items()}
-        self.inputs: dict[str, dict[str, Edge]] = {w: {} for w, _ in self.layers.values()}
-        self.outputs: dict[str, dict[str, Edge]] = {w: {} for w, _ in self.layers.values()}
+        # weight name -> (kind, in, out, groups) of every layer, also of the attention
+        # projections nn.MultiheadAttention applies functionally (never entered: opaque)
+        self.size_of: dict[str, tuple[str, int, int, int]] = {}
+        by_weight: dict[str, tuple[str, nn.Module]] = {}
+        for c in candidates(model):
+            if c.kind not in DEFAULT_KINDS:
+                continue
+            m = model.get_submodule(c.module)
+            if c.tensor == "weight" and is_layer(m):
+                self.layers[c.module] = (c.name, m)
+                self.size_of[c.name] = self.sizes(m)
+            else:
+                t = getattr(m, c.tensor)
+                self.size_of[c.name] = ("linear", t.shape[c.in_dim], t.shape[c.out_dim], 1)
+            by_weight[c.name] = (c.module, m)
+        self.by_weight = by_weight
+        self.inputs: dict[str, dict[str, Edge]] = {w: {} for w in by_weight}
+        self.outputs: dict[str, dict[str, Edge]] = {w: {} for w in by_weight}
         self.bn: dict[str, str] = {}
         self.act: dict[str, str] = {}
         self.order: list[str] = []
@@ -303,14 +539,18 @@ class _Builder:
     def sizes(m: nn.Module) -> tuple[str, int, int, int]:
         if isinstance(m, nn.Linear):
             return "linear", m.in_features, m.out_features, 1
+        dims = None if isinstance(m, PRUNABLE_TYPES) else linear_like(m)
+        if dims is not None:
+            w = m.weight
+            return "linear", w.shape[dims[1]], w.shape[dims[0]], 1
         return "conv", m.in_channels, m.out_channels, m.groups
 
     def edge(self, src: str, dst: str, path: _Path) -> None:
         """Record src -> dst (weight names or markers), checking that channels line up."""
         flatten = None
         if src not in MARKERS and dst not in MARKERS:
-            skind, _, sout, _ = self.sizes(self.by_weight[src][1])
-            dkind, din, _, _ = self.sizes(self.by_weight[dst][1])
+            skind, _, sout, _ = self.size_of[src]
+            dkind, din, _, _ = self.size_of[dst]
             ok = True
             if skind == "conv" and dkind == "linear":
                 ok = path.flat and din % sout == 0
@@ -352,7 +592,7 @@ class _Builder:
         if len(state) == 1:
             (src, path), = state.items()
             if (src not in MARKERS and path.direct and not path.bns
-                    and bn.num_features == self.sizes(self.by_weight[src][1])[2]):
+                    and bn.num_features == self.size_of[src][2]):
                 self.bn.setdefault(src, name)
         return {s: replace(p, bns=p.bns + (name,), direct=False) for s, p in state.items()}
 
@@ -365,11 +605,11 @@ class _Builder:
         return {s: replace(p, direct=False, act_ok=False) for s, p in state.items()}
 
     def build(self, traced: bool, reason: str = "", source: str = "fx") -> LayerGraph:
-        order = self.order + [w for w, _ in self.layers.values() if w not in self.order]
+        order = self.order + [w for w in self.by_weight if w not in self.order]
         out = {}
         for w in order:
-            mname, m = self.by_weight[w]
-            kind, din, dout, groups = self.sizes(m)
+            mname, _ = self.by_weight[w]
+            kind, din, dout, groups = self.size_of[w]
             ins, outs = self.inputs[w], self.outputs[w]
             if not ins:  # never called in the traced forward (or unreachable): no neighbours
                 ins = {EXTERNAL: Edge(EXTERNAL, w)}
@@ -413,9 +653,9 @@ class _Tracer(torch.fx.Tracer):
     ``nn.TransformerEncoderLayer``) is traced through instead of kept as one opaque leaf."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, PRUNABLE_TYPES):
+        if is_layer(m):
             return True
-        if any(isinstance(s, PRUNABLE_TYPES) for s in m.modules()):
+        if any(is_layer(s) for s in m.modules()):
             return False
         return super().is_leaf_module(m, qualname)
 
@@ -482,7 +722,7 @@ def _trace_graph(model: nn.Module) -> LayerGraph:
         elif op == "call_module":
             m = gm.get_submodule(target)
             s = main(node)
-            if isinstance(m, PRUNABLE_TYPES):
+            if target in b.layers:
                 states[node] = b.enter(b.layers[target][0], s)
             elif isinstance(m, BN_MODULES):
                 states[node] = b.batchnorm(target, m, s)
@@ -534,10 +774,10 @@ def _chain_graph(model: nn.Module, reason: str) -> LayerGraph:
     """Fallback: prunable layers as a chain in registration order, BNs/activations between."""
     b = _Builder(model)
     leaves = [(n, m) for n, m in model.named_modules()
-              if isinstance(m, PRUNABLE_TYPES) or not any(True for _ in m.children())]
+              if is_layer(m) or not any(True for _ in m.children())]
     state: dict[str, _Path] | None = {INPUT: _Path()}
     for name, m in leaves:
-        if isinstance(m, PRUNABLE_TYPES):
+        if name in b.layers:
             state = b.enter(b.layers[name][0], state)
         elif isinstance(m, BN_MODULES):
             state = b.batchnorm(name, m, state)
@@ -606,14 +846,31 @@ def _autograd_graph(model: nn.Module, example, forward, reason: str) -> LayerGra
         return t
 
     x = B.map_tensors(example, leafy)
+    internal: set = set()  # autograd nodes a layer made inside its own call
+
+    def inside(out_fn, args) -> None:
+        """Mark the nodes between a layer's inputs and its output (a Linear on (N, T, F) runs
+        view -> mm -> view; a Conv1D addmm and a view): they are the layer, not the network,
+        and read as opaque they would cut its input off from its producers."""
+        stops = {a.grad_fn for a in args if isinstance(a, Tensor) and a.grad_fn is not None}
+        stack = [nxt for nxt, _ in out_fn.next_functions if nxt is not None]
+        while stack:
+            node = stack.pop()
+            if node in stops or node in internal or _ag_kind(node) == "AccumulateGrad" \
+                    or node in produced:
+                continue
+            internal.add(node)
+            stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+
     handles = []
     for mname, m in model.named_modules():
-        if isinstance(m, PRUNABLE_TYPES):
+        if mname in b.layers:
             def post(mod, args, out, w=b.layers[mname][0]):
                 if w not in b.order:
                     b.order.append(w)  # execution order, as the fx walk records it
                 if isinstance(out, Tensor) and out.grad_fn is not None:
                     produced[out.grad_fn] = ("layer", w, args[0] if args else None)
+                    inside(out.grad_fn, args)
         elif isinstance(m, BN_MODULES):
             def post(mod, args, out, name=mname):
                 if isinstance(out, Tensor) and out.grad_fn is not None:
@@ -680,6 +937,9 @@ def _autograd_graph(model: nn.Module, example, forward, reason: str) -> LayerGra
         if kind == "AccumulateGrad":
             states[node] = {INPUT: _Path()} if id(node.variable) in inputs else None
             continue
+        if node in internal:
+            states[node] = None
+            continue
         s = union(node)
         if s is None:
             states[node] = None
@@ -704,7 +964,7 @@ def _autograd_graph(model: nn.Module, example, forward, reason: str) -> LayerGra
             after = _ag_out_shape(node)
 
             def channel(src: str) -> int:
-                return 1 if b.sizes(b.by_weight[src][1])[0] == "conv" else nd - 1
+                return 1 if b.size_of[src][0] == "conv" else nd - 1
             if dims and 0 not in dims and all(channel(src) not in dims
                                               for src in s if src not in MARKERS):
                 flat = after is not None and len(after) == 2 and nd > 2
@@ -776,7 +1036,8 @@ def structure_key(model: nn.Module) -> tuple:
     """A cheap hashable key of everything the traced graph can depend on.
 
     Per module: its name and type, the ``forward`` its class has now (a method patched onto
-    the class counts), any instance-level ``forward``, and its public plain attributes (sizes
+    the class counts), any instance-level ``forward``, the shapes of its parameters (which
+    decide what is Linear-like, :func:`linear_like`) and its public plain attributes (sizes
     such as ``in_features`` — the graph reads layer sizes from them — and flags like ``stride``
     or a block's ``preactivated_shortcut``, lists/dicts of such values, functions held as
     attributes) that steer ``forward``. Two models with the same key trace to the same graph,
@@ -790,9 +1051,10 @@ def structure_key(model: nn.Module) -> tuple:
         d = m.__dict__
         attrs = tuple([(k, v if isinstance(v, _SCALARS) else _frozen(v)) for k, v in d.items()
                        if k not in _MODULE_INTERNALS and k[0] != "_"])
+        shapes = tuple([(k, None if p is None else p.shape) for k, p in m._parameters.items()])
         fwd = d.get("forward")
         cls = type(m)
-        key.append((name, cls, cls.forward, attrs, None if fwd is None else _ident(fwd)))
+        key.append((name, cls, cls.forward, attrs, shapes, None if fwd is None else _ident(fwd)))
     return tuple(key)
 
 

@@ -101,17 +101,23 @@ def reinitialize(model: nn.Module, seed: int = 0, *, init: str | None = None) ->
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         for n in G.prunable_names(out):
-            module = G.module_of(out, n)
-            fresh = G.plain_copy(module) if parametrize.is_parametrized(module, "weight") \
+            module, tname = G.module_of(out, n), G.split_name(n)[1]
+            fresh = G.plain_copy(module) if parametrize.is_parametrized(module, tname) \
                 else module
             if scheme is None:
-                fresh.reset_parameters()
+                # nn.MultiheadAttention names its reset _reset_parameters
+                reset = getattr(fresh, "reset_parameters", None) or getattr(
+                    fresh, "_reset_parameters", None)
+                if reset is None:
+                    raise ValueError(f"reinitialize: {n} ({type(module).__name__}) has no "
+                                     f"reset_parameters; pass init= one of {models.INITS}")
+                reset()
             else:
-                models.init_weight_(fresh.weight, scheme)
-                if getattr(fresh, "bias", None) is not None:
+                models.init_weight_(getattr(fresh, tname), scheme)
+                if tname == "weight" and getattr(fresh, "bias", None) is not None:
                     fresh.bias.zero_()
             if fresh is not module:
-                module.parametrizations["weight"].original.copy_(fresh.weight)
+                module.parametrizations[tname].original.copy_(getattr(fresh, tname))
                 if getattr(module, "bias", None) is not None:
                     module.bias.copy_(fresh.bias)
     return out
@@ -129,17 +135,17 @@ class WeightMask(nn.Module):
         return w * self.mask
 
 
-def _attached(module: nn.Module) -> WeightMask | None:
-    if not parametrize.is_parametrized(module, "weight"):
+def _attached(module: nn.Module, tname: str = "weight") -> WeightMask | None:
+    if not parametrize.is_parametrized(module, tname):
         return None
-    return next((p for p in module.parametrizations["weight"] if isinstance(p, WeightMask)), None)
+    return next((p for p in module.parametrizations[tname] if isinstance(p, WeightMask)), None)
 
 
 def _check_masks(model: nn.Module, masks: Masks, what: str = "masks") -> None:
     if not isinstance(masks, Mapping):
         raise TypeError(f"{what} must be a dict weight name -> bool tensor (True = kept), got "
                         f"{type(masks).__name__}")
-    names = set(G.prunable_names(model))
+    names = {c.name for c in G.candidates(model)}  # any kind: masks of a prunable= run too
     unknown = set(masks) - names
     if unknown:
         raise ValueError(f"{what} name unknown layers {sorted(map(str, unknown))}; prunable "
@@ -162,21 +168,22 @@ def apply(model: nn.Module, masks: Masks, *, inplace: bool = False) -> nn.Module
     _check_masks(model, masks)
     target = model if inplace else copy.deepcopy(model)
     for n, m in masks.items():
-        module = G.module_of(target, n)
-        wm = _attached(module)
+        module, tname = G.module_of(target, n), G.split_name(n)[1]
+        wm = _attached(module, tname)
         if wm is not None:
             wm.mask.copy_(m)
         else:
-            parametrize.register_parametrization(module, "weight",
-                                                 WeightMask(m.to(module.weight.device)))
+            parametrize.register_parametrization(
+                module, tname, WeightMask(m.to(getattr(module, tname).device)))
     return target
 
 
 def current(model: nn.Module) -> Masks:
     """The masks attached to ``model`` (copies), keyed by weight name."""
     out = {}
-    for n in G.prunable_names(model):
-        wm = _attached(G.module_of(model, n))
+    for c in G.candidates(model):
+        n = c.name
+        wm = _attached(model.get_submodule(c.module), c.tensor)
         if wm is not None:
             out[n] = wm.mask.clone()
     return out
@@ -225,7 +232,7 @@ def to_torch_prune(model: nn.Module, masks: Masks | None = None) -> nn.Module:
     out = remove(model)
     _check_masks(out, masks)
     for n, m in masks.items():
-        torch_prune.custom_from_mask(G.module_of(out, n), "weight", m)
+        torch_prune.custom_from_mask(G.module_of(out, n), G.split_name(n)[1], m)
     return out
 
 
@@ -271,14 +278,15 @@ def import_torch_prune(model: nn.Module) -> nn.Module:
         # the recomputed tensor is not a leaf: give deepcopy a detached stand-in
         memo[id(getattr(module, name))] = getattr(module, name).detach().clone()
     out = copy.deepcopy(model, memo)
+    maskable = {c.name for c in G.candidates(model)}
     masks = {}
     for mname, _, key, hook in hooks:
         module = out.get_submodule(mname)
         tname = hook._tensor_name
         full = f"{mname}.{tname}" if mname else tname
-        if tname != "weight" or not isinstance(module, G.PRUNABLE_TYPES):
+        if full not in maskable:
             raise ValueError(f"import_torch_prune: {full} carries a torch.nn.utils.prune mask, "
-                             "but prunelab prunes only the weights of Linear/Conv layers; "
+                             f"but prunelab prunes only the tensors of {list(G.KINDS)} layers; "
                              "call torch.nn.utils.prune.remove on it first")
         del module._forward_pre_hooks[key]
         orig = getattr(module, f"{tname}_orig")
@@ -295,9 +303,10 @@ def import_torch_prune(model: nn.Module) -> nn.Module:
 def from_torch_prune(model: nn.Module) -> Masks:
     """The masks of a model pruned with ``torch.nn.utils.prune`` (its ``weight_mask`` buffers)."""
     out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, G.PRUNABLE_TYPES) and hasattr(module, "weight_mask"):
-            out[f"{name}.weight" if name else "weight"] = module.weight_mask.detach().bool().clone()
+    for c in G.candidates(model):
+        buf = model.get_submodule(c.module)._buffers.get(f"{c.tensor}_mask")
+        if buf is not None:
+            out[c.name] = buf.detach().bool().clone()
     return out
 
 

@@ -101,7 +101,8 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
           finetune_stages: bool = False, seed: int = 0, inplace: bool = False,
           obs_update: bool = True, progress: bool = False,
           callback: Callable[[dict], bool | None] | None = None, loss="cross_entropy",
-          output=None, device=None, on_interrupt: str = "raise", **options) -> PruneResult:
+          output=None, device=None, on_interrupt: str = "raise", prunable=None,
+          **options) -> PruneResult:
     """Prune ``model`` with ``criterion`` to ``sparsity`` in ``stages`` stages.
 
     Args:
@@ -136,6 +137,11 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
             fine-tuning minimises.
         output: optional ``model output -> tensor`` (default: tensor, first of a tuple, logits).
         device: where to prune (None: the model's device); the result lives there.
+        prunable: which tensors are pruned (:func:`prunelab.graph.prunable_names`): None (the
+            weights of Linear, Conv, attention projections and Linear-like layers), kinds among
+            ``"linear"``, ``"conv"``, ``"attention"``, ``"embedding"``, ``"norm"`` and/or tensor
+            names, or a callable ``(name, module, tensor) -> bool``. Unknown kinds or names
+            raise ValueError listing the allowed ones.
         on_interrupt: what a KeyboardInterrupt (Jupyter's Interrupt) does. ``"raise"`` (default):
             the stages stop and the interrupt propagates; nothing of the caller's is changed
             (also with ``inplace=True``, unless it came during the final fine-tuning, which
@@ -155,7 +161,7 @@ def prune(model: nn.Module, criterion: str, *, sparsity: float | None = None,
     config = PruneConfig(criterion, sparsity=sparsity, layer_sparsity=layer_sparsity,
                          scope=scope, nm_layers=nm_layers, stages=stages, schedule=schedule,
                          lam=lam, seed=seed, options=options, loss=loss, output=output,
-                         device=device)
+                         device=device, prunable=prunable)
     return prune_with(model, config, batch=batch, finetune=finetune, train_data=train_data,
                       val_data=val_data, finetune_stages=finetune_stages, inplace=inplace,
                       obs_update=obs_update, progress=progress, callback=callback,
@@ -176,6 +182,19 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
     if not isinstance(config, PruneConfig):
         raise ValueError(f"config must be a prunelab.config.PruneConfig, got {config!r}")
     check_on_interrupt(on_interrupt)
+    if isinstance(model, nn.Module):
+        G.check_prunable(config.prunable, model)  # the names, now that the model is here
+    with G.selecting(config.prunable):  # every prunable_names below sees config.prunable
+        return _prune_with(model, config, batch=batch, finetune=finetune,
+                           train_data=train_data, val_data=val_data,
+                           finetune_stages=finetune_stages, inplace=inplace,
+                           obs_update=obs_update, progress=progress, callback=callback,
+                           on_interrupt=on_interrupt)
+
+
+def _prune_with(model: nn.Module, config: PruneConfig, *, batch, finetune, train_data,
+                val_data, finetune_stages, inplace, obs_update, progress, callback,
+                on_interrupt) -> PruneResult:
     criterion, sparsity, layer_sparsity = config.criterion, config.sparsity, config.layer_sparsity
     stages, seed = config.stages, config.seed
     spec = C.spec(criterion)
@@ -219,7 +238,9 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
         if unknown:
             raise ValueError(f"nm_layers names unknown layers {sorted(unknown)}; prunable "
                              f"weights: {names}")
-        NM.nm_select({n: cur[n] for n in nm_names}, n_keep, m)  # ValueError naming a layer
+        nm_in = G.in_dims(work, nm_names)  # a transposed Conv1D groups along its dim 0
+        NM.nm_select({n: cur[n] for n in nm_names}, n_keep, m,  # ValueError naming a layer
+                     in_dims=nm_in)
         stage_nm = [f"{k}:{m}" for k in NM.stage_ns(n_keep, m, stages, config.schedule)]
         stage_targets = [None] * stages
         stage_layer_targets = [{n: 1.0 - k / m if n in nm_names
@@ -279,7 +300,8 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
                 new = dict(cur)  # layers outside nm_layers (and stages with n_i = m) keep theirs
                 if int(nm_scope.split(":")[0]) < m:
                     new.update(S.select({n: scores[n] for n in nm_names}, None, scope=nm_scope,
-                                        previous={n: cur[n] for n in nm_names}, _checked=True))
+                                        previous={n: cur[n] for n in nm_names},
+                                        in_dims=nm_in, _checked=True))
             else:
                 new = S.select(scores, target, scope=config.scope,
                                layer_sparsity=stage_layer_targets[i], previous=cur,

@@ -64,13 +64,17 @@ def check_sparsity(sparsity, what: str = "sparsity") -> float:
     return s
 
 
-def check_prunable(model) -> list[str]:
-    """The model's prunable weight names, or ValueError when it has none (a model without
+def check_prunable(model, prunable=None) -> list[str]:
+    """The model's prunable weight names (``prunable=`` as in
+    :func:`prunelab.graph.prunable_names`), or ValueError when it has none (a model without
     ``nn.Linear`` / ``nn.Conv1d/2d/3d`` weights has nothing to prune; it would otherwise look
     "fully pruned" already)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    names = G.prunable_names(model)
+    names = G.prunable_names(model, prunable)
+    if not names and prunable is not None:
+        raise ValueError(f"prunable={prunable!r} selects no tensor of {type(model).__name__}; "
+                         f"candidates: {[c.name for c in G.candidates(model)]}")
     if not names:
         kinds = sorted({type(m).__name__ for m in model.modules()})
         raise ValueError(f"the model ({type(model).__name__}) has no prunable weights: no "
@@ -230,7 +234,8 @@ def _normalized(ranked: dict[str, Tensor]) -> dict[str, Tensor]:
 # ----------------------------------------------------------------------------- select
 def select(scores: Scores, sparsity: float | None = None, *, scope: str = "global",
            layer_sparsity: Mapping[str, float] | None = None,
-           previous: Masks | None = None, _checked: bool = False) -> Masks:
+           previous: Masks | None = None, in_dims: Mapping[str, int] | None = None,
+           _checked: bool = False) -> Masks:
     """Keep the highest-scoring weights so that ``sparsity`` of them are pruned.
 
     Args:
@@ -244,6 +249,8 @@ def select(scores: Scores, sparsity: float | None = None, *, scope: str = "globa
         layer_sparsity: explicit per-layer sparsities (name -> fraction); layers not named keep all
             their weights. Overrides ``sparsity`` and ``scope`` (not allowed with ``"n:m"``).
         previous: masks of an earlier stage; what they pruned stays pruned.
+        in_dims: for ``"n:m"``, ``{name: dim}`` of tensors whose input dimension is not dim 1
+            (:func:`prunelab.graph.in_dims`; a HuggingFace ``Conv1D`` weight: 0).
 
     Returns:
         name -> bool mask, True = kept.
@@ -257,7 +264,7 @@ def select(scores: Scores, sparsity: float | None = None, *, scope: str = "globa
         nm_sparsity(scope, sparsity)
         n, m = NM.parse_nm(scope)
         # nm_select keeps what ``previous`` pruned pruned (it ranks below every live weight)
-        return NM.nm_select(scores, n, m, previous)
+        return NM.nm_select(scores, n, m, previous, in_dims=in_dims)
     out = _select(scores, sparsity, scope, layer_sparsity, previous)
     if previous:  # pruned stays pruned, also when the new target is below the old sparsity
         out = {n: m & previous[n].to(torch.bool) if n in previous else m for n, m in out.items()}
@@ -430,9 +437,9 @@ def lap_layer_sparsity(model: nn.Module, tau: int, *, p: float, q: float,
     """
     names = G.prunable_names(model)
     out, seen_conv = {}, False
+    kinds = {c.name: c.kind for c in G.candidates(model)}
     for i, n in enumerate(names):
-        module = G.module_of(model, n)
-        if isinstance(module, nn.Linear):
+        if kinds[n] != "conv":  # Linear, Linear-like and attention projections: fully connected
             keep = ((1 + q) / 2) ** tau if i == len(names) - 1 else q ** tau
         else:
             if skip_first_conv and not seen_conv:

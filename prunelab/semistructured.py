@@ -7,6 +7,9 @@ dense weight, groups of m consecutive elements along each row, i.e. along the in
 flattened ``in × kernel`` dimension in C order (``weight.reshape(out, -1)``), the layout
 ``torch.ao.pruning`` uses for its (1, 4) blocks.
 
+A tensor stored with its inputs on another dim (HuggingFace's ``Conv1D`` keeps ``(in, out)``;
+:func:`prunelab.graph.in_dim` says which) is grouped along that dim: pass ``in_dims=``.
+
 Which n survive in a group is decided by any criterion's scores (higher = kept), so λ and stages
 apply as for unstructured pruning: the stage's scores go in, with the previous stage's masks.
 
@@ -76,7 +79,23 @@ def _groups(t: Tensor, m: int, name: str) -> Tensor:
     return t.reshape(t.shape[0], cols // m, m)
 
 
-def _select_one(s: Tensor, n: int, m: int, prev: Tensor | None, name: str) -> Tensor:
+def _to_rows(t: Tensor, in_dim, name: str) -> Tensor:
+    """``t`` with its input dim moved to dim 1 (a view), so groups run along rows."""
+    if in_dim is None:
+        raise ValueError(f"layer {name!r}: N:M groups run along an input dimension, and this "
+                         f"tensor (shape {tuple(t.shape)}) has none (a norm's weight)")
+    return t if in_dim == 1 or t.dim() < 2 else t.movedim(in_dim, 1)
+
+
+def _select_one(s: Tensor, n: int, m: int, prev: Tensor | None, name: str,
+                in_dim=1) -> Tensor:
+    if in_dim != 1 and s.dim() >= 2:
+        if prev is not None and prev.shape != s.shape:
+            raise ValueError(f"previous[{name!r}] has shape {tuple(prev.shape)}, the scores "
+                             f"{tuple(s.shape)}")
+        keep = _select_one(_to_rows(s, in_dim, name), n, m,
+                           None if prev is None else _to_rows(prev, in_dim, name), name)
+        return keep.movedim(1, in_dim).contiguous()
     if s.is_complex() or not s.is_floating_point():
         s = s.double()
     if torch.isnan(s).any():
@@ -102,7 +121,7 @@ def _select_one(s: Tensor, n: int, m: int, prev: Tensor | None, name: str) -> Te
     return keep.reshape(s.shape)
 
 
-def nm_select(scores, n: int, m: int, previous=None):
+def nm_select(scores, n: int, m: int, previous=None, *, in_dims=None):
     """Masks keeping exactly ``n`` of every ``m`` consecutive weights along the input dimension.
 
     In each group the ``n`` highest-scoring weights are kept; ties are broken by index (the lower
@@ -119,6 +138,8 @@ def nm_select(scores, n: int, m: int, previous=None):
         scores: ``{name: tensor}`` (higher = kept) or one tensor; weights of at least 2 dims.
         n, m: Keep ``n`` of every ``m`` (``1 <= n < m``); see :func:`parse_nm`.
         previous: Masks of the same shape (``True`` = kept), a dict for a dict of scores.
+        in_dims: ``{name: dim}`` of tensors whose inputs are not on dim 1 (a transposed
+            ``Conv1D`` weight: 0), from :func:`prunelab.graph.in_dim`; others use dim 1.
 
     Returns:
         Bool masks shaped like the scores (a dict for a dict), on the scores' devices.
@@ -133,8 +154,9 @@ def nm_select(scores, n: int, m: int, previous=None):
     if not isinstance(scores, Mapping):
         raise ValueError(f"scores must be a dict of tensors or a tensor, got "
                          f"{type(scores).__name__}")
-    previous = previous or {}
-    return {name: _select_one(s, n, m, previous.get(name), name) for name, s in scores.items()}
+    previous, in_dims = previous or {}, in_dims or {}
+    return {name: _select_one(s, n, m, previous.get(name), name, in_dims.get(name, 1))
+            for name, s in scores.items()}
 
 
 def stage_ns(n: int, m: int, stages: int, schedule: str = "linear") -> list[int]:
@@ -160,15 +182,17 @@ def stage_ns(n: int, m: int, stages: int, schedule: str = "linear") -> list[int]
     return [max(n, v) for v in ns]
 
 
-def check_nm(masks, n: int, m: int, *, exact: bool = True) -> None:
+def check_nm(masks, n: int, m: int, *, exact: bool = True, in_dims=None) -> None:
     """Raise ``ValueError`` naming the first layer whose mask breaks the N:M pattern.
 
     ``exact=True``: exactly ``n`` kept per group; else at most ``n`` (what the hardware needs).
+    ``in_dims``: as for :func:`nm_select` (rows and groups are then counted in that layout).
     """
     _check_nm(n, m)
     items = masks.items() if isinstance(masks, Mapping) else [("<tensor>", masks)]
+    in_dims = in_dims or {}
     for name, mask in items:
-        kept = _groups(mask.bool(), m, name).sum(-1)
+        kept = _groups(_to_rows(mask.bool(), in_dims.get(name, 1), name), m, name).sum(-1)
         bad = (kept != n) if exact else (kept > n)
         if bad.any():
             row, grp = (int(v) for v in bad.nonzero()[0])

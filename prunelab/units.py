@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from prunelab import batches as B
-from prunelab.graph import is_parametrized, layer_graph, plain_copy
+from prunelab.graph import PRUNABLE_TYPES, is_parametrized, layer_graph, plain_copy
 
 
 __all__ = ["names", "UnitPruneResult", "Unit", "parse_score", "layer_units", "objective_of",
@@ -167,9 +167,19 @@ def layer_units(model: nn.Module, layers: Iterable[str] | None, example=None) ->
             if name not in by_module:
                 raise ValueError(f"unknown layer {name!r}; prunable layers (module names): "
                                  f"{', '.join(by_module)}")
+    def plain(layer) -> bool:  # units are rows of a (out, in, ...) nn.Linear/nn.Conv weight
+        return layer.name.endswith(".weight") and isinstance(
+            model.get_submodule(layer.module), PRUNABLE_TYPES)
+
     out = []
     for name in chosen:
         layer = by_module[name]
+        if not plain(layer):
+            raise ValueError(f"units: layer {name!r} ({type(model.get_submodule(name)).__name__}, "
+                             f"tensor {layer.name!r}) is not an nn.Linear/nn.Conv weight; unit "
+                             "pruning removes rows of nn.Linear/nn.Conv layers and columns of "
+                             "their consumers only (attention projections and third-party "
+                             "layers such as HuggingFace's Conv1D are not handled)")
         if layer.groups != 1:
             raise ValueError(f"layer {name!r} is a grouped conv (groups={layer.groups}); unit "
                              "pruning supports groups=1 only")
@@ -191,6 +201,10 @@ def layer_units(model: nn.Module, layers: Iterable[str] | None, example=None) ->
                                  "consumer to read this layer alone")
             if dst.groups != 1:
                 raise ValueError(f"layer {name!r}: consumer {dst.module!r} is a grouped conv")
+            if not plain(dst):
+                raise ValueError(f"units: layer {name!r}: its consumer {dst.module!r} is not an "
+                                 f"nn.Linear/nn.Conv layer; unit pruning cannot remove its "
+                                 f"input columns")
             consumers.append((dst.module, e.flatten))
             bns.extend(b for b in e.bns if b not in bns)
         out.append(Unit(name, layer.name, layer.out_size, consumers, bns))

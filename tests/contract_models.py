@@ -68,6 +68,35 @@ class Tokens(nn.Module):
         return {"logits": self.head(h)}
 
 
+class Attention(nn.Module):
+    """A user-written encoder block on nn.MultiheadAttention used directly (fused in_proj_weight),
+    a residual MLP and a LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+        self.up, self.down = nn.Linear(8, 12), nn.Linear(12, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        h = self.norm(h + a)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.head(h.mean(1))
+
+
+def _gpt2():
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed (pip install -e .[hf])")
+    cfg = transformers.GPT2Config(vocab_size=30, n_positions=8, n_embd=8, n_layer=1, n_head=2,
+                                  num_labels=3, pad_token_id=0, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2ForSequenceClassification(cfg)
+
+
 def _bert():
     transformers = pytest.importorskip(
         "transformers", reason="transformers is not installed (pip install -e .[hf])")
@@ -105,6 +134,12 @@ def make(name: str):
         x = {"input_ids": torch.randint(0, 30, (n, 5)),
              "attention_mask": torch.ones(n, 5, dtype=torch.long)}
         return _bert(), (x, y3), {}
+    if name == "mha":
+        return Attention(), (torch.randn(n, 4, 5), y3), {}
+    if name == "gpt2":
+        x = {"input_ids": torch.randint(1, 30, (n, 5)),
+             "attention_mask": torch.ones(n, 5, dtype=torch.long)}
+        return _gpt2(), (x, y3), {}
     if name == "vit":
         from prunelab import models
 
@@ -113,16 +148,20 @@ def make(name: str):
     raise KeyError(name)
 
 
-MODELS = ["mlp", "float64", "regression", "convbn", "residual", "encoder", "tokens", "bert"]
+MODELS = ["mlp", "float64", "regression", "convbn", "residual", "encoder", "tokens", "bert",
+          "mha", "gpt2"]
 
 # Documented limitations: (model, criterion) -> a phrase of the error. Everything else works.
 LIMITS = {
-    **{(m, "lap-act"): "torch.fx cannot trace" for m in ("encoder", "bert")},
-    **{(m, "lap-all"): "lap-all needs a model torch.fx can trace" for m in ("encoder", "bert")},
+    **{(m, "lap-act"): "torch.fx cannot trace" for m in ("encoder", "bert", "mha", "gpt2")},
+    **{(m, "lap-all"): "lap-all needs a model torch.fx can trace"
+       for m in ("encoder", "bert", "mha", "gpt2")},
     ("tokens", "lap-all"): "lap-all pushes the identity basis of one input tensor",
-    **{(m, "synflow"): "synflow feeds an all-ones input" for m in ("tokens", "bert")},
-    **{("encoder", c): "cannot score this model" for c in ("obd", "qm", "obd+lap")},
-    ("encoder", "obs"): "never called as modules",
+    **{(m, "synflow"): "synflow feeds an all-ones input" for m in ("tokens", "bert", "gpt2")},
+    # nn.MultiheadAttention applies in_proj_weight and out_proj functionally: no module calls
+    **{(m, c): "cannot score this model" for m in ("encoder", "mha")
+       for c in ("obd", "qm", "obd+lap")},
+    **{(m, "obs"): "never called as modules" for m in ("encoder", "mha")},
 }
 
 

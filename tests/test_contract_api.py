@@ -47,6 +47,9 @@ UNIT_LIMITS = {
     "residual-default": "also receives",             # a residual add feeds the consumer
     "encoder": "cannot see through",                 # attention / fused encoder layers
     "bert": "cannot see through",
+    "mha": "cannot see through",                     # inp feeds nn.MultiheadAttention; the
+    # autograd walk of a Linear on (N, T, F) inputs sees its internal reshapes as opaque
+    "gpt2": "not an nn.Linear/nn.Conv weight",       # HuggingFace Conv1D stores (in, out)
 }
 UNIT_MODELS = [*UNIT_LAYERS, *UNIT_LIMITS]
 UNIT_CASES = [(m, s) for m in UNIT_MODELS for s in units.names()]
@@ -138,8 +141,11 @@ STRUCT_LIMITS = {
     **{("residual-default", c): "also receives" for c in structured.names()},
     **{("encoder", c): "cannot see through" for c in structured.names()},
     **{("bert", c): "cannot see through" for c in structured.names()},
+    **{("mha", c): "cannot see through" for c in structured.names()},
+    **{("gpt2", c): "not an nn.Linear/nn.Conv weight" for c in structured.names()},
 }
-STRUCT_CASES = [(m, c) for m in [*STRUCT_LAYERS, "residual-default", "encoder", "bert"]
+STRUCT_CASES = [(m, c)
+                for m in [*STRUCT_LAYERS, "residual-default", "encoder", "bert", "mha", "gpt2"]
                 for c in structured.names()]
 
 

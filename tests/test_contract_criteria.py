@@ -8,6 +8,7 @@ leaving the caller's model exactly as it was (tensors, grads, requires_grad, per
 flags, hooks, parametrizations) — or it is a documented limitation (``LIMITS``) and raises a
 ValueError/TypeError naming the criterion and the reason, also leaving the model untouched.
 """
+import copy
 import math
 import warnings
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import prunelab as pl
+from prunelab import batches as B
 from prunelab import graph as G
 from prunelab import selection as S
 from tests.contract_models import LIMITS, MODELS, assert_unchanged, make, mixed_modes, snapshot
@@ -48,9 +50,21 @@ def test_criterion_works_or_is_a_documented_limitation(model_name, criterion):
     assert all(math.isfinite(v) for v in res.history["loss"])
     for n, s in res.scores.items():
         assert not torch.isnan(s).any()
+        assert s.shape == G.weight(model, n).shape, n
     # the pruned copy computes with the masks: pruned weights are exactly zero
     for n in names:
         assert torch.all(G.weight(res.model, n)[~res.masks[n]] == 0)
+    # ... and its output is that of a plain copy holding the manually masked tensors (any
+    # tensor name: in_proj_weight, a transposed Conv1D weight)
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(pl.masks.dense_state_dict(res.model))
+    with torch.no_grad():
+        for n, m in res.masks.items():
+            G.weight(twin, n).mul_(m.to(G.weight(twin, n).dtype))
+    x = batch[0]
+    with B.evaluating(res.model), B.evaluating(twin), torch.no_grad():
+        torch.testing.assert_close(B.output_tensor(B.call(res.model, x)),
+                                   B.output_tensor(B.call(twin, x)))
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "tokens", "bert", "regression"])

@@ -171,7 +171,16 @@ def check_finite_weights(model: nn.Module) -> None:
 def check_scores(scores: Scores, model: nn.Module, name: str) -> Scores:
     """Scores keyed and shaped like the prunable weights, finite; ValueError otherwise."""
     expected = G.prunable_names(model)
-    if set(scores) != set(expected):
+    missing = [n for n in expected if n not in scores]
+    if missing:
+        kinds = sorted({c.kind for c in G.candidates(model) if c.name in missing})
+        raise ValueError(f"criterion {name!r} cannot score {missing} ({', '.join(kinds)} "
+                         f"tensors): it scores only {sorted(scores)}; leave them out with "
+                         f"prunable=")
+    extra = set(scores) - set(expected)
+    if extra:  # a graph criterion scores every layer; those outside prunable= are dropped
+        extra -= {c.name for c in G.candidates(model)}
+    if extra:
         raise ValueError(f"criterion {name!r} returned scores for {sorted(scores)}, expected {expected}")
     out = {}
     for n in expected:
@@ -206,13 +215,25 @@ def _scoring_view(model: nn.Module):
 
 def compute(model: nn.Module, name: str, *, batch=None, masks: Masks | None = None,
             lam: float = 0.0, seed: int = 0, sparsity=None, scope: str = "global",
-            copy: bool = True, loss="cross_entropy", output=None, **options) -> ScoreResult:
+            copy: bool = True, loss="cross_entropy", output=None, prunable=None,
+            **options) -> ScoreResult:
     """Like :func:`score` but returns the full :class:`ScoreResult` (scores, update, examples),
     with the step-size penalty λ/2·θ² added to every score (LM paper Sec. 3.2).
 
     ``copy=False`` is for the pruning loop, which owns a plain working model already in eval
     mode with its pruned weights zeroed: scoring it directly saves a deep copy per stage.
+    ``prunable``: see :func:`score`; None keeps the setting in effect (the pruning loop's).
     """
+    if prunable is not None:
+        G.check_prunable(prunable, model)
+    with G.selecting(prunable):
+        return _compute(model, name, batch=batch, masks=masks, lam=lam, seed=seed,
+                        sparsity=sparsity, scope=scope, copy=copy, loss=loss, output=output,
+                        **options)
+
+
+def _compute(model: nn.Module, name: str, *, batch, masks, lam, seed, sparsity, scope, copy,
+             loss, output, **options) -> ScoreResult:
     s = spec(name)
     objective = B.objective(loss, output)
     if _torch_prune_hooked(model):
@@ -293,7 +314,7 @@ def check_masks(masks, model: nn.Module) -> Masks:
 
 def score(model: nn.Module, name: str, *, batch=None, masks: Masks | None = None,
           lam: float = 0.0, seed: int = 0, loss="cross_entropy", output=None,
-          **options) -> Scores:
+          prunable=None, **options) -> Scores:
     """Scores of every prunable weight of ``model`` under criterion ``name``.
 
     Args:
@@ -309,6 +330,10 @@ def score(model: nn.Module, name: str, *, batch=None, masks: Masks | None = None
             ``(output, target) -> mean loss``, for the data-dependent criteria.
         output: optional ``model output -> tensor`` (default: the tensor, the first element of a
             tuple, or ``logits``).
+        prunable: which tensors to score (:func:`prunelab.graph.prunable_names`): None (the
+            weights of Linear, Conv, attention projections and Linear-like layers), kinds among
+            ``"linear"``, ``"conv"``, ``"attention"``, ``"embedding"``, ``"norm"`` and/or
+            tensor names, or a callable ``(name, module, tensor) -> bool``.
         **options: criterion-specific options (e.g. ``signed=True`` for lm/qm); see
             :func:`options_of`.
 
@@ -320,4 +345,4 @@ def score(model: nn.Module, name: str, *, batch=None, masks: Masks | None = None
             weights or NaN scores. TypeError: an unknown option, an output with no logits.
     """
     return compute(model, name, batch=batch, masks=masks, lam=lam, seed=seed, loss=loss,
-                   output=output, **options).scores
+                   output=output, prunable=prunable, **options).scores

@@ -144,6 +144,13 @@ def loss_grad_ggn(model: nn.Module, batch: tuple[Tensor, Tensor], *, mc_samples:
 
     names = G.prunable_names(model)
     modules = {n: G.module_of(model, n) for n in names}
+    odd = [n for n in names if G.split_name(n)[1] != "weight" or not G.is_layer(modules[n])]
+    if odd:
+        raise ValueError(
+            f"the GGN diagonal is read from the calls of each prunable module (Linear, Conv or "
+            f"Linear-like), and {odd} are not such a module's weight (nn.MultiheadAttention's "
+            f"fused projections, embeddings, norms): obd, qm and obd+lap cannot score this "
+            f"model; use lm, snip, taylor-fo or mp, or leave them out with prunable=")
     plain_ce = obj.loss == "cross_entropy" and obj.output is None and y.dim() == 1
     chain = _chain(model) if method != "autograd" and isinstance(x, Tensor) and plain_ce else None
     if method == "chain" and chain is None:
@@ -192,6 +199,22 @@ def loss_grad_ggn(model: nn.Module, batch: tuple[Tensor, Tensor], *, mc_samples:
                        ggn={n: ggn[modules[n]] for n in names}, examples=n_total)
 
 
+def _is_linear(m: nn.Module) -> bool:
+    """nn.Linear, or a Linear-like layer (:func:`prunelab.graph.linear_like`) computing the
+    same map: per-example gradients follow the Linear formulas in the ``(out, in)`` layout."""
+    return isinstance(m, nn.Linear) or G.linear_like(m) is not None
+
+
+def _transposed(m: nn.Module) -> bool:
+    """True for a layer storing its weight ``(in, out)`` (HF ``Conv1D``)."""
+    return not isinstance(m, G.PRUNABLE_TYPES) and G.linear_like(m) == (1, 0)
+
+
+def _out_in(m: nn.Module) -> Tensor:
+    """The weight of ``m`` laid out ``(out, in, ...)`` (a view)."""
+    return m.weight.T if _transposed(m) else m.weight
+
+
 def _check_unused(model: nn.Module, x, obj: B.Objective, names: list[str]) -> None:
     """ValueError when weights whose module was never called still shape the output (used by a
     functional kernel, as nn.MultiheadAttention uses its out_proj): their GGN diagonal cannot be
@@ -238,7 +261,7 @@ class _Accumulator:
     @staticmethod
     def fast(m: nn.Module, a: Tensor) -> bool:
         """True for a Linear on (N, features): no weight sharing across positions."""
-        return isinstance(m, nn.Linear) and a.dim() == 2
+        return _is_linear(m) and a.dim() == 2
 
     def add(self, m: nn.Module, a: Tensor, b: Tensor, k: int, scale: Tensor | None = None) -> None:
         """Add one call of ``m``: input ``a`` (N, ...), factors ``scale·b`` (cols, N, ...)."""
@@ -285,7 +308,7 @@ class _Accumulator:
             diag = _square_sum_pairs(b[:k], u)
         else:
             diag = _square_sum_per_example(b[:k], u)
-        shape = m.weight.shape
+        shape = _out_in(m).shape
         if self.grad:  # the plain weight gradient: one matmul over examples and positions
             bg = b[k].permute(1, 2, 0, 3).reshape(g, og, n * p)
             ug = u.permute(1, 0, 3, 2).reshape(g, n * p, kg)
@@ -296,10 +319,16 @@ class _Accumulator:
         """Means over ``n_total`` examples: ({module: GGN diagonal}, {module: gradient})."""
         ggn, grads = {}, {}
         for m in self.modules:
+            # sums are (out, in, ...); a transposed Conv1D stores (in, out): back to its layout
+            back = _transposed(m)
             zero = torch.zeros_like(m.weight).detach()
             ggn[m] = (self.diag[m] / n_total).detach() if m in self.diag else zero
             if self.grad:
                 grads[m] = (self.gsum[m] / n_total).detach() if m in self.gsum else zero.clone()
+            if back and m in self.diag:
+                ggn[m] = ggn[m].T
+                if self.grad and m in self.gsum:
+                    grads[m] = grads[m].T
         return ggn, grads
 
 
@@ -353,7 +382,7 @@ def _square_sum_pairs(b: Tensor, u: Tensor) -> Tensor:
 def _positions(m: nn.Module, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Inputs as (N, g, K/g, P); factors as (cols, N, g, O/g, P)."""
     cols, n = b.shape[:2]
-    if isinstance(m, nn.Linear):
+    if _is_linear(m):
         u = a.reshape(n, -1, a.shape[-1]).transpose(1, 2).unsqueeze(1)
         bb = b.reshape(cols, n, -1, b.shape[-1]).transpose(2, 3).unsqueeze(2)
         return u, bb
@@ -418,7 +447,7 @@ def _chain(model: nn.Module) -> list[nn.Module] | None:
                 return False
             out.append(m)
             return True
-        if any(isinstance(s, G.PRUNABLE_TYPES) for s in m.modules()):
+        if any(G.is_layer(s) for s in m.modules()):
             return False
         out.append(m)
         return True
@@ -606,7 +635,7 @@ def _autograd_pass(model: nn.Module, modules: dict[str, nn.Module], x, y: Tensor
     if not z.requires_grad:
         raise ValueError("the logits do not depend on any prunable layer")
     # Per column: fast-path layers (2-D Linear, one call) accumulate Σ_j b²; others keep b.
-    fast = {m for m in unique if len(calls[m]) == 1 and isinstance(m, nn.Linear)
+    fast = {m for m in unique if len(calls[m]) == 1 and _is_linear(m)
             and calls[m][0][0].dim() == 2}
     sq = {m: None for m in fast}
     kept: dict[nn.Module, list[list[Tensor]]] = {

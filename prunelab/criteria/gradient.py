@@ -206,8 +206,11 @@ def _input_shape(model: nn.Module, batch, input_shape) -> tuple[int, ...]:
     if getattr(model, "input_shape", None) is not None:
         return tuple(int(s) for s in model.input_shape)
     names = G.prunable_names(model)
-    if names and isinstance(G.module_of(model, names[0]), nn.Linear):
-        return (G.module_of(model, names[0]).in_features,)
+    if names and G.split_name(names[0])[1] == "weight" \
+            and (isinstance(G.module_of(model, names[0]), nn.Linear)
+                 or G.linear_like(G.module_of(model, names[0])) is not None):
+        first = G.layout(model, names[0])
+        return (G.weight(model, names[0]).shape[first.in_dim],)
     raise ValueError("synflow needs the input shape: pass input_shape=(C, H, W) (or a batch, "
                      "whose values are ignored)")
 

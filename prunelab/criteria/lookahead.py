@@ -163,7 +163,7 @@ class _Plan:
             else:
                 self.prev_rep[n] = first.setdefault(tuple(t[:2] for t in ins), n)
         self.bns = sorted({b for e in graph.edges for b in e.bns}) if bn != "none" else []
-        self.modules = {n: layer.module for n, layer in graph.layers.items()}
+        self.modules = {n: (layer.module, G.split_name(n)[1]) for n, layer in graph.layers.items()}
 
 
 _PLANS: OrderedDict[tuple[int, str], _Plan] = OrderedDict()
@@ -203,11 +203,16 @@ class Lookahead:
     Args:
         model: plain model (weights are read, never written).
         graph: its :func:`prunelab.graph.layer_graph` (computed when omitted).
-        weights: replacement tensors by weight name (e.g. the working copies of the ordered
-            variants, or OBD magnitudes); the model's weights are used for the others.
+        weights: replacement tensors by weight name (e.g. OBD magnitudes), laid out as the
+            model's; the model's weights are used for the others.
         bn: ``"eq8"``, ``"fold"`` or ``"none"`` (see the module docstring).
         row_scale: per-output-channel factors ``ρ_l`` that scale the rows of ``W_l`` wherever it
             appears (LAP-act's ``Ŵ_l``, App. F Eq. 19); multiplied with the folded BN scales.
+
+    Internally every weight is held ``(out, in, ...)`` (:func:`prunelab.graph.canonical`: a
+    HuggingFace ``Conv1D`` stores ``(in, out)``): :attr:`w`, :meth:`score` and :meth:`update`
+    use that layout, :meth:`scores` returns the model's. What depends on the graph alone (the
+    neighbour terms of every layer) is computed once per graph and reused by every instance.
     """
 
     def __init__(self, model: nn.Module, graph: G.LayerGraph | None = None, *,
@@ -219,13 +224,19 @@ class Lookahead:
         weights = weights or {}
         modules = dict(model.named_modules())  # one walk: ~5x cheaper than a lookup per layer
         self.w: dict[str, Tensor] = {}
-        for n, module in plan.modules.items():
-            if n in weights:
-                w = weights[n]
-            else:
-                m = modules.get(module)
-                w = (m if m is not None else model.get_submodule(module)).weight
-            self.w[n] = work_dtype(w)
+        transposed = []
+        for n, (mname, tname) in plan.modules.items():
+            m = modules.get(mname)
+            if m is None:
+                m = model.get_submodule(mname)
+            w = work_dtype(weights[n] if n in weights else getattr(m, tname))
+            # only a Linear-like layer of another library can store (in, out) (HF Conv1D)
+            if tname == "weight" and not isinstance(m, G.PRUNABLE_TYPES) \
+                    and G.linear_like(m) == (1, 0):
+                transposed.append(n)
+                w = w.transpose(0, 1)
+            self.w[n] = w
+        self.transposed = frozenset(transposed)
         self._a = _scales(model, plan.bns) if plan.bns else {}
         self.rho: dict[str, Tensor] = {}
         if bn == "fold" or row_scale is not None:
@@ -249,6 +260,11 @@ class Lookahead:
         self._prev: dict[str, Tensor | float] = {}
         self._next: dict[str, Tensor | float] = {}
         self._q: dict[str, Tensor | None] = {}  # sqrt of the producer sums, shared like them
+
+    def canonical(self, n: str, t: Tensor) -> Tensor:
+        """``t`` (shaped like weight ``n``) in the ``(out, in, ...)`` layout, or back: a
+        transpose is its own inverse."""
+        return G.canonical(t, n in self.transposed)
 
     def _edge_sq(self, bns: tuple[str, ...], size: int, fpc: int, like: str) -> Tensor | None:
         v = None
@@ -410,7 +426,7 @@ class Lookahead:
         return scaled_abs(self.w[n], r, q, layer.groups)
 
     def scores(self, *, prev: bool = True, next: bool = True) -> Scores:
-        return {n: self.score(n, prev=prev, next=next) for n in self.graph}
+        return {n: self.canonical(n, self.score(n, prev=prev, next=next)) for n in self.graph}
 
     def update(self, n: str, weight: Tensor) -> None:
         """Replace the weight of ``n`` (e.g. after pruning it) and forget what depended on it."""

@@ -66,10 +66,16 @@ def _ordered(model: nn.Module, *, sparsity, scope: str, masks: Masks | None, bac
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     la = Lookahead(model, graph_of(model, batch), bn=bn)
-    order = list(la.graph)[::-1] if backward else list(la.graph)
+    missing = [n for n in targets if n not in la.graph]
+    if missing:
+        raise ValueError(f"criterion {criterion!r} cannot score {missing}: they are not layers "
+                         f"of the layer graph (embeddings, norms); leave them out with prunable=")
+    # layers outside prunable= stay as they are: neighbours only
+    order = [n for n in (list(la.graph)[::-1] if backward else list(la.graph)) if n in targets]
     for n, m in (masks or {}).items():  # direct calls may pass masks not yet multiplied in
         if n in la.graph:
-            la.update(n, la.w[n] * m.to(device=la.w[n].device, dtype=torch.bool))
+            la.update(n, la.w[n] * la.canonical(n, m.to(device=la.w[n].device,
+                                                          dtype=torch.bool)))
     alive = {n: la.w[n] != 0 for n in order}
     dead0 = {n: int(a.numel() - a.sum()) for n, a in alive.items()}
     out: Scores = {}
@@ -82,7 +88,7 @@ def _ordered(model: nn.Module, *, sparsity, scope: str, masks: Masks | None, bac
             alive[n] = keep
             la.update(n, la.w[n] * keep)
             if t == steps:
-                out[n] = s.masked_fill_(~keep, -math.inf)
+                out[n] = la.canonical(n, s.masked_fill_(~keep, -math.inf))
     return out
 
 
@@ -347,6 +353,12 @@ def lap_all(model: nn.Module, *, batch=None, bn: str = "eq8", input_shape=None,
     graph = G.layer_graph(model)
     if not graph.traced:
         raise ValueError(f"lap-all needs a model torch.fx can trace ({graph.reason})")
+    odd = [n for n in graph if not (G.split_name(n)[1] == "weight" and isinstance(
+        G.module_of(model, n), G.PRUNABLE_TYPES))]
+    if odd:
+        raise ValueError(f"lap-all linearises nn.Linear/nn.Conv layers only; it cannot push "
+                         f"its probes through {odd} (attention projections or third-party "
+                         f"layers)")
     if batch is not None:
         if not isinstance(batch[0], Tensor):
             raise ValueError("lap-all pushes the identity basis of one input tensor through the "

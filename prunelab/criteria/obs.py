@@ -72,7 +72,7 @@ def patches(module: nn.Module, x: Tensor) -> Tensor:
     of output positions, so ``out[n, g·C_out/groups + c, l] = W_rows[c] · patches[n, g, :, l]``
     (plus bias). Linear layers give ``(N, 1, in_features, positions)``.
     """
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or G.linear_like(module) is not None:
         x = x.reshape(x.shape[0], -1, x.shape[-1])
         return x.transpose(1, 2).unsqueeze(1)
     nd = module.weight.dim() - 2
@@ -398,8 +398,20 @@ def obs(model: nn.Module, *, batch=None, masks: Masks | None = None, seed: int =
     for n, m in (masks or {}).items():
         alive[n] &= m.to(torch.bool)
 
+    tr: frozenset[str] = frozenset()
     if block == "row":
         modules = {n: G.module_of(model, n) for n in names}
+        odd = [n for n in names if G.split_name(n)[1] != "weight" or not G.is_layer(modules[n])]
+        if odd:
+            raise ValueError(f"obs (row mode) reads each layer's inputs from its module calls, "
+                             f"and {odd} are not the weight of a Linear/Conv/Linear-like module "
+                             f"(nn.MultiheadAttention's fused projections, embeddings, norms), "
+                             f"so they are never called as modules; use block='fisher', "
+                             f"prunable= without them, or another criterion")
+        # rows are output units: a transposed (in, out) Conv1D weight is read as (out, in)
+        tr = G.transposed_names(model) & set(names)
+        for n in tr:
+            weights[n], alive[n] = weights[n].T, alive[n].T
         groups = {n: getattr(m, "groups", 1) for n, m in modules.items()}
         width = {n: weights[n][0].numel() for n in names}
         diagonal = tuple(n for n in names if width[n] > max_row)
@@ -424,12 +436,15 @@ def obs(model: nn.Module, *, batch=None, masks: Masks | None = None, seed: int =
     # Many small factorisations: one thread (see single_threaded) for the whole linear algebra.
     with single_threaded():
         layers = _layers(names, weights, alive, stats, groups, diagonal, block, float(damp))
-        scores = {layer.name: layer.scores().float() for layer in layers}
+        scores = {layer.name: G.canonical(layer.scores().float(), layer.name in tr)
+                  for layer in layers}
 
     def update(new_masks: Masks) -> dict[str, Tensor]:
         """OBS-compensated weights for ``new_masks`` (True = kept); earlier pruning stays 0."""
         with single_threaded():
-            return {layer.name: layer.update(new_masks[layer.name])
+            return {layer.name: G.canonical(layer.update(G.canonical(new_masks[layer.name],
+                                                                     layer.name in tr)),
+                                            layer.name in tr)
                     for layer in layers if layer.name in new_masks}
 
     info = {"block": block, "damping": {layer.name: layer.damping for layer in layers},
