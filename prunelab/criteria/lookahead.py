@@ -50,6 +50,16 @@ forms), activation-weighted (LAP-act), whole-network (LAP-all) and OBD+LAP varia
 
 All criteria read a plain model in eval mode whose pruned weights are already zero (pruned
 neighbours count as zero, as they should) and never modify it.
+
+**Cost.** What depends on the layer graph alone (every layer's producer and consumer terms, the
+BN edges) is computed once per graph (graphs are cached by the model's structure) and reused;
+a call then reads the weights afresh and costs its tensor operations: one squaring and the two
+norm reductions per layer, shared sums for layers with the same producers (attention's q, k,
+v), and a lone all-ones neighbour's factor 1 skipped. The scores are the same numbers, bit for
+bit, as those of the straightforward evaluation.
+
+Over 500 lines because the Eq. 5/8 engine (its per-graph plan, the norms and neighbour sums
+with their caches) and the one-shot criteria on it are one piece: the variants build on it.
 """
 from __future__ import annotations
 
@@ -259,7 +269,7 @@ class Lookahead:
         self._in: dict[str, Tensor] = {}
         self._prev: dict[str, Tensor | float] = {}
         self._next: dict[str, Tensor | float] = {}
-        self._q: dict[str, Tensor | None] = {}  # sqrt of the producer sums, shared like them
+        self._q: dict[str, Tensor] = {}  # sqrt of the producer sums, shared like them
 
     def canonical(self, n: str, t: Tensor) -> Tensor:
         """``t`` (shaped like weight ``n``) in the ``(out, in, ...)`` layout, or back: a
@@ -410,9 +420,12 @@ class Lookahead:
 
     def _prev_root(self, n: str) -> Tensor | None:
         key = self._prev_key(n)
-        if key in self._q:
-            return self._q[key]
-        q = self._q[key] = self._root(self._prev_sum(n), n, self.graph[n].in_size)
+        q = self._q.get(key)
+        if q is None:
+            v = self._prev_sum(n)
+            if not isinstance(v, Tensor):  # markers only: sized by the layer, not shared
+                return self._root(v, n, self.graph[n].in_size)
+            q = self._q[key] = v.sqrt()
         return q
 
     def score(self, n: str, *, prev: bool = True, next: bool = True) -> Tensor:
