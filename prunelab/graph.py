@@ -1054,7 +1054,12 @@ def structure_key(model: nn.Module) -> tuple:
         shapes = tuple([(k, None if p is None else p.shape) for k, p in m._parameters.items()])
         fwd = d.get("forward")
         cls = type(m)
-        key.append((name, cls, cls.forward, attrs, shapes, None if fwd is None else _ident(fwd)))
+        cfwd = cls.forward
+        try:
+            hash(cfwd)  # a function (lives as long as its class)
+        except TypeError:
+            cfwd = ("id", id(cfwd))
+        key.append((name, cls, cfwd, attrs, shapes, None if fwd is None else _ident(fwd)))
     return tuple(key)
 
 
