@@ -19,7 +19,9 @@ import contextvars
 import copy
 import functools
 import operator
+import types
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -1001,23 +1003,75 @@ def _autograd_graph(model: nn.Module, example, forward, reason: str) -> LayerGra
 
 
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
-_PLAIN = (bool, int, float, str, type(None), tuple)
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+_FROZEN_MAX = 256  # container attributes longer than this enter the key by type and length
+
+
+def _ident(obj):
+    """``obj`` by identity, without keeping it alive or trusting a reusable ``id``."""
+    try:
+        hash(obj)
+        return weakref.ref(obj)
+    except TypeError:  # no weak references (or unhashable): its id, as good as it gets
+        return ("id", id(obj))
+
+
+def _frozen(v):
+    """A hashable stand-in for an attribute value that can steer ``forward``.
+
+    Scalars and hashable tuples as they are; lists, dicts and sets (and tuples holding them)
+    recursively; functions (e.g. an activation held as ``self.act = torch.relu``) by identity;
+    any other object as ``...`` (present, contents not compared).
+    """
+    if isinstance(v, _SCALARS):
+        return v
+    if type(v) is tuple:
+        try:
+            hash(v)  # sizes such as kernel_size: as they are
+            return v
+        except TypeError:
+            pass
+    if isinstance(v, (tuple, list, set, frozenset, dict)):
+        if len(v) > _FROZEN_MAX:
+            return (type(v), len(v))
+        if isinstance(v, dict):
+            return (dict, tuple((_frozen(k), _frozen(x)) for k, x in v.items()))
+        items = (_frozen(x) for x in v)
+        return (type(v), frozenset(items) if isinstance(v, (set, frozenset)) else tuple(items))
+    if isinstance(v, (types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+                      functools.partial)):
+        return _ident(v)
+    return ...
 
 
 def structure_key(model: nn.Module) -> tuple:
     """A cheap hashable key of everything the traced graph can depend on.
 
-    Module names and types, their plain attributes (sizes, and flags like ``stride`` or a
-    block's ``preactivated_shortcut`` that steer ``forward``) and any instance-level ``forward``:
-    two models with the same key trace to the same graph, whatever their weights.
+    Per module: its name and type, the ``forward`` its class has now (a method patched onto
+    the class counts), any instance-level ``forward``, the shapes of its parameters (which
+    decide what is Linear-like, :func:`linear_like`) and its public plain attributes (sizes
+    such as ``in_features`` — the graph reads layer sizes from them — and flags like ``stride``
+    or a block's ``preactivated_shortcut``, lists/dicts of such values, functions held as
+    attributes) that steer ``forward``. Two models with the same key trace to the same graph,
+    whatever their weights; a model edited in place (a module swapped, resized or added, an
+    attribute or a ``forward`` changed) gets a new key. Functions enter by weak reference, so
+    a key keeps nothing alive and an id reused after garbage collection cannot match.
+    Not covered: module hooks and globals a ``forward`` reads.
     """
     key = []
     for name, m in model.named_modules():
         d = m.__dict__
-        attrs = tuple((k, v) for k, v in d.items()
-                      if k not in _MODULE_INTERNALS and k[0] != "_" and isinstance(v, _PLAIN))
+        attrs = tuple([(k, v if isinstance(v, _SCALARS) else _frozen(v)) for k, v in d.items()
+                       if k not in _MODULE_INTERNALS and k[0] != "_"])
+        shapes = tuple([(k, None if p is None else p.shape) for k, p in m._parameters.items()])
         fwd = d.get("forward")
-        key.append((name, type(m), attrs, None if fwd is None else id(fwd)))
+        cls = type(m)
+        cfwd = cls.forward
+        try:
+            hash(cfwd)  # a function (lives as long as its class)
+        except TypeError:
+            cfwd = ("id", id(cfwd))
+        key.append((name, cls, cfwd, attrs, shapes, None if fwd is None else _ident(fwd)))
     return tuple(key)
 
 

@@ -1,4 +1,5 @@
 """prunelab.graph.layer_graph: neighbours from torch.fx, BN, flatten, residuals, fallbacks."""
+import types
 import warnings
 
 import pytest
@@ -173,6 +174,110 @@ def test_cache_is_structural_and_invalidated_by_a_different_model():
     m = models.build("resnet18", input_shape=(3, 8, 8), num_classes=4, width=0.125)
     p = models.build("preact_resnet18", input_shape=(3, 8, 8), num_classes=4, width=0.125)
     assert G.layer_graph(m) is not G.layer_graph(p)
+
+
+class Skippable(nn.Module):
+    """a -> relu -> b (+ the relu output when ``skip``) -> c; ``order`` and ``act`` steer it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.skip = True
+        self.act = torch.relu
+        self.cfg = ([1, 2], {"k": [3]})  # an unhashable tuple: the key must still hash
+
+    def forward(self, x):
+        h = self.act(self.a(x))
+        z = self.b(h)
+        if self.skip:
+            z = z + h
+        return self.c(z)
+
+
+def test_cache_never_returns_a_graph_of_the_model_before_an_in_place_edit():
+    m = Skippable()
+    g = G.layer_graph(m)
+    assert set(g["c.weight"].prev) == {"a.weight", "b.weight"}
+    m.skip = False  # a flag read by forward
+    assert G.layer_graph(m)["c.weight"].prev == ("b.weight",)
+    m.skip = True
+    assert G.layer_graph(m) is g  # the same structure again: the cached graph
+    m.act = lambda t: torch.cat([t[:, :2], t[:, 2:]], 1)  # a function held as an attribute
+    assert G.layer_graph(m)["b.weight"].prev == ()  # cat is opaque
+    m.act = torch.relu
+    m.b = nn.Sequential(nn.Linear(4, 4), nn.Tanh())  # a module swapped for a block
+    g2 = G.layer_graph(m)
+    assert "b.0.weight" in g2 and "b.weight" not in g2
+    m.skip, m.a, m.b = False, nn.Linear(4, 6), nn.Linear(6, 4)  # resized
+    assert G.layer_graph(m)["a.weight"].out_size == 6
+    m.cfg[1]["k"].append(4)  # a container attribute edited in place changes the key
+    key = G.structure_key(m)
+    m.cfg[0].append(5)
+    assert G.structure_key(m) != key
+
+
+def test_cache_sees_a_forward_patched_on_the_class_or_the_instance():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    def opaque(self, x):
+        return self.b(torch.cat([self.a(x)[:, :2], x[:, :2]], 1))
+
+    m = Two()
+    g = G.layer_graph(m)
+    assert g["b.weight"].prev == ("a.weight",)
+    key = G.structure_key(m)
+    m.forward = types.MethodType(opaque, m)  # on the instance (what the autograd path runs)
+    assert G.structure_key(m) != key
+    del m.forward
+    assert G.structure_key(m) == key and G.layer_graph(m) is g
+    Two.forward = opaque  # on the class (a notebook patching a model class)
+    assert G.layer_graph(Two())["b.weight"].prev == ()
+    assert G.layer_graph(m)["b.weight"].prev == ()
+
+
+def test_different_models_never_share_a_graph():
+    def make(cls_name, act):
+        def forward(self, x):
+            return self.b(act(self.a(x)))
+
+        cls = type(cls_name, (nn.Module,), {"forward": forward})
+        m = cls()
+        m.a, m.b = nn.Linear(4, 4), nn.Linear(4, 2)
+        return m
+
+    relu, cat = make("Net", torch.relu), make("Net", lambda t: torch.cat([t[:, :2], t[:, 2:]], 1))
+    assert G.structure_key(relu) != G.structure_key(cat)  # same names, types' names, sizes
+    assert G.layer_graph(relu)["b.weight"].prev == ("a.weight",)
+    assert G.layer_graph(cat)["b.weight"].prev == ()
+    wide = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    narrow = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    assert G.layer_graph(wide)["0.weight"].out_size == 6
+    assert G.layer_graph(narrow)["0.weight"].out_size == 3
+
+
+def test_structure_key_keeps_no_forward_alive():
+    import gc
+    import weakref
+
+    m = mlp()
+
+    def fwd(x):
+        return x
+
+    m.forward = fwd
+    key = G.structure_key(m)
+    ref = weakref.ref(fwd)
+    del m.forward, fwd
+    gc.collect()
+    assert ref() is None  # the key did not keep it alive ...
+    m.forward = lambda x: x  # ... and a new function, even at the same address, is not it
+    assert G.structure_key(m) != key
 
 
 def test_opaque_ops_cut_the_neighbourhood():

@@ -668,3 +668,120 @@ def test_untraceable_model_still_scores_as_a_chain():
 def test_unknown_bn_mode_is_rejected():
     with pytest.raises(ValueError, match="bn"):
         L.lap(linear_block(), bn="yes")
+
+
+# ------------------------------------------- caches: a model edited in place, models side by side
+class Gated(nn.Module):
+    """a -> relu -> b, plus the relu output when ``skip``, -> c (float64)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Linear(4, 5, bias=False), nn.Linear(5, 5, bias=False),
+                                  nn.Linear(5, 3, bias=False))
+        self.skip = True
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        z = self.b(h)
+        return self.c(z + h if self.skip else z)
+
+
+def by_hand_c(m):
+    """Eq. 5 for the last layer ``c``: its output is the model output (factor 1); its input is
+    produced by b (and by a through the skip): squared row norms summed over the producers."""
+    prev = m.b.weight.detach().square().sum(1)
+    if m.skip:
+        prev = prev + m.a.weight.detach().square().sum(1)
+    return m.c.weight.detach().abs() * prev.sqrt()
+
+
+def test_lap_follows_a_model_edited_in_place():
+    seeded(20)
+    m = f64(Gated())
+    torch.testing.assert_close(L.lap(m)["c.weight"], by_hand_c(m), rtol=1e-12, atol=0)
+    m.skip = False  # the graph changes: a no longer feeds c
+    torch.testing.assert_close(L.lap(m)["c.weight"], by_hand_c(m), rtol=1e-12, atol=0)
+    with torch.no_grad():  # weights are read afresh every call, also through .data
+        m.b.weight.data.mul_(3.0)
+        m.c.weight[0] = 0
+    torch.testing.assert_close(L.lap(m)["c.weight"], by_hand_c(m), rtol=1e-12, atol=0)
+    m.b = nn.Linear(5, 5, bias=False).double()  # a module swapped for another
+    torch.testing.assert_close(C.score(m, "lap")["c.weight"], by_hand_c(m).float())
+
+
+def test_models_sharing_a_graph_never_share_scores():
+    seeded(21)
+    a, b = f64(Gated()), f64(Gated())
+    assert G.layer_graph(a) is G.layer_graph(b)  # one graph (and one plan) for both
+    for m in (a, b, a, b):
+        torch.testing.assert_close(L.lap(m)["c.weight"], by_hand_c(m), rtol=1e-12, atol=0)
+
+
+def qkv_net(seed=22):
+    """embed -> (q, k, v) -> opaque attention -> out: three layers share one producer."""
+
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(3, 6)
+            self.q, self.k, self.v, self.out = (nn.Linear(6, 6) for _ in range(4))
+
+        def forward(self, x):
+            h = self.embed(x)
+            att = torch.softmax(self.q(h) @ self.k(h).transpose(-2, -1), dim=-1)
+            return self.out(att @ self.v(h))
+
+    seeded(seed)
+    return f64(QKV())
+
+
+def test_layers_fed_by_one_producer_share_its_norms_and_see_its_updates():
+    m = qkv_net()
+    la = L.Lookahead(m)
+    rows = m.embed.weight.detach().square().sum(1).sqrt()
+    for n in ("q", "k", "v"):  # next: opaque attention (factor 1); prev: embed's row norms
+        want = getattr(m, n).weight.detach().abs() * rows
+        torch.testing.assert_close(la.score(f"{n}.weight"), want, rtol=1e-12, atol=0)
+    half = m.embed.weight.detach().clone()
+    half[::2] = 0
+    la.update("embed.weight", half)  # the ordered variants prune a producer in place
+    for n in ("q", "k", "v"):
+        want = getattr(m, n).weight.detach().abs() * half.square().sum(1).sqrt()
+        torch.testing.assert_close(la.score(f"{n}.weight"), want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("first", ["in_sq", "out_sq", "prev_sq", "next_sq"])
+def test_norms_do_not_depend_on_the_order_they_are_asked_in(first):
+    seeded(23)
+    m = models.build("resnet18", input_shape=(3, 8, 8), num_classes=4, width=0.125).eval()
+    g = G.layer_graph(m)
+    ref = L.Lookahead(m, g)
+    want = {n: (ref.out_sq(n), ref.prev_sq(n), ref.next_sq(n)) for n in g}
+    la = L.Lookahead(m, g)
+    for n in reversed(list(g)):
+        getattr(la, first)(n)
+    for n in g:
+        for got, w in zip((la.out_sq(n), la.prev_sq(n), la.next_sq(n)), want[n]):
+            assert torch.equal(got, w), n
+    for n, s in L.Lookahead(m, g).scores().items():
+        assert torch.equal(s, la.score(n)), n
+
+
+def test_layers_fed_only_by_markers_keep_their_own_sizes():
+    class TwoInputs(nn.Module):
+        """a and b each read a model input plus an opaque op of it: two all-ones neighbours
+        (Eq. 5's W_0 twice: factor sqrt(2)) over inputs of different widths."""
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(6, 3)
+
+        def forward(self, x, z):
+            return self.a(x + x.flip(1)) + self.b(z + z.flip(1))
+
+    seeded(24)
+    m = f64(TwoInputs())
+    s = L.lap(m)
+    for n in ("a", "b"):  # output: the model output (1) summed over both; input: sqrt(1 + 1)
+        want = getattr(m, n).weight.detach().abs() * math.sqrt(2.0)
+        torch.testing.assert_close(s[f"{n}.weight"], want, rtol=1e-12, atol=0)
