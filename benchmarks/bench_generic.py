@@ -156,7 +156,8 @@ def bench_transformer(args, round_robin, row) -> list[dict]:
     ranking = M.Ranking(scores)
     # a move writes the masks into the parametrizations' bool buffers in place
     pruned = M.apply(model, ranking.masks(0.5), mechanism="parametrize")
-    buffers = {n: G.module_of(pruned, n).parametrizations["weight"][0].mask for n in scores}
+    buffers = {n: G.module_of(pruned, n).parametrizations[G.split_name(n)[1]][0].mask
+               for n in scores}
     sparsities = iter([0.5, 0.9] * 100_000)
 
     def slider_move():
