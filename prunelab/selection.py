@@ -4,7 +4,8 @@ Like :func:`torch.nn.utils.prune`'s ``compute_mask(t, default_mask)``, one contr
 (higher = more important) and a target, prune **exactly** ``n_pruned(sparsity, n) =
 floor(sparsity · n)`` entries, the lowest scores first, **ties broken by index** (lower index
 pruned first), and an entry pruned before (``previous``) stays pruned. :func:`select` (one-shot
-and staged pruning, :mod:`prunelab.masks`), :class:`Ranking` (a slider's cheap re-selection),
+and staged pruning, :mod:`prunelab.masks`), :class:`StagedSelection` (the same masks for global
+staged pruning, survivors only), :class:`Ranking` (a slider's cheap re-selection),
 iterative SynFlow's inner loop (:mod:`prunelab.criteria.gradient`) and the ordered LAP variants
 (:mod:`prunelab.criteria.lookahead_variants`) all count with :func:`n_pruned` and cut with
 :func:`prune_lowest`, so the masks built from their returned scores are the ones they chose.
@@ -12,6 +13,10 @@ iterative SynFlow's inner loop (:mod:`prunelab.criteria.gradient`) and the order
 Also here: the sparsity range check (:func:`check_sparsity`), the stage schedules of the LM
 paper's Algorithm 1 (:func:`schedule`) and the LAP paper's (p, q, τ) per-layer rule
 (:func:`lap_layer_sparsity`). Needs only torch and :mod:`prunelab.graph`'s types.
+
+Over 500 lines because the rule and its exact fast paths (sampled brackets for large inputs,
+:class:`StagedSelection` for staged pruning, :class:`Ranking` for sliders) share its private
+helpers and must stay side by side: each must give the masks of :func:`prune_lowest`.
 """
 from __future__ import annotations
 
