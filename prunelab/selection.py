@@ -393,7 +393,8 @@ class StagedSelection:
         self.total = self.keep.numel()
         self._alive = torch.nonzero(self.keep).flatten()
         self._scores: Tensor | None = None
-        self._undo: tuple[Tensor, Tensor] | None = None  # (pruned by the last stage, survivors before)
+        # (pruned by the last stage, the survivors before it), for undo()
+        self._undo: tuple[Tensor, Tensor] | None = None
         self._gen = torch.Generator().manual_seed(0)
         self.masks = {n: v.view(shape) for n, v, shape in
                       zip(self.names, self.keep.split(self.numels), self.shapes)}
