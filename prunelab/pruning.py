@@ -297,6 +297,9 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
                                _checked=True)
             updates = result.update(new) if (obs_update and result.update is not None) else {}
             steps = []
+            # with the selector, only the weights pruned now are touched (those pruned before
+            # are zero already): θ·0 written back (as w·mask writes it), ‖Δθ‖² = Σ θ² of them
+            now = selector.pruned_now() if selector is not None and not updates else None
             with torch.no_grad():
                 for n in names:
                     w = G.weight(work, n)
@@ -304,6 +307,12 @@ def prune_with(model: nn.Module, config: PruneConfig, *, batch=None,
                         w_new = updates[n].to(w.dtype) * new[n]
                         steps.append((w_new - w).square().sum())
                         w.copy_(w_new)
+                    elif now is not None:
+                        if now[n].numel():
+                            flat = w.view(-1)
+                            gone = flat.index_select(0, now[n])
+                            steps.append(torch.dot(gone, gone))
+                            flat.index_copy_(0, now[n], gone.mul_(0))
                     else:  # Δθ = −θ on the entries masked now: ‖Δθ‖² = ‖θ‖² − ‖θ ⊙ m‖²
                         flat = w.view(-1)
                         before = torch.dot(flat, flat)

@@ -396,6 +396,7 @@ class StagedSelection:
         # (pruned by the last stage, the survivors before it), for undo()
         self._undo: tuple[Tensor, Tensor] | None = None
         self._gen = torch.Generator().manual_seed(0)
+        self._ends: Tensor | None = None  # cumulative sizes of the layers (pruned_now)
         self.masks = {n: v.view(shape) for n, v, shape in
                       zip(self.names, self.keep.split(self.numels), self.shapes)}
 
@@ -453,6 +454,19 @@ class StagedSelection:
         self.keep[gone] = False
         self._alive = rest
         return self.masks
+
+    def pruned_now(self) -> dict[str, Tensor]:
+        """name -> flat indices (into that weight) of the entries the last :meth:`select`
+        pruned, ascending; empty tensors where it pruned none of a layer."""
+        gone = self._undo[0] if self._undo is not None else self._alive[:0]
+        if self._ends is None:
+            self._ends = torch.tensor(self.numels, device=gone.device).cumsum(0)
+        cuts = torch.searchsorted(gone, self._ends).tolist()
+        out, lo, start = {}, 0, 0
+        for n, hi, size in zip(self.names, cuts, self.numels):
+            out[n] = gone[lo:hi] - start
+            lo, start = hi, start + size
+        return out
 
     def undo(self) -> Masks:
         """Take back the last :meth:`select` (e.g. a stage interrupted before it finished):

@@ -264,7 +264,8 @@ def _reference_lm_stages(model, x, y, sparsity, stages, schedule, lam, signed, m
     gradient of the mean cross-entropy of the masked model, scores |g·θ| (or −g·θ) + λ/2·θ²,
     one stable ascending sort over all weights with the pruned ones first (ties by global
     index), the n_pruned(target) lowest pruned, pruned stays pruned, pruned weights zeroed.
-    Returns the final masks and the number of stages whose cut fell inside a run of ties."""
+    Returns the final masks, the step norms ‖Δθ‖ per stage and the number of stages whose cut
+    fell inside a run of ties."""
     model = copy.deepcopy(model)
     names = pl.graph.prunable_names(model)
     ws = [pl.graph.weight(model, n) for n in names]
@@ -274,7 +275,7 @@ def _reference_lm_stages(model, x, y, sparsity, stages, schedule, lam, signed, m
         for w, m in zip(ws, keep.split([w.numel() for w in ws])):
             w.mul_(m.view_as(w))
     start = 1 - int(keep.sum()) / keep.numel()
-    tie_cuts = 0
+    tie_cuts, step_norms = 0, []
     for target in pl.selection.schedule(sparsity, stages, schedule, start=start):
         grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), ws)
         parts = []
@@ -291,12 +292,14 @@ def _reference_lm_stages(model, x, y, sparsity, stages, schedule, lam, signed, m
             tie_cuts += 1
         cut = torch.ones_like(keep)
         cut[order[:k]] = False
+        theta = torch.cat([w.detach().flatten() for w in ws]).double()
+        step_norms.append(float(theta[keep & ~cut].square().sum().sqrt()))  # ‖Δθ‖, Δθ = −θ
         keep &= cut
         with torch.no_grad():
             for w, m in zip(ws, keep.split([w.numel() for w in ws])):
                 w.mul_(m.view_as(w))
     return dict(zip(names, (m.view_as(w) for m, w in zip(keep.split([w.numel() for w in ws]),
-                                                           ws)))), tie_cuts
+                                                           ws)))), step_norms, tie_cuts
 
 
 @pytest.mark.parametrize("case", [
@@ -323,12 +326,13 @@ def test_many_stages_give_the_masks_of_a_straightforward_loop(case):
         model = M.apply(model, masks)
     r = pl.prune(model, "lm", batch=(x, y), **case)
     plain = M.remove(model) if masked else model
-    ref, tie_cuts = _reference_lm_stages(plain, x, y, masks=masks, **case)
+    ref, step_norms, tie_cuts = _reference_lm_stages(plain, x, y, masks=masks, **case)
     for n in ref:
         assert torch.equal(r.masks[n], ref[n]), n
         if masks:
             assert not (r.masks[n] & ~masks[n]).any()
     assert r.history.sparsity.iloc[-1] == M.sparsity(ref)
+    assert r.history.step_norm.tolist() == pytest.approx(step_norms, rel=1e-5, abs=1e-9)
     if case["lam"] == 0:  # (λ/2·θ² separates the zero-gradient weights)
         assert tie_cuts > 0  # the index tie-break decided some stages
 

@@ -177,8 +177,10 @@ def test_staged_selection_equals_select_stage_by_stage(dtype):
         ref = _reference_select(scores, t, prev)
         assert all(torch.equal(S.select(scores, t, previous=prev)[n], ref[n]) for n in ref)
         got = sel.select(scores, t)
+        now = sel.pruned_now()
         for n in ref:
             assert torch.equal(got[n], ref[n]), (i, n)
+            assert torch.equal(now[n], torch.nonzero((prev[n] & ~ref[n]).flatten()).flatten())
         assert sel.sparsity == pytest.approx(M.sparsity(ref)) and sel.sparsity == M.sparsity(ref)
         prev = {n: m.clone() for n, m in ref.items()}
 
