@@ -275,6 +275,14 @@ def _prune_with(model: nn.Module, config: PruneConfig, *, batch, finetune, train
 
     def finish(row: dict, value: float) -> None:
         row["loss"], row["delta_loss"] = value, abs(value - loss0)
+    # Global scope: one StagedSelection keeps the survivors across stages (flat buffers reused,
+    # cost shrinking with the survivors); same masks as select(..., previous=cur) stage by stage.
+    selector = None
+    if config.nm is None and layer_sparsity is None and config.scope == "global" \
+            and len({m.device for m in cur.values()}) == 1:
+        selector = S.StagedSelection({n: cur[n] for n in names})
+        cur = selector.masks  # views the selector updates in place
+    staged = False  # a selection made but its stage not finished (undone on interrupt)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=stages, desc=f"prune {criterion}", disable=not progress, leave=False)
@@ -302,12 +310,18 @@ def _prune_with(model: nn.Module, config: PruneConfig, *, batch, finetune, train
                     new.update(S.select({n: scores[n] for n in nm_names}, None, scope=nm_scope,
                                         previous={n: cur[n] for n in nm_names},
                                         in_dims=nm_in, _checked=True))
+            elif selector is not None:
+                staged = True
+                new = selector.select(scores, target)
             else:
                 new = S.select(scores, target, scope=config.scope,
                                layer_sparsity=stage_layer_targets[i], previous=cur,
                                _checked=True)
             updates = result.update(new) if (obs_update and result.update is not None) else {}
             steps = []
+            # with the selector, only the weights pruned now are touched (those pruned before
+            # are zero already): θ·0 written back (as w·mask writes it), ‖Δθ‖² = Σ θ² of them
+            now = selector.pruned_now() if selector is not None and not updates else None
             with torch.no_grad():
                 for n in names:
                     w = G.weight(work, n)
@@ -315,6 +329,12 @@ def _prune_with(model: nn.Module, config: PruneConfig, *, batch, finetune, train
                         w_new = updates[n].to(w.dtype) * new[n]
                         steps.append((w_new - w).square().sum())
                         w.copy_(w_new)
+                    elif now is not None:
+                        if now[n].numel():
+                            flat = w.view(-1)
+                            gone = flat.index_select(0, now[n])
+                            steps.append(torch.dot(gone, gone))
+                            flat.index_copy_(0, now[n], gone.mul_(0))
                     else:  # Δθ = −θ on the entries masked now: ‖Δθ‖² = ‖θ‖² − ‖θ ⊙ m‖²
                         flat = w.view(-1)
                         before = torch.dot(flat, flat)
@@ -322,7 +342,7 @@ def _prune_with(model: nn.Module, config: PruneConfig, *, batch, finetune, train
                         steps.append(before - torch.dot(flat, flat))
             step_sq = float(torch.stack(steps).sum()) if steps else 0.0
             changed = changed or bool(updates)
-            cur = new
+            cur, staged = new, False
             if finetune is not None and finetune_stages and i < stages - 1:
                 tuned = M.apply(work, cur)
                 fit(tuned, train_data, recipe=finetune, val=val_data, seed=seed, progress=False,
@@ -330,7 +350,7 @@ def _prune_with(model: nn.Module, config: PruneConfig, *, batch, finetune, train
                 work = M.remove(tuned)
                 work.eval()
                 changed = True
-            reached = M.sparsity(cur)
+            reached = selector.sparsity if selector is not None else M.sparsity(cur)
             row = {"stage": i + 1, "target_sparsity": reached if target is None else target,
                    "sparsity": reached, "loss": math.nan, "delta_loss": math.nan,
                    "step_norm": math.sqrt(step_sq), "seconds": time.perf_counter() - t0,
@@ -349,8 +369,12 @@ def _prune_with(model: nn.Module, config: PruneConfig, *, batch, finetune, train
         if on_interrupt == "raise":  # only the private copy `work` was touched
             raise
         interrupted = True
+        if staged:  # the stage's selection is not kept: its masks are the stage before's
+            selector.undo()
     finally:
         bar.close()
+    if selector is not None:
+        cur = {n: m.clone() for n, m in cur.items()}  # not views into the selector's buffer
     if pending is not None:  # interrupted between stages
         finish(pending, batch_loss(work, batch))
 

@@ -257,3 +257,109 @@ def test_prune_result_has_a_short_repr_and_an_html_history(data):
     assert html.count("<tr>") == 5 + 4  # summary rows, one history row a stage
     stopped = pl.prune(tiny(), "mp", sparsity=0.9, stages=10, callback=lambda row: True)
     assert repr(stopped).endswith("stages=1/10, interrupted=True)")
+
+
+def _reference_lm_stages(model, x, y, sparsity, stages, schedule, lam, signed, masks=None):
+    """LM paper Algorithm 1 with the lm criterion, written out slowly: at every stage the
+    gradient of the mean cross-entropy of the masked model, scores |g·θ| (or −g·θ) + λ/2·θ²,
+    one stable ascending sort over all weights with the pruned ones first (ties by global
+    index), the n_pruned(target) lowest pruned, pruned stays pruned, pruned weights zeroed.
+    Returns the final masks, the step norms ‖Δθ‖ per stage and the number of stages whose cut
+    fell inside a run of ties."""
+    model = copy.deepcopy(model)
+    names = pl.graph.prunable_names(model)
+    ws = [pl.graph.weight(model, n) for n in names]
+    keep = torch.cat([(masks[n] if masks and n in masks else torch.ones_like(w, dtype=torch.bool))
+                      .flatten() for n, w in zip(names, ws)])
+    with torch.no_grad():
+        for w, m in zip(ws, keep.split([w.numel() for w in ws])):
+            w.mul_(m.view_as(w))
+    start = 1 - int(keep.sum()) / keep.numel()
+    tie_cuts, step_norms = 0, []
+    for target in pl.selection.schedule(sparsity, stages, schedule, start=start):
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), ws)
+        parts = []
+        for w, g in zip(ws, grads):
+            change = -(g * w).detach()
+            s = (change if signed else change.abs()).float()
+            if lam > 0:
+                s = s + 0.5 * lam * w.detach().float() ** 2
+            parts.append(s.flatten())
+        flat = torch.where(keep, torch.cat(parts).double(), -math.inf)
+        k = M.n_pruned(target, flat.numel())
+        order = torch.sort(flat, stable=True).indices
+        if 0 < k < flat.numel() and flat[order[k - 1]] == flat[order[k]] > -math.inf:
+            tie_cuts += 1
+        cut = torch.ones_like(keep)
+        cut[order[:k]] = False
+        theta = torch.cat([w.detach().flatten() for w in ws]).double()
+        step_norms.append(float(theta[keep & ~cut].square().sum().sqrt()))  # ‖Δθ‖, Δθ = −θ
+        keep &= cut
+        with torch.no_grad():
+            for w, m in zip(ws, keep.split([w.numel() for w in ws])):
+                w.mul_(m.view_as(w))
+    return dict(zip(names, (m.view_as(w) for m, w in zip(keep.split([w.numel() for w in ws]),
+                                                           ws)))), step_norms, tie_cuts
+
+
+@pytest.mark.parametrize("case", [
+    dict(stages=140, schedule="exponential", sparsity=0.99, lam=0.0, signed=False),
+    dict(stages=60, schedule="linear", sparsity=0.95, lam=1e-2, signed=True),
+    dict(stages=30, schedule="exponential", sparsity=0.9, lam=0.0, signed=False, masked=True,
+         dtype=torch.float64),
+])
+def test_many_stages_give_the_masks_of_a_straightforward_loop(case):
+    # The MLP of the LM paper on 14x14 inputs: ~90k weights, above the selection's sampled
+    # bracket (StagedSelection.BRACKET_MIN) in the early stages. Blank border rows (as in
+    # MNIST) give their weights zero gradients: thousands of scores tied at 0, cut by index.
+    case = dict(case)
+    dtype, masked = case.pop("dtype", torch.float32), case.pop("masked", False)
+    model = pl.models.build("mlp", input_shape=(1, 14, 14), num_classes=10, seed=0).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 1, 14, 14, generator=g, dtype=dtype)
+    x[:, :, :4] = 0
+    y = torch.randint(0, 10, (200,), generator=g)
+    masks = None
+    if masked:  # masks attached before: what they prune stays pruned
+        masks = {n: torch.rand(w.shape, generator=g) > 0.3
+                 for n, w in pl.graph.weights(model).items()}
+        model = M.apply(model, masks)
+    r = pl.prune(model, "lm", batch=(x, y), **case)
+    plain = M.remove(model) if masked else model
+    ref, step_norms, tie_cuts = _reference_lm_stages(plain, x, y, masks=masks, **case)
+    for n in ref:
+        assert torch.equal(r.masks[n], ref[n]), n
+        if masks:
+            assert not (r.masks[n] & ~masks[n]).any()
+    assert r.history.sparsity.iloc[-1] == M.sparsity(ref)
+    assert r.history.step_norm.tolist() == pytest.approx(step_norms, rel=1e-5, abs=1e-9)
+    if case["lam"] == 0:  # (λ/2·θ² separates the zero-gradient weights)
+        assert tie_cuts > 0  # the index tie-break decided some stages
+
+
+def test_interrupt_inside_a_stage_returns_the_masks_of_the_stage_before(data, monkeypatch):
+    # Interrupted after stage 3 chose its masks but before it finished (zeroing the weights):
+    # the result is that of stage 2, as when the stage's masks were not yet taken over.
+    stopped = pl.prune(tiny(), "lm", sparsity=0.9, stages=10, batch=data,
+                       callback=lambda row: row["stage"] == 2)
+    real_select, real_weight = pl.selection.StagedSelection.select, pl.pruning.G.weight
+    calls = []
+
+    def select(self, *a, **k):
+        calls.append(1)
+        return real_select(self, *a, **k)
+
+    def weight(model, name):
+        if len(calls) == 3 and not raised:
+            raised.append(name)
+            raise KeyboardInterrupt
+        return real_weight(model, name)
+    raised = []
+    monkeypatch.setattr(pl.selection.StagedSelection, "select", select)
+    monkeypatch.setattr(pl.pruning.G, "weight", weight)
+    r = pl.prune(tiny(), "lm", sparsity=0.9, stages=10, batch=data, on_interrupt="return")
+    monkeypatch.undo()
+    assert r.interrupted and len(r.history) == 2 and len(calls) == 3 and raised
+    for n in stopped.masks:
+        assert torch.equal(r.masks[n], stopped.masks[n])
+    assert M.sparsity(r.masks) == pytest.approx(r.history["sparsity"].iloc[-1])

@@ -134,3 +134,75 @@ def test_global_selection_of_large_parts_equals_the_concatenated_selection(kind)
         got = S.prune_lowest_parts(parts, k)
         assert all(torch.equal(x.reshape(-1), y) for x, y in zip(got, want))
         assert sum(int((~x).sum()) for x in got) == k
+
+
+# ----------------------------------------------------------------------------- staged selection
+def _reference_select(scores, sparsity, previous):
+    """select(scores, sparsity, previous=...) written out: previously pruned entries rank first
+    (−inf), then a stable ascending sort over the concatenation (ties by global index), the
+    n_pruned lowest pruned, and what ``previous`` pruned stays pruned."""
+    names = list(scores)
+    flat = torch.cat([torch.where(previous[n], scores[n].double(), -math.inf).flatten()
+                      for n in names])
+    k = S.n_pruned(sparsity, flat.numel())
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep[torch.sort(flat, stable=True).indices[:k]] = False
+    out, start = {}, 0
+    for n in names:
+        size = scores[n].numel()
+        out[n] = keep[start:start + size].view(scores[n].shape) & previous[n]
+        start += size
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_staged_selection_equals_select_stage_by_stage(dtype):
+    # a layer above StagedSelection.BRACKET_MIN (the sampled bracket) and two small ones;
+    # rounded scores give ties at every cut; some weights pruned before the first stage
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a.weight": (300, 160), "b.weight": (40, 30), "c.weight": (3, 5)}
+    assert math.prod(shapes["a.weight"]) > S.StagedSelection.BRACKET_MIN
+    start = {n: torch.rand(s, generator=g) > 0.05 for n, s in shapes.items()}
+    sel = S.StagedSelection(start)
+    prev = {n: m.clone() for n, m in start.items()}
+    total = sum(m.numel() for m in start.values())
+    targets = S.schedule(0.995, 40, "exponential", start=1 - sum(
+        int(m.sum()) for m in start.values()) / total)
+    targets.insert(10, targets[9] - 0.01)  # a target below the current sparsity: no change
+    for i, t in enumerate(targets):
+        scores = {n: (torch.randn(s, generator=g, dtype=dtype) * (3 if i % 2 else 300)).round()
+                  for n, s in shapes.items()}
+        if i % 3 == 0:  # every third stage |scores| (like |ΔL|), the others signed
+            scores = {n: s.abs() for n, s in scores.items()}
+        ref = _reference_select(scores, t, prev)
+        assert all(torch.equal(S.select(scores, t, previous=prev)[n], ref[n]) for n in ref)
+        got = sel.select(scores, t)
+        now = sel.pruned_now()
+        for n in ref:
+            assert torch.equal(got[n], ref[n]), (i, n)
+            assert torch.equal(now[n], torch.nonzero((prev[n] & ~ref[n]).flatten()).flatten())
+        assert sel.sparsity == pytest.approx(M.sparsity(ref)) and sel.sparsity == M.sparsity(ref)
+        prev = {n: m.clone() for n, m in ref.items()}
+
+
+def test_staged_selection_survivor_at_minus_inf_and_undo():
+    # a survivor scored −inf ranks with the pruned entries (select's rule): delegated to select
+    prev = {"w": torch.tensor([False, True, True, True, False, True])}
+    scores = {"w": torch.tensor([5.0, -math.inf, 1.0, 2.0, 0.0, -math.inf])}
+    sel = S.StagedSelection(prev)
+    for t in (0.5, 0.67):
+        want = S.select(scores, t, previous={"w": sel.masks["w"].clone()})
+        before = sel.masks["w"].clone()
+        got = sel.select(scores, t)["w"].clone()
+        assert torch.equal(got, want["w"]) and sel.alive == int(got.sum())
+        assert torch.equal(sel.undo()["w"], before) and sel.alive == int(before.sum())
+        sel.select(scores, t)
+        assert torch.equal(sel.undo()["w"], before) and torch.equal(sel.undo()["w"], before)
+
+
+def test_staged_selection_rejects_empty_and_bad_sparsity():
+    with pytest.raises(ValueError, match="empty"):
+        S.StagedSelection({})
+    sel = S.StagedSelection({"w": torch.ones(4, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="sparsity"):
+        sel.select({"w": torch.zeros(4)}, 1.5)

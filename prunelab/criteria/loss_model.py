@@ -76,8 +76,12 @@ def lm(model: nn.Module, *, batch: tuple[Tensor, Tensor], signed: bool = False,
         grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
     scores = {}
     for (n, w), g in zip(weights.items(), grads):
-        change = torch.zeros_like(w) if g is None else -(g * w).detach()
-        scores[n] = change if signed else change.abs()
+        if g is None:
+            scores[n] = torch.zeros_like(w)
+            continue
+        # one fresh tensor per layer: −g·θ (signed) or |g·θ|, the same values as −(g·θ)
+        prod = torch.mul(g.detach(), w.detach())
+        scores[n] = prod.neg_() if signed else prod.abs_()
     return ScoreResult(scores, examples=len(y), info={"loss": float(loss.detach())})
 
 
