@@ -875,7 +875,10 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
     Returns:
         ``{"total", "trainable", "prunable"}``; prunable = elements of the ``weight`` of every
-        Linear/Conv layer (biases and BatchNorm excluded). Shared tensors count once.
+        Linear/Conv layer (biases and BatchNorm excluded). Shared tensors count once. This is
+        the default for prunelab's own architectures; for a model with attention projections,
+        Linear-like layers or a ``prunable=`` choice count
+        ``prunelab.graph.prunable_names(model, prunable)`` (this module sits below the graph).
     """
     params = {id(p): p for p in model.parameters()}
     prunable = {id(m.weight): m.weight for m in model.modules()
