@@ -52,7 +52,7 @@ class Kw(nn.Module):
         self.lin = nn.Linear(3, 2)
 
     def forward(self, input_ids, attention_mask=None):
-        h = self.lin(input_ids.float())
+        h = self.lin(input_ids.to(self.lin.weight.dtype))
         return h if attention_mask is None else h * attention_mask[:, :1]
 
 

@@ -550,7 +550,7 @@ BAD = [
                                                  "masks.check_prunable yet (integrator)")),
     ("masks.apply(list)", lambda n, t: M.apply(n, [torch.ones(6, 8, dtype=torch.bool)]),
      TypeError, "masks must be a dict weight name -> bool tensor .* got list"),
-    ("masks.apply(float mask)", lambda n, t: M.apply(n, {"0.weight": torch.ones(6, 8)}),
+    ("masks.apply(float mask)", lambda n, t: M.apply(n, {"0.weight": torch.ones(6, 8, dtype=torch.float32)}),
      ValueError, "mask of 0.weight must be a bool tensor, got torch.float32"),
     ("masks.apply(unknown layer)",
      lambda n, t: M.apply(n, {"9.weight": torch.ones(6, 8, dtype=torch.bool)}),

@@ -20,7 +20,7 @@ def test_midpoint_bend_is_the_segment(pair, digits, make):
     a, b = pair
     _, _, te = digits
     cv = make(a, b, bend_init="midpoint")
-    x = te[0][:50]
+    x = te[0][:50].to(next(a.parameters()).dtype)
     for t in (0.0, 0.1, 0.37, 0.5, 0.8, 1.0):
         line = C.lerp_model(a, b, t)
         w = cv.weights(t)

@@ -237,6 +237,22 @@ def test_float32_close_to_float64():
         torch.testing.assert_close(got[n].double(), ref[n], rtol=1e-4, atol=1e-7)
 
 
+def test_batch_follows_the_model_dtype():
+    """A batch in another floating dtype than the model is cast to the model's (as on a device)."""
+    model, x, y, _ = build("conv2d-pool")
+    ref = ggn_diagonal(model, (x, y))
+    for m, xx in ((model, x.float()), (copy.deepcopy(model).float(), x)):
+        dtype = next(m.parameters()).dtype
+        got = loss_grad_ggn(m, (xx, y))
+        for n in ref:
+            assert got.ggn[n].dtype == dtype
+            torch.testing.assert_close(got.ggn[n].double(), ref[n], rtol=1e-4, atol=1e-7)
+    soft = F.one_hot(y, int(y.max()) + 1).float()  # float32 probabilities, float64 model
+    got = ggn_diagonal(model, (x, soft))
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n])
+
+
 # ----------------------------------------------------------------------------- Monte-Carlo
 def test_monte_carlo_mean_approaches_exact():
     model, x, y, _ = build("mlp-tanh")

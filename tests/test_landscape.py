@@ -12,16 +12,20 @@ from prunelab import masks as M
 from prunelab.metrics import loss as metrics_loss
 
 
-def net(seed=0, dtype=torch.float32):
+def net(seed=0, dtype=None):
+    """Initialised in float32 (the same numbers in every run), then cast to ``dtype``: by default
+    the one test models are built in (float64 under the GPU proxy)."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 4 * 4, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    f32 = {"dtype": torch.float32}
+    return nn.Sequential(nn.Conv2d(1, 4, 3, **f32), nn.BatchNorm2d(4, **f32), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 4 * 4, 8, **f32), nn.Tanh(),
+                         nn.Linear(8, 3, **f32)).to(dtype or torch.get_default_dtype())
 
 
 @pytest.fixture
 def data():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(60, 1, 6, 6, generator=g)
+    x = torch.randn(60, 1, 6, 6, generator=g, dtype=torch.float32)  # data sets are float32
     return x, (x.mean((1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 0).long()
 
 
@@ -66,7 +70,8 @@ def test_alpha_zero_is_the_model_loss_and_the_caller_model_is_untouched(data):
     assert frame["alpha"].tolist() == pytest.approx([-0.5, -0.25, 0.0, 0.25, 0.5])
     at0 = frame.loc[frame.alpha == 0].iloc[0]
     assert at0["loss"] == pytest.approx(metrics_loss(model, data), rel=1e-5)
-    acc = float((model.eval()(data[0]).argmax(1) == data[1]).float().mean())
+    x = data[0].to(next(model.parameters()).dtype)
+    acc = float((model.eval()(x).argmax(1) == data[1]).float().mean())
     model[1].train()
     assert at0["accuracy"] == pytest.approx(acc)
     assert frame["loss"].iloc[[0, -1]].gt(at0["loss"]).any()  # it moved away from θ

@@ -311,8 +311,10 @@ def effective(model, masks):
     return {n: G.weight(model, n) for n in masks}
 
 
-def train_steps(model, opt, masks, steps=6, dtype=torch.float32, seed=0):
-    """``steps`` steps; asserts the pruned entries are exactly 0 after each optimiser step."""
+def train_steps(model, opt, masks, steps=6, dtype=None, seed=0):
+    """``steps`` steps; asserts the pruned entries are exactly 0 after each optimiser step.
+    Inputs are in ``dtype``, by default the model's."""
+    dtype = dtype or next(model.parameters()).dtype
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         x = torch.randn(16, 12, generator=g, dtype=dtype)

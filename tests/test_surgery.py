@@ -12,8 +12,10 @@ from surgery_models import (ConvBNFlat, Concat, Depthwise, EncoderClassifier, Gr
                             ResNetish, hf_layer_sdpa, init, mlp)
 
 
-def _x(shape, dtype=torch.float32, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+def _x(shape, dtype=None, seed=0):
+    """Inputs in ``dtype``, by default the one the test models are built in (float64 proxy)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed),
+                       dtype=dtype or torch.get_default_dtype())
 
 
 def _ids():

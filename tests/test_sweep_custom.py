@@ -40,15 +40,15 @@ class TensorBundle:
 def _blobs(n=240, classes=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, classes, (n,), generator=g)
-    centres = torch.randn(classes, 8, generator=g) * 2.0
-    return centres[y] + torch.randn(n, 8, generator=g), y
+    centres = torch.randn(classes, 8, generator=g, dtype=torch.float32) * 2.0
+    return centres[y] + torch.randn(n, 8, generator=g, dtype=torch.float32), y
 
 
 def _regression(n=240, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=g)
-    w = torch.randn(8, 1, generator=g)
-    return x, torch.tanh(x @ w) + 0.05 * torch.randn(n, 1, generator=g)
+    x = torch.randn(n, 8, generator=g, dtype=torch.float32)
+    w = torch.randn(8, 1, generator=g, dtype=torch.float32)
+    return x, torch.tanh(x @ w) + 0.05 * torch.randn(n, 1, generator=g, dtype=torch.float32)
 
 
 BLOBS = TensorBundle(*_blobs())
@@ -56,6 +56,8 @@ REGRESSION = TensorBundle(*_regression(), name="wave")
 
 
 def _pretrain(model, bundle, loss, seed, steps=60):
+    """Float32 data (as data sets are), initialised and pretrained in float32 so every dtype run
+    prunes the same network; returned in the default dtype (float64 under the GPU proxy)."""
     x, y = bundle.train.tensors
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(seed)
@@ -64,19 +66,21 @@ def _pretrain(model, bundle, loss, seed, steps=60):
         opt.zero_grad()
         loss(model(x[rows]), y[rows]).backward()
         opt.step()
-    return model.eval()
+    return model.to(torch.get_default_dtype()).eval()
 
 
 def make_tiny(seed):
     """Module level (so it pickles): an 8-32-3 MLP pretrained on BLOBS."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3))
+    model = nn.Sequential(nn.Linear(8, 32, dtype=torch.float32), nn.Tanh(),
+                          nn.Linear(32, 3, dtype=torch.float32))
     return _pretrain(model, BLOBS, F.cross_entropy, seed)
 
 
 def make_regressor(seed):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    model = nn.Sequential(nn.Linear(8, 32, dtype=torch.float32), nn.Tanh(),
+                          nn.Linear(32, 1, dtype=torch.float32))
     return _pretrain(model, REGRESSION, F.mse_loss, seed)
 
 
@@ -139,7 +143,7 @@ def test_mse_regression_sweep(store):
     x, y = REGRESSION.batch("train", n=80, seed=0)
     model = make_regressor(0)
     with torch.no_grad():
-        expected = float((model(x) - y).square().mean())
+        expected = float((model(x.to(next(model.parameters()).dtype)) - y).square().mean())
     assert frame["loss_dense"].tolist() == pytest.approx([expected] * 3, rel=1e-6)
     assert frame["val_error"].isna().all() and frame["test_error_dense"].isna().all()
     assert frame["val_loss"].notna().all() and (frame["delta_loss"] > 0).all()

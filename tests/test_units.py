@@ -353,7 +353,7 @@ def test_bad_input_raises_and_leaves_model_unchanged(kwargs, needle):
 def test_residual_add_raises():
     model = models.build("resnet18", input_shape=(3, 8, 8), num_classes=3, width=1 / 16, seed=0)
     x, y = _batch((3, 8, 8), n=2, classes=3)
-    x = x.float()
+    x = x.to(next(model.parameters()).dtype)
     with pytest.raises(ValueError, match="residual"):
         units.prune(model, count=1, score="norm", layers=["stem.conv"], physical=True)
     # a conv whose only consumer is the next conv of the block works, masked and physical

@@ -149,6 +149,9 @@ def loss_grad_ggn(model: nn.Module, batch: tuple[Tensor, Tensor], *, mc_samples:
     """
     obj = B.objective(loss, output)
     x, y = batch
+    # the batch follows the model (DESIGN, Round 2): floating inputs and soft labels take its
+    # dtype, everything its device
+    x, y = B.to_model(x, model), B.to_model(y, model)
     if B.length(x) != len(y) or len(y) == 0:
         raise ValueError(f"batch x and y must have the same non-zero length, got {B.length(x)} "
                          f"and {len(y)}")
