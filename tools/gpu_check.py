@@ -13,7 +13,10 @@ b. every criterion of ``pl.criteria.names()`` on the LAP paper's FCN with a fixe
    a one-shot global prune at sparsity 0.9 on both devices, and the fraction of mask entries
    that agree (data-free criteria should agree exactly; data-dependent ones nearly, since float
    sums on a GPU run in another order and weights near the threshold can swap);
-c. one staged qm prune (π = 14 stages) on both devices, masks compared;
+c. one staged qm prune (π = 14 stages) on both devices, masks compared; the option paths that
+   draw on a CPU generator or build index tensors (Monte-Carlo GGN ``mc_samples=1``, random
+   scores with λ > 0, N:M ``scope="2:4"``); and a masked fine-tuning check: AdamW steps on the
+   device leave every pruned weight exactly zero (the default gradient-hook masks);
 d. the seconds of every step on both devices, as a table.
 
 Exit status: 1 when a step crashed or a mask agreement is below 0.99; else 0. Scores or masks
@@ -156,6 +159,59 @@ def staged_qm(device: torch.device, cpu: torch.device, examples: int) -> dict:
             "seconds_cpu": t_cpu, "seconds_device": t_dev}
 
 
+# (label, criterion, pl.prune options): paths the plain criteria of (b) do not take
+VARIANTS = [("obd mc-1", "obd", {"mc_samples": 1}), ("random lam", "random", {"lam": 1e-3}),
+            ("mp 2:4", "mp", {"scope": "2:4", "sparsity": None}),
+            ("lap 2:4", "lap", {"scope": "2:4", "sparsity": None})]
+
+
+def option_paths(device: torch.device, cpu: torch.device, examples: int) -> list[dict]:
+    """(c): :data:`VARIANTS` on both devices, and masked fine-tuning on the device."""
+    model = pl.models.build("fcn", input_shape=(1, 28, 28), num_classes=10, seed=0).eval()
+    batch = fcn_batch(examples)
+    dev_model = on(model, device)
+    rows = []
+    for label, name, options in VARIANTS:
+        options = {"sparsity": 0.9, **options}
+        row = {"step": label, "criterion": label, "check": True,
+               "data_free": not pl.criteria.spec(name).needs_data and "lam" not in options,
+               "scope": options.get("scope", "global")}
+        try:
+            a, t_cpu = timed(lambda: pl.prune(model, name, batch=batch, seed=0,
+                                              **options).masks, cpu)
+            b, t_dev = timed(lambda: pl.prune(dev_model, name, batch=batch, seed=0,
+                                              **options).masks, device)
+            row.update(agreement=agreement(a, b), on_device=placed(b, device),
+                       seconds_cpu=t_cpu, seconds_device=t_dev)
+        except Exception:
+            row["error"] = traceback.format_exc(limit=4).strip().splitlines()[-1]
+            print(f"(c) {label}: CRASH\n{traceback.format_exc(limit=6)}")
+        rows.append(row)
+    row = {"step": "masked AdamW", "criterion": "masked AdamW x5", "check": True,
+           "data_free": True, "scope": "global"}
+    try:
+        def finetune():
+            res = pl.prune(dev_model, "mp", sparsity=0.9)
+            net = res.model.train()
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+            x, y = (t.to(device) for t in batch)
+            for _ in range(5):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(net(x), y).backward()
+                opt.step()
+            # per layer: are all its pruned weights still exactly zero? (0-d bools on device)
+            return {n: (pl.graph.weight(net, n).detach()[~m] == 0).all()
+                    for n, m in res.masks.items()}
+        ok, t_dev = timed(finetune, device)
+        row.update(agreement=float(sum(int(m.all()) for m in ok.values()) / len(ok)),
+                   on_device=placed(ok, device), seconds_cpu=float("nan"), seconds_device=t_dev)
+    except Exception:
+        row["error"] = traceback.format_exc(limit=4).strip().splitlines()[-1]
+        print(f"(c) masked AdamW: CRASH\n{traceback.format_exc(limit=6)}")
+    rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         print(f"(c) qm 14 stages: CRASH\n{traceback.format_exc(limit=6)}")
         failed.append("qm 14 stages")
+    crit += option_paths(device, cpu, args.examples)
 
     # (d) the table
     print(f"\n(b, c) masks at sparsity 0.9, {args.examples} examples, FCN 784-500x4-10, "

@@ -189,7 +189,8 @@ def check_scores(scores: Scores, model: nn.Module, name: str) -> Scores:
         if s.shape != w.shape:
             raise ValueError(f"criterion {name!r}: scores of {n} have shape {tuple(s.shape)}, "
                              f"weight has {tuple(w.shape)}")
-        s = s.detach().float()
+        # float32, beside the weight (a criterion drawing on the CPU lands on the weight's device)
+        s = s.detach().to(device=w.device, dtype=torch.float32)
         # a NaN makes the sum NaN: one reduction instead of isnan + any on most calls
         if not torch.isfinite(s.sum()) and torch.isnan(s).any():
             raise ValueError(f"criterion {name!r} produced NaN scores in {n}")

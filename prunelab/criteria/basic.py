@@ -8,9 +8,13 @@ from prunelab import graph as G
 
 
 def random(model: nn.Module, *, seed: int = 0, **_) -> G.Scores:
-    """Uniform random scores in [0, 1), reproducible from ``seed`` (the baseline to include)."""
+    """Uniform random scores in [0, 1), reproducible from ``seed`` (the baseline to include).
+
+    Drawn from a CPU generator, so every device gets the same scores, then moved beside the
+    weights (scores live on the parameters' device)."""
     gen = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(w.shape, generator=gen) for n, w in G.weights(model).items()}
+    return {n: torch.rand(w.shape, generator=gen).to(w.device)
+            for n, w in G.weights(model).items()}
 
 
 @torch.no_grad()

@@ -91,7 +91,9 @@ def _softmax_factor(z: Tensor, y: Tensor, uniforms: Tensor | None,
         f.mul_(sp[:, :k].T.unsqueeze(2))
     else:
         cdf = p.to(torch.float64).cumsum(1)
-        labels = torch.searchsorted(cdf, uniforms, right=True).clamp_(max=c - 1)  # (N, k)
+        # the draws come from a CPU generator (same labels on every device): move them over
+        labels = torch.searchsorted(cdf, uniforms.to(cdf.device), right=True).clamp_(
+            max=c - 1)  # (N, k)
         f.copy_(p.unsqueeze(0).expand(k, n, c))
         f.scatter_add_(2, labels.T.unsqueeze(2), f.new_full((k, n, 1), -1.0))
         f.mul_(1 / math.sqrt(k))
